@@ -1,0 +1,56 @@
+"""`qtool export`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import torch
+import typer
+
+from qtool.cli import options as opt
+from qtool.cli._app import ProgressDisplay, handle_errors, human_bytes, out, print_json
+from qtool.errors import UnsupportedError, UsageError
+from qtool.formats import FORMATS
+from qtool.model.resolve import open_source
+from qtool.pipeline import run
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "f16": torch.float16, "fp16": torch.float16, "float16": torch.float16, "f32": torch.float32, "fp32": torch.float32, "float32": torch.float32}
+
+
+@handle_errors
+def export(
+    model: Annotated[str, typer.Argument(help="Checkpoint to convert: folder, .safetensors/.gguf file, or Hub id.")],
+    fmt: opt.Format = "safetensors",
+    out_path: opt.Out = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Float dtype of the written tensors: bf16, f16, f32 (default: bf16 from GGUF, else unchanged).")] = None,
+    revision: opt.Revision = None,
+    token: opt.Token = None,
+    allow_pickle: opt.AllowPickle = False,
+    overwrite: opt.Overwrite = False,
+    json_out: opt.Json = False,
+    quiet: opt.Quiet = False,
+) -> None:
+    """Write an existing checkpoint in another format.
+
+    Examples:
+
+      qtool export SmolLM2-135M-Instruct.Q4_1.gguf -f safetensors -o smollm2-bf16
+
+      qtool export ./model-fp32 -f safetensors --dtype bf16 -o model-bf16
+    """
+    writer_cls = FORMATS.get(fmt)
+    if getattr(writer_cls, "quantizes", True):
+        raise UnsupportedError(f"qtool export -f {writer_cls.registry_name}: not available yet; choose one of: safetensors")
+    if dtype is not None and dtype.lower() not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: choose one of bf16, f16, f32")
+    if out_path is None:
+        raise UsageError("--out/-o is required for export")
+    writer = writer_cls(DTYPES[dtype.lower()] if dtype else None)
+    with open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as source:
+        with ProgressDisplay(not (json_out or quiet)) as progress:
+            report = run(model, source, out_path, writer, None, overwrite=overwrite, on_event=progress)
+    d = {k: v for k, v in report.to_dict().items() if k in ("model", "output", "format", "seconds", "input_bytes", "output_bytes", "params_total")}
+    if json_out:
+        print_json(d)
+    else:
+        out.print(f"wrote {report.output} ({report.format}, {report.params_total:,} parameters, {human_bytes(report.output_bytes)}) in {report.seconds:.1f} s")

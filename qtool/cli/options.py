@@ -1,0 +1,24 @@
+"""Option definitions shared by every command, so `--out`, `--format`, `--device`... are identical."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (or file, for single-file formats).")]
+Format = Annotated[str, typer.Option("--format", "-f", help="Output format (see `qtool formats`).")]
+Method = Annotated[str, typer.Option("--method", "-m", help="Quantization method (see `qtool formats`).")]
+Bits = Annotated[Optional[int], typer.Option("--bits", "-b", help="Weight bits: 8, 4, 3 or 2 (integer types).")]
+GroupSize = Annotated[
+    str,
+    typer.Option("--group-size", "-g", help="Input columns per scale: N >= 1, 'channel' (or -1) per output channel, 'tensor' (fp8)."),
+]
+Device = Annotated[str, typer.Option("--device", help="Where to compute: cpu, cuda, cuda:1, mps.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (no progress bars).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit.")]
+Token = Annotated[Optional[str], typer.Option("--token", envvar="HF_TOKEN", help="Hub token (default: $HF_TOKEN).", show_default=False)]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Read *.bin/*.pt checkpoints (weights_only=True).")]

@@ -1,0 +1,95 @@
+"""`qtool quantize`."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from qtool.cli import options as opt
+from qtool.cli._app import ProgressDisplay, handle_errors, human_bytes, out, print_json
+from qtool.config import make_recipe
+from qtool.model.resolve import open_source
+from qtool.pipeline import RunReport, check_architecture, run, validate_early
+
+
+def default_out(model: str, recipe) -> Path:
+    name = Path(model.rstrip("/")).name.removesuffix(".gguf").removesuffix(".safetensors")
+    g = f"g{recipe.group_size}" if recipe.strategy == "group" else recipe.strategy
+    return Path(f"{name}-{recipe.method}-{recipe.qtype}-{g}{'' if recipe.symmetric else '-asym'}")
+
+
+@handle_errors
+def quantize(
+    model: Annotated[str, typer.Argument(help="Local folder, .safetensors/.gguf file, or Hub id (org/name).")],
+    method: opt.Method = "rtn",
+    bits: opt.Bits = None,
+    qtype: Annotated[Optional[str], typer.Option("--qtype", help="Weight type instead of --bits: int8, int4, int3, int2, fp8.")] = None,
+    group_size: opt.GroupSize = "channel",
+    asym: Annotated[bool, typer.Option("--asym", help="Asymmetric grid (with zero points).")] = False,
+    fmt: opt.Format = "compressed-tensors",
+    out_path: opt.Out = None,
+    target: Annotated[Optional[list[str]], typer.Option("--target", help="Quantize only modules matching this glob (repeatable).")] = None,
+    ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Leave modules matching this glob unquantized (repeatable).")] = None,
+    strict_groups: Annotated[bool, typer.Option("--strict-groups", help="Fail instead of using a smaller group size where a layer's width needs one.")] = False,
+    device: opt.Device = "cpu",
+    revision: opt.Revision = None,
+    token: opt.Token = None,
+    allow_pickle: opt.AllowPickle = False,
+    overwrite: opt.Overwrite = False,
+    json_out: opt.Json = False,
+    quiet: opt.Quiet = False,
+) -> None:
+    """Quantize a model and write it in a format runtimes load.
+
+    Examples:
+
+      qtool quantize HuggingFaceTB/SmolLM2-135M-Instruct -b 4 -g 64 -o smol-w4g64
+
+      qtool quantize ./my-model -m rtn -b 8 -f compressed-tensors -o my-model-w8
+
+      qtool quantize ./my-model --qtype fp8 -g tensor -o my-model-fp8
+
+      qtool quantize ./my-model -b 4 -g 128 --asym --ignore '*down_proj' --json
+    """
+    recipe = make_recipe(
+        method=method, bits=bits, qtype=qtype, group_size=group_size, asym=asym, fmt=fmt,
+        targets=target, ignore=ignore, strict_groups=strict_groups, device=device,
+    )
+    writer = validate_early(recipe, fmt)  # exit 2/3 here, before anything is loaded or downloaded
+    dest = out_path or default_out(model, recipe)
+    with open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as source:
+        check_architecture(source.config, model)
+        with ProgressDisplay(not (json_out or quiet)) as progress:
+            report = run(model, source, dest, writer, recipe, overwrite=overwrite, on_event=progress)
+    if json_out:
+        print_json(report.to_dict())
+    else:
+        print_summary(report)
+
+
+def print_summary(r: RunReport) -> None:
+    d = r.to_dict()
+    t = Table(title=f"qtool quantize → {r.output}", show_header=False, title_justify="left")
+    t.add_row("recipe", f"{r.recipe['method']} {r.recipe['qtype']} " + (f"g{r.recipe['group_size']}" if r.recipe["group_size"] else f"per-{r.recipe['strategy']}") + (" sym" if r.recipe["symmetric"] else " asym"))
+    t.add_row("format", r.format)
+    t.add_row("time", f"{r.seconds:.1f} s")
+    t.add_row("size", f"{human_bytes(r.input_bytes)} → {human_bytes(r.output_bytes)}")
+    t.add_row("quantized", f"{len(r.layers)} layers, {r.params_quantized:,} of {r.params_total:,} parameters")
+    t.add_row("bits per weight", f"{d['bpw_quantized']:.3f} (quantized layers, scales and zero points included)")
+    t.add_row("SQNR", f"mean {d['sqnr_db_mean']} dB, worst {d['sqnr_db_min']} dB")
+    for n in r.notes:
+        t.add_row("[yellow]note[/]", n)
+    out.print(t)
+    by_kind: dict[str, list[float]] = defaultdict(list)
+    for layer in r.layers:
+        by_kind[layer.name.rsplit(".", 2)[-2]].append(layer.sqnr_db)
+    k = Table("layer kind", "layers", "SQNR mean (dB)", "SQNR worst (dB)", title="per-layer error", title_justify="left")
+    for kind, vals in by_kind.items():
+        fin = [v for v in vals if math.isfinite(v)] or [math.inf]
+        k.add_row(kind, str(len(vals)), f"{sum(fin) / len(fin):.2f}", f"{min(fin):.2f}")
+    out.print(k)

@@ -1,0 +1,101 @@
+"""The validated recipe: everything a run was asked to do, checked before anything is loaded."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from qtool.errors import UsageError
+from qtool.qtypes import BITS_TO_QTYPE, QType, get_qtype
+
+PER_CHANNEL_SPELLINGS = {"channel", "-1", "per-channel"}
+PER_TENSOR_SPELLINGS = {"tensor", "per-tensor"}
+
+
+def parse_group_size(value: str | int | None) -> tuple[str, int | None]:
+    """CLI `--group-size` -> (strategy, group_size). `channel` (or -1) is per output channel,
+    `tensor` one scale for the whole matrix (fp8 only), N >= 1 groups of N input columns."""
+    if value is None:
+        return "channel", None
+    text = str(value).strip().lower()
+    if text in PER_CHANNEL_SPELLINGS:
+        return "channel", None
+    if text in PER_TENSOR_SPELLINGS:
+        return "tensor", None
+    try:
+        g = int(text)
+    except ValueError:
+        raise UsageError(f"--group-size {value!r}: expected a positive integer, 'channel' (or -1) or 'tensor'") from None
+    if g < 1:
+        raise UsageError(f"--group-size {value!r}: must be >= 1 (or 'channel' / -1 for per-channel)")
+    return "group", g
+
+
+@dataclass
+class QuantRecipe:
+    method: str = "rtn"
+    qtype: str = "int4"
+    strategy: str = "channel"  # "channel" | "group" | "tensor"
+    group_size: int | None = None
+    symmetric: bool = True
+    format: str = "compressed-tensors"
+    targets: list[str] = field(default_factory=list)  # globs over module names; empty = every Linear in the blocks
+    ignore: list[str] = field(default_factory=list)
+    strict_groups: bool = False  # refuse (instead of adapting) a group size a layer's width does not allow
+    device: str = "cpu"
+
+    @property
+    def weight_type(self) -> QType:
+        return get_qtype(self.qtype)
+
+    def describe(self) -> str:
+        g = f"g{self.group_size}" if self.strategy == "group" else f"per-{self.strategy}"
+        sym = "sym" if self.symmetric else "asym"
+        return f"{self.method} {self.qtype} {g} {sym}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_recipe(
+    *,
+    method: str,
+    bits: int | None,
+    qtype: str | None,
+    group_size: str | None,
+    asym: bool,
+    fmt: str,
+    targets: list[str] | None = None,
+    ignore: list[str] | None = None,
+    strict_groups: bool = False,
+    device: str = "cpu",
+) -> QuantRecipe:
+    """Flags -> validated recipe. Checks that need only the flags happen here (exit 2)."""
+    if qtype is None:
+        if bits is None:
+            bits = 4
+        if bits not in BITS_TO_QTYPE:
+            raise UsageError(f"--bits {bits}: choose one of {', '.join(map(str, BITS_TO_QTYPE))} (or --qtype fp8)")
+        qtype = BITS_TO_QTYPE[bits]
+    qt = get_qtype(qtype)
+    if bits is not None and bits != qt.bits:
+        raise UsageError(f"--bits {bits} contradicts --qtype {qt.name} ({qt.bits} bits)")
+    strategy, g = parse_group_size(group_size)
+    if qt.kind == "float":
+        if strategy == "group":
+            raise UsageError(f"--group-size {g}: {qt.name} is per-channel or per-tensor ('channel' or 'tensor')")
+        if asym:
+            raise UsageError(f"--asym: {qt.name} is symmetric only")
+    elif strategy == "tensor":
+        raise UsageError(f"--group-size tensor: integer types use 'channel' or a group size, not one scale per tensor")
+    return QuantRecipe(
+        method=method,
+        qtype=qt.name,
+        strategy=strategy,
+        group_size=g,
+        symmetric=not asym,
+        format=fmt,
+        targets=list(targets or []),
+        ignore=list(ignore or []),
+        strict_groups=strict_groups,
+        device=device,
+    )

@@ -1,0 +1,83 @@
+"""Round-to-nearest quantization on an affine grid, and float8. Pure torch, vectorised over groups.
+
+Grid conventions follow compressed-tensors (so our codes equal theirs):
+  symmetric:  s = max|w| / ((qmax - qmin) / 2),  z = 0
+  asymmetric: s = (max(w,0) - min(w,0)) / (qmax - qmin),  z = clamp(round(qmin - min/s))
+  q = clamp(round(w / s) + z, qmin, qmax);  w' = (q - z) * s
+Scales are rounded to the checkpoint dtype *before* the codes are computed, so that the codes are
+optimal for the scale actually stored.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qtool.core.grouping import to_groups
+from qtool.core.qweight import QuantizedWeight
+from qtool.qtypes import QType
+
+
+def _group_view(w: torch.Tensor, strategy: str, group_size: int | None) -> torch.Tensor:
+    """[out, in] -> [out|1, n_groups, k] view over which one scale applies."""
+    if strategy == "group":
+        return to_groups(w, group_size)  # type: ignore[arg-type]
+    if strategy == "channel":
+        return w.unsqueeze(1)
+    if strategy == "tensor":
+        return w.reshape(1, 1, -1)
+    raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def _safe_scale(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round to the storage dtype; a group of all zeros gets scale 1 (its codes are 0 anyway)."""
+    s = s.to(dtype)
+    tiny = torch.finfo(dtype).tiny
+    return torch.where(s.float() < tiny, torch.ones_like(s), s)
+
+
+def int_qparams(
+    groups: torch.Tensor, qtype: QType, symmetric: bool, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """groups [.., G, k] float32 -> scale [.., G] (scale_dtype), zero [.., G] int8 or None."""
+    lo = groups.amin(-1).clamp(max=0)
+    hi = groups.amax(-1).clamp(min=0)
+    span = qtype.qmax - qtype.qmin
+    if symmetric:
+        scale = _safe_scale(torch.maximum(-lo, hi) / (span / 2), scale_dtype)
+        return scale, None
+    scale = _safe_scale((hi - lo) / span, scale_dtype)
+    zero = torch.round(qtype.qmin - lo / scale.float()).clamp(qtype.qmin, qtype.qmax)
+    return scale, zero.to(torch.int8)
+
+
+def quantize_int(
+    w: torch.Tensor,
+    qtype: QType,
+    *,
+    strategy: str = "channel",
+    group_size: int | None = None,
+    symmetric: bool = True,
+    scale_dtype: torch.dtype | None = None,
+) -> QuantizedWeight:
+    """RTN of a 2-D weight to an integer type; the last group may be partial."""
+    out, cols = w.shape
+    scale_dtype = scale_dtype or w.dtype
+    g = _group_view(w.float(), strategy, group_size)
+    scale, zero = int_qparams(g, qtype, symmetric, scale_dtype)
+    q = torch.round(g / scale.float().unsqueeze(-1))
+    if zero is not None:
+        q = q + zero.float().unsqueeze(-1)
+    q = q.clamp(qtype.qmin, qtype.qmax).to(torch.int8)
+    codes = q.reshape(out if strategy != "tensor" else 1, -1)[:, :cols].reshape(out, cols)
+    return QuantizedWeight(qtype, codes, scale, zero, strategy, group_size if strategy == "group" else None)
+
+
+def quantize_float8(w: torch.Tensor, qtype: QType, *, strategy: str = "channel", scale_dtype: torch.dtype | None = None) -> QuantizedWeight:
+    """float8 e4m3: s = max|w| / 448 per channel or per tensor; codes = w / s cast to float8."""
+    out, cols = w.shape
+    scale_dtype = scale_dtype or w.dtype
+    g = _group_view(w.float(), strategy, None)
+    scale = _safe_scale(g.abs().amax(-1) / qtype.qmax, scale_dtype)
+    q = (g / scale.float().unsqueeze(-1)).clamp(qtype.qmin, qtype.qmax)
+    codes = q.reshape(out, cols).to(qtype.torch_dtype)
+    return QuantizedWeight(qtype, codes, scale, None, strategy, None)

@@ -1,0 +1,57 @@
+"""Dense little-endian bit packing of unsigned codes into int32 words.
+
+Element i of each run of 32 occupies bits [i*b, (i+1)*b) of a b-word bit stream, crossing word
+boundaries where b does not divide 32 (3-bit). This one layout is what both compressed-tensors'
+`pack-quantized` (packed along input columns) and GPTQ's `qweight`/`qzeros` use (along rows, resp.
+columns); the writers pick the axis and the signed/unsigned offset. `tests/test_packing.py` checks
+it bit-exact against compressed-tensors' own packer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def pack_bits(values: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """Pack unsigned integer codes in [0, 2^bits) along `dim` into int32 words.
+
+    Output length along `dim` is ceil(n * bits / 32)."""
+    assert 1 <= bits <= 8
+    v = values.movedim(dim, -1).to(torch.int64)
+    lead, n = v.shape[:-1], v.shape[-1]
+    pad = (-n) % 32
+    if pad:
+        v = torch.nn.functional.pad(v, (0, pad))
+    v = v.reshape(*lead, -1, 32)  # [..., runs, 32]
+    words = torch.zeros(*lead, v.shape[-2], bits, dtype=torch.int64, device=v.device)
+    for i in range(32):
+        start = i * bits
+        w, off = divmod(start, 32)
+        words[..., w] |= (v[..., i] << off) & 0xFFFFFFFF
+        if off + bits > 32:
+            words[..., w + 1] |= v[..., i] >> (32 - off)
+    out = words.reshape(*lead, -1)[..., : math.ceil(n * bits / 32)]
+    out = torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+    return out.movedim(-1, dim).contiguous()
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch.Tensor:
+    """Inverse of pack_bits: int32 words -> unsigned codes (int32), `n` elements along `dim`."""
+    p = packed.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
+    lead, m = p.shape[:-1], p.shape[-1]
+    pad = (-m) % bits
+    if pad:
+        p = torch.nn.functional.pad(p, (0, pad))
+    p = p.reshape(*lead, -1, bits)
+    mask = (1 << bits) - 1
+    out = torch.empty(*lead, p.shape[-2], 32, dtype=torch.int64, device=p.device)
+    for i in range(32):
+        w, off = divmod(i * bits, 32)
+        val = p[..., w] >> off
+        if off + bits > 32:
+            val = val | (p[..., w + 1] << (32 - off))
+        out[..., i] = val & mask
+    out = out.reshape(*lead, -1)[..., :n].to(torch.int32)
+    return out.movedim(-1, dim).contiguous()

@@ -1,0 +1,58 @@
+"""The one object every method returns: an *unpacked* quantized weight.
+
+Codes are held one per element (int8 for integer types, in the signed range [qmin, qmax]; float8
+for fp8), with scales and zero points per (row, group). Writers do all packing, offsetting and
+renaming for their consumer; `dequantize()` is the plain-torch reference everybody agrees with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qtool.core.grouping import column_groups
+from qtool.qtypes import QType
+
+
+@dataclass
+class QuantizedWeight:
+    qtype: QType
+    codes: torch.Tensor  # [out, in]; int8 signed codes, or float8
+    scale: torch.Tensor  # [out, n_groups] ("tensor" strategy: [1, 1]); in the checkpoint dtype
+    zero_point: torch.Tensor | None  # [out, n_groups] int8 signed codes; None when symmetric
+    strategy: str  # "tensor" | "channel" | "group"
+    group_size: int | None = None  # for "group"; the last group may be partial
+    g_idx: torch.Tensor | None = None  # [in] group of each input column when not j // group_size (act-order)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_point is None
+
+    @property
+    def n_groups(self) -> int:
+        return self.scale.shape[-1]
+
+    def group_index(self) -> torch.Tensor:
+        """[in] -> index of the scale column that applies to each input column."""
+        return column_groups(self.shape[1], self.strategy, self.group_size, self.g_idx, self.codes.device)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Reference dequantization, computed in float32: W = (q - z) * s."""
+        idx = self.group_index()
+        q = self.codes.to(torch.float32)
+        if self.zero_point is not None:
+            q = q - self.zero_point.to(torch.float32)[:, idx]
+        w = q * self.scale.to(torch.float32)[:, idx]
+        return w.to(dtype or self.scale.dtype)
+
+    def storage_bits(self) -> int:
+        """Bits this weight needs when stored densely: codes + scales + zero points."""
+        bits = self.codes.numel() * self.qtype.bits + self.scale.numel() * self.scale.element_size() * 8
+        if self.zero_point is not None:
+            bits += self.zero_point.numel() * self.qtype.bits
+        return bits

@@ -1,0 +1,7 @@
+"""Output formats. Adding one: see formats/README.md. Registration is one import line each."""
+
+from qtool.registry import Registry
+
+FORMATS: Registry = Registry("format")
+
+from qtool.formats import compressed_tensors, safetensors_plain  # noqa: E402,F401

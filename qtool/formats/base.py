@@ -1,0 +1,74 @@
+"""What an output format is: a writer that declares what it can hold, checks a recipe cheaply
+(before anything is loaded), adapts per-layer group sizes to what its consumer accepts, and
+writes atomically (the pipeline hands it a temporary path)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qtool.config import QuantRecipe
+from qtool.core.grouping import divisors_for_groups
+from qtool.core.qweight import QuantizedWeight
+from qtool.errors import UnsupportedError
+from qtool.model.source import CheckpointSource
+
+
+@dataclass(frozen=True)
+class GroupChoice:
+    strategy: str
+    group_size: int | None
+    note: str | None = None  # set when the format changed what was asked, shown in the summary
+
+
+class FormatWriter(ABC):
+    registry_name: str
+    output_is_dir: bool = True
+    qtype_kinds: tuple[str, ...] = ("int", "float")  # which weight types it can hold
+    partial_groups: bool = False  # can it hold a last group narrower than the group size?
+    quantizes: bool = True  # False for plain (unquantized) formats
+
+    def check_recipe(self, recipe: QuantRecipe) -> None:
+        """Refuse a combination from the flags alone (exit 3), before loading anything."""
+        kind = recipe.weight_type.kind
+        if self.quantizes and kind not in self.qtype_kinds:
+            raise UnsupportedError(f"--format {self.registry_name} cannot hold {recipe.qtype} weights")
+
+    def choose_group(self, layer: str, in_features: int, recipe: QuantRecipe) -> GroupChoice:
+        """The group layout for one layer. A width the group size does not divide is kept as a
+        partial last group where the format allows, otherwise the largest power-of-two group size
+        below the request that divides it (or an error with --strict-groups / when none exists)."""
+        g = recipe.group_size
+        if recipe.strategy != "group" or in_features % g == 0 or self.partial_groups:  # type: ignore[operator]
+            return GroupChoice(recipe.strategy, g)
+        options = divisors_for_groups(in_features)
+        smaller = [d for d in options if d < g]  # type: ignore[operator]
+        if recipe.strict_groups or not smaller:
+            hint = f"group sizes that divide it: {', '.join(map(str, options))}" if options else "use --group-size channel"
+            raise UnsupportedError(
+                f"layer {layer}: input width {in_features} is not a multiple of --group-size {g} and "
+                f"--format {self.registry_name} cannot hold a partial group; {hint}"
+            )
+        return GroupChoice("group", smaller[-1], f"{in_features} not divisible by {g}: group size {smaller[-1]}")
+
+    @abstractmethod
+    def begin(self, out: Path, source: CheckpointSource, recipe: QuantRecipe | None) -> None:
+        """Start writing into `out` (a temporary folder or file path)."""
+
+    @abstractmethod
+    def add_quantized(self, name: str, qw: QuantizedWeight) -> None:
+        """`name` is the weight's tensor name, e.g. `model.layers.0.mlp.up_proj.weight`."""
+
+    @abstractmethod
+    def add_tensor(self, name: str, t: torch.Tensor) -> None:
+        """A tensor kept as it is (embeddings, norms, biases, ignored layers)."""
+
+    @abstractmethod
+    def finish(self, config: dict, provenance: dict) -> None:
+        """Write config / metadata and close. `provenance` records how the artifact was made."""
+
+    def abort(self) -> None:  # noqa: B027 - optional hook
+        """Release resources after a failure; the pipeline deletes the temporary path."""

@@ -1,0 +1,196 @@
+"""compressed-tensors, the format vLLM and transformers (with the `compressed-tensors` package) load.
+
+Integer weights are written `pack-quantized`: codes offset to unsigned and densely bit-packed along
+the input dimension into int32 (`weight_packed`), `weight_scale` [out, groups] in the checkpoint
+dtype, `weight_zero_point` (asymmetric only) packed the same way along the output dimension, and
+`weight_shape`. float8 weights are written `float-quantized`: the float8 tensor as `weight` with
+`weight_scale`. `config.json` gets the matching `quantization_config`, one config group per
+distinct scheme (a layer whose width the group size does not divide gets its own group size:
+compressed-tensors cannot hold a partial group).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from qtool import __version__
+from qtool.config import QuantRecipe
+from qtool.core.packing import pack_bits
+from qtool.core.qweight import QuantizedWeight
+from qtool.formats import FORMATS
+from qtool.formats.base import FormatWriter
+from qtool.formats.st_stream import StreamingSafetensorsWriter
+from qtool.model.source import CheckpointSource
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def pack_int_weight(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """QuantizedWeight -> the pack-quantized tensors of one module (suffixes after `prefix.`)."""
+    bits, offset = qw.qtype.bits, -int(qw.qtype.qmin)
+    out = {
+        "weight_packed": pack_bits(qw.codes.to(torch.int32) + offset, bits, dim=1),
+        "weight_scale": qw.scale if qw.strategy != "tensor" else qw.scale.reshape(1),
+        "weight_shape": torch.tensor(qw.shape, dtype=torch.int64),
+    }
+    if qw.zero_point is not None:
+        out["weight_zero_point"] = pack_bits(qw.zero_point.to(torch.int32) + offset, bits, dim=0)
+    return out
+
+
+def float_weight(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    scale = qw.scale if qw.strategy == "channel" else qw.scale.reshape(1)
+    return {"weight": qw.codes, "weight_scale": scale}
+
+
+def weights_args(qw: QuantizedWeight) -> dict:
+    args = {
+        "num_bits": qw.qtype.bits,
+        "type": "int" if qw.qtype.is_int else "float",
+        "symmetric": qw.symmetric,
+        "strategy": qw.strategy,
+        "group_size": qw.group_size,
+        "dynamic": False,
+        "actorder": None,
+        "observer": "minmax",
+    }
+    return args
+
+
+def compact_targets(names: list[str], all_linears: list[str]) -> list[str]:
+    """Module names -> `re:` patterns with the block index generalised, where a pattern matches
+    exactly these names among all linear modules; otherwise the names themselves."""
+    chosen, patterns = set(names), {}
+    for n in names:
+        pat = "re:^" + re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(n)).replace("\\\\d", "\\d") + "$"
+        patterns.setdefault(pat, []).append(n)
+    out: list[str] = []
+    for pat, members in patterns.items():
+        rx = re.compile(pat[3:])
+        hits = {m for m in all_linears if rx.match(m)}
+        out.extend([pat] if hits == set(members) and hits <= chosen else members)
+    return out
+
+
+@FORMATS.register("compressed-tensors", aliases=("ct", "compressed_tensors"))
+class CompressedTensorsWriter(FormatWriter):
+    """Safetensors folder in the compressed-tensors layout (pack-quantized / float-quantized)."""
+
+    partial_groups = False
+
+    def begin(self, out: Path, source: CheckpointSource, recipe: QuantRecipe | None) -> None:
+        self.out, self.source = out, source
+        self.linears = [t.name[: -len(".weight")] for t in source.tensors() if t.name.endswith(".weight") and len(t.shape) == 2]
+        self.schemes: dict[tuple, list[str]] = {}
+        self.quantized: set[str] = set()
+        self.st = StreamingSafetensorsWriter(out / WEIGHTS_FILE, {"format": "pt"})
+
+    def add_quantized(self, name: str, qw: QuantizedWeight) -> None:
+        prefix = name[: -len(".weight")]
+        tensors = pack_int_weight(qw) if qw.qtype.is_int else float_weight(qw)
+        for suffix, t in tensors.items():
+            self.st.add(f"{prefix}.{suffix}", t)
+        key = json.dumps(weights_args(qw), sort_keys=True)
+        self.schemes.setdefault(key, []).append(prefix)
+        self.quantized.add(prefix)
+
+    def add_tensor(self, name: str, t: torch.Tensor) -> None:
+        self.st.add(name, t)
+
+    def quantization_config(self) -> dict:
+        groups, formats = {}, set()
+        for i, (key, members) in enumerate(self.schemes.items()):
+            args = json.loads(key)
+            fmt = "pack-quantized" if args["type"] == "int" else "float-quantized"
+            formats.add(fmt)
+            groups[f"group_{i}"] = {
+                "targets": compact_targets(members, self.linears),
+                "weights": args,
+                "input_activations": None,
+                "output_activations": None,
+                "format": fmt,
+            }
+        return {
+            "quant_method": "compressed-tensors",
+            "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+            "quantization_status": "compressed",
+            "config_groups": groups,
+            "ignore": [n for n in self.linears if n not in self.quantized and not n.endswith("embed_tokens")],
+            "kv_cache_scheme": None,
+            "global_compression_ratio": None,
+            "version": "0.20.0",
+        }
+
+    def finish(self, config: dict, provenance: dict) -> None:
+        self.st.metadata["qtool"] = json.dumps(provenance, sort_keys=True)
+        self.st.close()
+        config = dict(config)
+        config["quantization_config"] = self.quantization_config()
+        (self.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        self.source.write_aux_files(self.out)
+        (self.out / "qtool.json").write_text(json.dumps({"qtool_version": __version__, **provenance}, indent=2) + "\n")
+
+    def abort(self) -> None:
+        if hasattr(self, "st"):
+            self.st.abort()
+
+
+# -- reading back (for tests, `inspect` and `export`) ----------------------------------------------
+def scheme_for(module: str, qconfig: dict) -> dict | None:
+    """The `weights` args of the config group whose targets match `module` (None if unquantized)."""
+    for group in qconfig.get("config_groups", {}).values():
+        for t in group.get("targets", []):
+            if (t.startswith("re:") and re.match(t[3:], module)) or t == module:
+                return group["weights"]
+    return None
+
+
+def unpack_module(tensors: dict[str, torch.Tensor], args: dict) -> QuantizedWeight:
+    """The tensors of one module (suffix -> tensor) + its `weights` args -> QuantizedWeight."""
+    from qtool.core.packing import unpack_bits
+    from qtool.qtypes import get_qtype
+
+    strategy, g = args["strategy"], args.get("group_size")
+    if args["type"] == "float":
+        qt = get_qtype("fp8_e4m3")
+        scale = tensors["weight_scale"].reshape(-1, 1) if strategy == "channel" else tensors["weight_scale"].reshape(1, 1)
+        return QuantizedWeight(qt, tensors["weight"], scale, None, strategy, None)
+    qt = get_qtype(f"int{args['num_bits']}")
+    out_f, in_f = (int(x) for x in tensors["weight_shape"].tolist())
+    offset = -int(qt.qmin)
+    codes = (unpack_bits(tensors["weight_packed"], qt.bits, in_f, dim=1) - offset).to(torch.int8)
+    scale = tensors["weight_scale"]
+    scale = scale.reshape(1, 1) if strategy == "tensor" else scale.reshape(out_f, -1)
+    zero = None
+    if "weight_zero_point" in tensors:
+        zero = (unpack_bits(tensors["weight_zero_point"], qt.bits, out_f, dim=0) - offset).to(torch.int8)
+    return QuantizedWeight(qt, codes, scale, zero, strategy, g if strategy == "group" else None)
+
+
+def read_dequantized(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A compressed-tensors folder -> plain state dict, dequantized with our reference math."""
+    from safetensors import safe_open
+
+    config = json.loads((folder / "config.json").read_text())
+    qconfig = config.get("quantization_config", {})
+    state: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for name in h.keys():
+                prefix, _, suffix = name.rpartition(".")
+                if suffix.startswith("weight_") or (suffix == "weight" and scheme_for(prefix, qconfig)):
+                    modules.setdefault(prefix, {})[suffix] = h.get_tensor(name)
+                else:
+                    t = h.get_tensor(name)
+                    state[name] = t.to(dtype) if t.is_floating_point() else t
+    for prefix, tensors in modules.items():
+        args = scheme_for(prefix, qconfig)
+        if args is None:
+            raise ValueError(f"{folder}: module {prefix} has quantized tensors but no config group targets it")
+        state[f"{prefix}.weight"] = unpack_module(tensors, args).dequantize(dtype)
+    return state

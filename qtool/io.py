@@ -1,0 +1,63 @@
+"""Atomic outputs and input hashing. An output appears under its final name only when complete."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from qtool.errors import FormatError
+
+
+def check_output_free(final: Path, overwrite: bool) -> None:
+    if final.exists() and not overwrite:
+        raise FormatError(f"{final}: already exists; pass --overwrite to replace it")
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists() or p.is_symlink():
+        p.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_output(final: Path, *, overwrite: bool = False, is_dir: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; on success rename it into place, on any failure
+    (including Ctrl-C) delete it. An existing `final` is refused unless `overwrite`."""
+    final = final.expanduser()
+    check_output_free(final, overwrite)
+    parent = final.parent if str(final.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FormatError(f"{parent}: cannot create output folder: {e.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise FormatError(f"{parent}: not writable")
+    tmp = parent / f".{final.name}.qtool-partial-{os.getpid()}"
+    _remove(tmp)
+    if is_dir:
+        tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    old = None
+    if final.exists():
+        old = parent / f".{final.name}.qtool-old-{os.getpid()}"
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        _remove(old)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()

@@ -1,0 +1,7 @@
+"""Quantization methods. Adding one: see methods/README.md. Registration is one import line each."""
+
+from qtool.registry import Registry
+
+METHODS: Registry = Registry("method")
+
+from qtool.methods import rtn  # noqa: E402,F401  (registers "rtn")

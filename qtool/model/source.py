@@ -1,0 +1,93 @@
+"""A checkpoint opened for lazy, tensor-at-a-time reading, whatever it is on disk.
+
+Every source speaks Hugging Face: tensor names are the `transformers` state-dict names and
+`config` is the `config.json` dict, so the pipeline, the writers and `inspect` never care whether
+the weights came from a safetensors folder, a Hub snapshot or a GGUF file.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # dtype that get_tensor() returns
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+# `model.layers.3.mlp.up_proj.weight` -> block "model.layers.3"; also gpt2's `transformer.h.3.` and
+# opt's `model.decoder.layers.3.`.
+BLOCK_RE = re.compile(r"^(?P<block>(?:.*\.)?(?:layers|h|blocks|block)\.(?P<index>\d+))\.")
+
+
+def block_of(name: str) -> str | None:
+    m = BLOCK_RE.match(name)
+    return m.group("block") if m else None
+
+
+class CheckpointSource(ABC):
+    """Lazy reader. Subclasses: SafetensorsSource (folder / file / Hub snapshot), GGUFSource."""
+
+    path: Path
+    config: dict
+
+    @abstractmethod
+    def tensors(self) -> list[TensorMeta]:
+        """Every tensor, in file order, with HF names."""
+
+    @abstractmethod
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """Read (and for GGUF dequantize) one tensor. Only this tensor is brought into memory."""
+
+    @abstractmethod
+    def write_aux_files(self, out_dir: Path) -> list[str]:
+        """Write what a loader needs beside the weights other than config.json (tokenizer files,
+        generation_config.json, chat template...). Returns the file names written."""
+
+    def input_files(self) -> list[Path]:
+        """Files whose hashes identify this input in the output's provenance record."""
+        return [self.path] if self.path.is_file() else []
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    # -- conveniences shared by all sources --------------------------------------------------
+    def meta(self, name: str) -> TensorMeta:
+        for t in self.tensors():
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def blocks(self) -> list[str]:
+        """Decoder block prefixes in index order."""
+        seen: dict[str, int] = {}
+        for t in self.tensors():
+            m = BLOCK_RE.match(t.name)
+            if m:
+                seen.setdefault(m.group("block"), int(m.group("index")))
+        return sorted(seen, key=seen.__getitem__)
+
+    def iter_tensors(self) -> Iterator[tuple[TensorMeta, torch.Tensor]]:
+        for t in self.tensors():
+            yield t, self.get_tensor(t.name)
+
+    def __enter__(self) -> "CheckpointSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,248 @@
+"""The engine: resolve → plan (cheap, before any weight is read) → stream tensors block by block
+through the method into the writer → provenance → atomic rename. Emits progress events; never
+prints. Peak memory stays near one tensor (RTN) — one block once calibration methods arrive."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from qtool import __version__
+from qtool.config import QuantRecipe
+from qtool.core.metrics import sqnr_db
+from qtool.errors import NumericalError, UnsupportedError, UsageError
+from qtool.formats import FORMATS
+from qtool.formats.base import FormatWriter
+from qtool.io import atomic_output, check_output_free, sha256_file
+from qtool.methods import METHODS
+from qtool.methods.base import LayerSpec
+from qtool.model.source import CheckpointSource, TensorMeta, block_of
+from qtool.qtypes import get_qtype
+
+# Architectures whose layouts the test-suite proves end to end (tests/test_architectures.py).
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "qwen2_moe", "mixtral")
+# MoE routers stay in full precision unless targeted explicitly (as every MoE recipe does).
+DEFAULT_IGNORE = ("*.mlp.gate", "*.block_sparse_moe.gate", "*.shared_expert_gate")
+
+
+@dataclass(frozen=True)
+class Event:
+    """Progress: `stage` names the step, `done`/`total` count its units, `item` is the current one."""
+
+    stage: str
+    done: int
+    total: int
+    item: str = ""
+
+
+EventSink = Callable[[Event], None]
+
+
+@dataclass
+class LayerResult:
+    name: str
+    shape: tuple[int, ...]
+    strategy: str
+    group_size: int | None
+    sqnr_db: float
+    note: str | None = None
+
+
+@dataclass
+class RunReport:
+    model: str
+    output: str
+    format: str
+    recipe: dict | None
+    seconds: float = 0.0
+    input_bytes: int = 0
+    output_bytes: int = 0
+    params_quantized: int = 0
+    params_total: int = 0
+    weight_bits: float = 0.0  # storage bits of the quantized layers (codes + scales + zeros)
+    layers: list[LayerResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def bpw_quantized(self) -> float:
+        """Effective bits per weight over the quantized layers, scales and zero points included."""
+        return self.weight_bits / self.params_quantized if self.params_quantized else 0.0
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "layers"}
+        d["bpw_quantized"] = round(self.bpw_quantized, 4)
+        finite = [r.sqnr_db for r in self.layers if math.isfinite(r.sqnr_db)]
+        d["sqnr_db_mean"] = round(sum(finite) / len(finite), 3) if finite else None
+        d["sqnr_db_min"] = round(min(finite), 3) if finite else None
+        d["layers"] = [
+            {**r.__dict__, "sqnr_db": round(r.sqnr_db, 3) if math.isfinite(r.sqnr_db) else None, "shape": list(r.shape)}
+            for r in self.layers
+        ]
+        return d
+
+
+def check_architecture(config: dict, where: str) -> None:
+    arch = config.get("model_type")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        archs = config.get("architectures") or []
+        raise UnsupportedError(
+            f"{where}: unsupported architecture {arch!r} {archs}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+
+def module_of(tensor_name: str) -> str:
+    return tensor_name[: -len(".weight")] if tensor_name.endswith(".weight") else tensor_name
+
+
+def select_layers(metas: list[TensorMeta], recipe: QuantRecipe) -> list[TensorMeta]:
+    """Which weights get quantized: by default every 2-D weight inside a decoder block (the
+    Linear layers); `--target` globs replace that set (and may reach lm_head / embeddings);
+    `--ignore` globs and MoE routers are removed from it."""
+
+    def hit(name: str, globs) -> bool:
+        return any(fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(name, f"*.{g}") for g in globs)
+
+    cands = [m for m in metas if m.name.endswith(".weight") and len(m.shape) == 2]
+    if recipe.targets:
+        chosen = [m for m in cands if hit(module_of(m.name), recipe.targets)]
+        if not chosen:
+            raise UsageError(f"--target {' '.join(recipe.targets)}: matches no 2-D weight of this model")
+    else:
+        chosen = [m for m in cands if block_of(m.name) and not hit(module_of(m.name), DEFAULT_IGNORE)]
+    return [m for m in chosen if not hit(module_of(m.name), recipe.ignore)]
+
+
+@dataclass
+class LayerPlan:
+    specs: dict[str, LayerSpec]  # tensor name -> spec
+    notes: dict[str, str]  # tensor name -> what the format changed, for the summary
+
+
+def plan_layers(source: CheckpointSource, recipe: QuantRecipe, writer: FormatWriter) -> LayerPlan:
+    """Per-layer specs from shapes alone: every impossible request fails here, before any weight is read."""
+    qtype = get_qtype(recipe.qtype)
+    plan = LayerPlan({}, {})
+    for m in select_layers(source.tensors(), recipe):
+        choice = writer.choose_group(module_of(m.name), m.shape[1], recipe)
+        plan.specs[m.name] = LayerSpec(m.name, qtype, choice.strategy, choice.group_size, recipe.symmetric)
+        if choice.note:
+            plan.notes[m.name] = choice.note
+    return plan
+
+
+def check_finite(name: str, w: torch.Tensor) -> None:
+    if w.is_floating_point() and not torch.isfinite(w).all():
+        bad = (~torch.isfinite(w)).sum().item()
+        raise NumericalError(f"tensor {name}: {bad} NaN/Inf value(s); the checkpoint is damaged")
+
+
+def ordered_tensors(source: CheckpointSource) -> list[TensorMeta]:
+    """Block by block (so one block's tensors are read together), then everything else."""
+    metas = source.tensors()
+    order = {b: i for i, b in enumerate(source.blocks())}
+    return sorted(metas, key=lambda m: order.get(block_of(m.name) or "", len(order)))
+
+
+def provenance(source: CheckpointSource, model: str, recipe: QuantRecipe | None, hash_inputs: bool) -> dict:
+    import transformers
+
+    inputs = {}
+    for f in source.input_files():
+        inputs[f.name] = {"bytes": f.stat().st_size, **({"sha256": sha256_file(f)} if hash_inputs else {})}
+    return {
+        "model": model,
+        "recipe": recipe.to_dict() if recipe else None,
+        "inputs": inputs,
+        "versions": {"qtool": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+
+def _stream(
+    source: CheckpointSource,
+    writer: FormatWriter,
+    plan: LayerPlan,
+    report: RunReport,
+    on_event: EventSink,
+    method,
+) -> None:
+    metas = ordered_tensors(source)
+    device = torch.device(report.recipe["device"]) if report.recipe else torch.device("cpu")
+    for i, m in enumerate(metas):
+        on_event(Event("quantize" if plan.specs else "convert", i, len(metas), m.name))
+        t = source.get_tensor(m.name)
+        report.params_total += m.numel
+        spec = plan.specs.get(m.name)
+        if spec is None:
+            writer.add_tensor(m.name, t)
+            continue
+        check_finite(m.name, t)
+        w = t.to(device)
+        qw = method.quantize(w, spec)  # scales come back in the checkpoint dtype
+        err = sqnr_db(w, qw.dequantize(torch.float32))
+        report.layers.append(LayerResult(m.name, m.shape, spec.strategy, spec.group_size, err, plan.notes.get(m.name)))
+        report.params_quantized += m.numel
+        report.weight_bits += qw.storage_bits()
+        writer.add_quantized(m.name, qw)  # writers move to CPU as they serialise
+        del t, w, qw
+    on_event(Event("quantize" if plan.specs else "convert", len(metas), len(metas)))
+
+
+def run(
+    model: str,
+    source: CheckpointSource,
+    out: Path,
+    writer: FormatWriter,
+    recipe: QuantRecipe | None,
+    *,
+    overwrite: bool = False,
+    hash_inputs: bool = True,
+    on_event: EventSink = lambda e: None,
+) -> RunReport:
+    """Quantize (recipe given) or convert (recipe None) `source` into `out` with `writer`."""
+    t0 = time.perf_counter()
+    check_output_free(out, overwrite)
+    method = METHODS.get(recipe.method)() if recipe else None
+    plan = plan_layers(source, recipe, writer) if recipe else LayerPlan({}, {})
+    report = RunReport(model, str(out), writer.registry_name, recipe.to_dict() if recipe else None)
+    report.input_bytes = sum(f.stat().st_size for f in source.input_files() if f.suffix in (".safetensors", ".gguf", ".bin", ".pt"))
+    notes = sorted(set(plan.notes.values()))
+    report.notes = [f"{sum(1 for n in plan.notes.values() if n == note)} layers: {note}" for note in notes]
+    with atomic_output(out, overwrite=overwrite, is_dir=writer.output_is_dir) as tmp:
+        writer.begin(tmp, source, recipe)
+        try:
+            _stream(source, writer, plan, report, on_event, method)
+            on_event(Event("write", 0, 1, str(out)))
+            writer.finish(source.config, {**provenance(source, model, recipe, hash_inputs), "report": _brief(report)})
+        except BaseException:
+            writer.abort()
+            raise
+    report.output_bytes = _size(out)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _brief(report: RunReport) -> dict:
+    d = report.to_dict()
+    return {k: d[k] for k in ("params_quantized", "params_total", "bpw_quantized", "sqnr_db_mean", "sqnr_db_min", "notes")}
+
+
+def _size(p: Path) -> int:
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def validate_early(recipe: QuantRecipe | None, fmt: str) -> FormatWriter:
+    """Everything judgeable from flags: unknown method/format names, format/type combinations."""
+    writer_cls = FORMATS.get(fmt)
+    writer = writer_cls()
+    if recipe is not None:
+        method = METHODS.get(recipe.method)
+        if recipe.weight_type.kind not in method.supported_kinds:
+            raise UnsupportedError(f"--method {recipe.method} cannot produce {recipe.qtype} weights")
+        writer.check_recipe(recipe)
+    return writer
