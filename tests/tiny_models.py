@@ -1,0 +1,89 @@
+"""Seeded tiny random bf16 checkpoints built from real `transformers` configs, for end-to-end tests.
+
+Widths are deliberately not all powers of two (hidden 96, intermediate 144/160/176) so that the
+group-size adaptation of formats that cannot hold a partial group is exercised: 96 = 32·3,
+144 = 16·9, 176 = 16·11, so `-g 32` keeps 32 on most layers but drops to 16 on some, and `-g 64`
+adapts nearly everywhere. Every model is two decoder layers, vocab 256, and well under 1 MB.
+`initializer_range` is raised from 0.02 to 0.08 so that logits are not all ~0 and quantization
+error is visible in them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SEED = 1234
+COMMON = dict(
+    vocab_size=256,
+    hidden_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.08,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    tie_word_embeddings=False,
+)
+
+# arch -> (config class name, overrides of COMMON). What each one exercises is in the comment.
+ARCHS: dict[str, tuple[str, dict]] = {
+    # the baseline layout: q/k/v/o + gate/up/down, head_dim 24
+    "llama": ("LlamaConfig", dict(intermediate_size=160)),
+    # attention biases (q/k/v), which stay unquantized beside the packed weights
+    "qwen2": ("Qwen2Config", dict(intermediate_size=160)),
+    # down_proj input width 144 is not a multiple of 32: g32 adapts to 16 there
+    "mistral": ("MistralConfig", dict(intermediate_size=144, sliding_window=None)),
+    # tied embeddings, explicit head_dim, logit soft-capping, (1 + w) norms
+    "gemma2": (
+        "Gemma2Config",
+        dict(intermediate_size=160, head_dim=32, query_pre_attn_scalar=32, sliding_window=64, tie_word_embeddings=True),
+    ),
+    # fused qkv_proj [(4+2+2)·24, 96] and gate_up_proj [2·176, 96]; down_proj width 176 = 16·11
+    "phi3": ("Phi3Config", dict(intermediate_size=176, pad_token_id=0)),
+    # mixture of experts: 4 routed experts (top-2) + a shared expert, routers left unquantized
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            intermediate_size=160,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=96,
+            num_experts=4,
+            num_experts_per_tok=2,
+            decoder_sparse_step=1,
+        ),
+    ),
+}
+ARCH_NAMES = tuple(ARCHS)
+
+
+def make_config(arch: str):
+    import transformers
+
+    cls_name, overrides = ARCHS[arch]
+    cfg = getattr(transformers, cls_name)(**{**COMMON, **overrides})
+    cfg.dtype = torch.bfloat16
+    return cfg
+
+
+def make_model(arch: str) -> torch.nn.Module:
+    """The tiny model in bf16, with seeded random weights (norm weights randomised too)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(make_config(arch), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:  # norms and biases: off their trivial init so that a mix-up would show
+                p.add_(0.05 * torch.randn_like(p))
+    return model.to(torch.bfloat16).eval()
+
+
+def build_tiny(arch: str, folder: Path | str) -> Path:
+    """Save the tiny `arch` model (config.json + model.safetensors, no tokenizer) into `folder`."""
+    folder = Path(folder)
+    make_model(arch).save_pretrained(folder)
+    return folder
