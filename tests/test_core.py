@@ -125,3 +125,25 @@ def test_all_zero_group_gets_unit_scale():
     qw = quantize_int(w, get_qtype("int4"), strategy="group", group_size=16)
     assert torch.equal(qw.scale, torch.ones(2, 2))
     assert torch.equal(qw.dequantize(torch.float32), w)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8], ids=lambda b: f"{b}bit")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dim", [0, 1], ids=["dim0", "dim1"])
+def test_fast_pack_equals_reference_packer(bits, shape, dim):
+    from qtool.core.packing import pack_bits_reference
+
+    v = torch.randint(0, 2**bits, shape, generator=torch.Generator().manual_seed(6), dtype=torch.int32)
+    assert torch.equal(pack_bits(v, bits, dim=dim), pack_bits_reference(v, bits, dim=dim))
+
+
+def test_nan_and_inf_are_found_by_the_finite_check():
+    from qtool.errors import NumericalError
+    from qtool.pipeline import check_finite
+
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        w = torch.zeros(4, 4, dtype=torch.bfloat16)
+        w[2, 3] = bad
+        with pytest.raises(NumericalError, match="tensor x.weight"):
+            check_finite("x.weight", w)
+    check_finite("ok.weight", torch.ones(2, 2))

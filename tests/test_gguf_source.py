@@ -36,14 +36,13 @@ def smollm2_gguf() -> Path:
     return ensure_smollm2_gguf(Path(os.environ.get("QTOOL_CACHE", REPO / ".cache")))
 
 
-def materialise(source: GGUFSource, folder: Path) -> Path:
+def materialise(source: GGUFSource, folder: Path) -> tuple[Path, list[str]]:
     """What `qtool export` does: one safetensors file, config.json, tokenizer & generation config."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file({t.name: source.get_tensor(t.name) for t in source.tensors()},
               folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps(source.config, indent=2))
-    source.write_aux_files(folder)
-    return folder
+    return folder, source.write_aux_files(folder)
 
 
 def load_causal_lm(folder: Path, **kw):
@@ -66,9 +65,15 @@ def reference_tokenizer(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def fp32_dir(smollm2_gguf, tmp_path_factory):
+def fp32_export(smollm2_gguf, tmp_path_factory) -> tuple[Path, list[str]]:
+    """The GGUF materialised as an fp32 HF folder, and what write_aux_files said it wrote."""
     return materialise(GGUFSource(smollm2_gguf, dtype=torch.float32),
                        tmp_path_factory.mktemp("smollm2-fp32"))
+
+
+@pytest.fixture(scope="module")
+def fp32_dir(fp32_export) -> Path:
+    return fp32_export[0]
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +94,7 @@ def logits(model, ids) -> torch.Tensor:
 # -- the real model ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_config_and_names(bf16_source, smollm2_gguf):
     cfg = bf16_source.config
     assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
@@ -106,6 +112,7 @@ def test_config_and_names(bf16_source, smollm2_gguf):
     assert bf16_source.input_files() == [smollm2_gguf]
 
 
+@pytest.mark.slow
 def test_fp32_matches_transformers(fp32_dir, reference, reference_tokenizer, prompt_ids):
     ours = load_causal_lm(fp32_dir)
     theirs = reference.state_dict()
@@ -113,12 +120,13 @@ def test_fp32_matches_transformers(fp32_dir, reference, reference_tokenizer, pro
         assert torch.equal(value, theirs[name]), name  # same dequantizer, same un-permutation
     ref, got = logits(reference, prompt_ids), logits(ours, prompt_ids)
     # Identical weights and model code, so this is a pure fp32 comparison; 1e-4 absolute on logits
-    # of magnitude ~20 leaves room only for kernel-order rounding (measured: exactly equal).
+    # of magnitude ~27 leaves room only for kernel-order rounding (measured: exactly equal).
     assert (got - ref).abs().max().item() <= 1e-4
     # Semantically right too (a wrong Q/K permutation would be equally wrong in both loaders):
     assert reference_tokenizer.decode(got[-1].argmax()).strip() == "Paris"
 
 
+@pytest.mark.slow
 def test_bf16_materialisation(bf16_source, fp32_dir, reference, prompt_ids, tmp_path):
     fp32 = load_file(fp32_dir / "model.safetensors")
     for meta in bf16_source.tensors()[:40]:  # a sample: every kind of tensor, kept fast
@@ -129,12 +137,13 @@ def test_bf16_materialisation(bf16_source, fp32_dir, reference, prompt_ids, tmp_
     (tmp_path / "config.json").write_text(json.dumps(bf16_source.config))
     ref, got = logits(reference, prompt_ids), logits(load_causal_lm(tmp_path), prompt_ids)
     # bf16 keeps 8 mantissa bits (relative rounding <= 2^-9 per weight); through 30 blocks that
-    # moves logits by a few tenths on a scale of ~20: allow 5% of the logit range, and the same
-    # next-token choice at the end of the prompt.
-    assert (got - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
+    # moves logits by tenths on a scale of ~27 (measured: 0.16, i.e. 0.6% of max |logit|). Allow
+    # 2% of max |logit|, and the same next-token choice at the end of the prompt.
+    assert (got - ref).abs().max().item() <= 0.02 * ref.abs().max().item()
     assert got[-1].argmax() == ref[-1].argmax()
 
 
+@pytest.mark.slow
 def test_tokenizer_round_trip(fp32_dir, reference_tokenizer, smollm2_gguf):
     from transformers import AutoTokenizer
 
@@ -150,11 +159,12 @@ def test_tokenizer_round_trip(fp32_dir, reference_tokenizer, smollm2_gguf):
     assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
 
 
-def test_write_aux_files_lists_what_it_wrote(bf16_source, tmp_path):
-    written = bf16_source.write_aux_files(tmp_path)
-    assert "config.json" not in written and "generation_config.json" in written
-    assert "tokenizer.json" in written
-    assert sorted(written) == sorted(p.name for p in tmp_path.iterdir())
+@pytest.mark.slow
+def test_write_aux_files_lists_what_it_wrote(fp32_export):
+    folder, written = fp32_export
+    assert "config.json" not in written and {"generation_config.json", "tokenizer.json"} <= set(written)
+    assert sorted(written + ["config.json", "model.safetensors"]) == sorted(
+        p.name for p in folder.iterdir())
 
 
 # -- a tiny hand-made llama --------------------------------------------------------------------
