@@ -174,8 +174,12 @@ def _stream(
 ) -> None:
     metas = ordered_tensors(source)
     device = torch.device(report.recipe["device"]) if report.recipe else torch.device("cpu")
+    current_block = None
     for i, m in enumerate(metas):
         on_event(Event("quantize" if plan.specs else "convert", i, len(metas), m.name))
+        if block_of(m.name) != current_block:
+            source.release()
+            current_block = block_of(m.name)
         t = source.get_tensor(m.name)
         report.params_total += m.numel
         spec = plan.specs.get(m.name)

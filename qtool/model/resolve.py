@@ -30,7 +30,16 @@ def download_from_hub(repo_id: str, revision: str | None, token: str | None, all
             files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
             if not any(f.endswith(".safetensors") for f in files):
                 patterns += ["*.bin"]
-        return Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=patterns))
+        folder = Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=patterns))
+        if not allow_pickle and not any(folder.glob("*.safetensors")):
+            files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
+            pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth"))]
+            if pickles:
+                raise FormatError(
+                    f"{repo_id}: only pickle weights ({pickles[0]}); pickle can run code on load, "
+                    "so qtool refuses it unless you pass --allow-pickle"
+                )
+        return folder
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise FormatError(f"{repo_id}: not found on the Hub ({type(e).__name__}); check the id, --revision and HF_TOKEN") from None
     except LocalEntryNotFoundError:

@@ -105,6 +105,9 @@ class SafetensorsSource(CheckpointSource):
     def input_files(self) -> list[Path]:
         return [*self.files, *self._pickles, self.folder / "config.json"]
 
+    def release(self) -> None:
+        self._handles.clear()  # safe_open handles unmap when dropped; get_tensor's results are copies
+
     def close(self) -> None:
         self._handles.clear()
         self._loaded.clear()

@@ -66,6 +66,10 @@ class CheckpointSource(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
+    def release(self) -> None:  # noqa: B027 - optional hook
+        """Drop cached file mappings between blocks. Pages of a memory-mapped file that were read
+        count in the process RSS until unmapped; releasing per block keeps peak RSS near one block."""
+
     # -- conveniences shared by all sources --------------------------------------------------
     def meta(self, name: str) -> TensorMeta:
         for t in self.tensors():

@@ -1,0 +1,332 @@
+"""qtool benchmark: quality, time, memory and size of RTN outputs, on one machine in one run.
+
+    python tests/bench/run_bench.py --out tests/bench/results      (what `make bench` runs)
+
+Rows (one protocol for every row: no calibration; perplexity on the same non-overlapping
+`--seq-len`-token windows of the second half of WikiText-2 validation, see qtool/evaluate.py):
+
+  1. the bf16 SmolLM2-135M-Instruct folder made by `make model` (scored in float32);
+  2. RTN int4 g64 sym -> compressed-tensors;  3. RTN int8 per-channel sym -> compressed-tensors:
+     `qtool quantize` runs as a child process, measured alone (wall time, peak RSS from the
+     kernel via wait4); the output is loaded by stock transformers (+ compressed-tensors),
+     `from_pretrained(out, dtype=float32)`, and scored like row 1;
+  4. peak RSS of quantizing a random ~1.1 B-parameter Llama (bf16, ~2.2 GB, built once under
+     $QTOOL_CACHE/bench/) to RTN int4 g128 compressed-tensors, against the 1.5 GiB budget.
+
+Writes results.json (everything, with machine info) and results.md (the table) to --out, and
+prints the markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import Measured, run_measured  # noqa: E402
+from random_llama import build as build_random_llama  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+GIB = 1 << 30
+MIB = 1 << 20
+RSS_BUDGET_BYTES = int(1.5 * GIB)
+TEXT_FILE = "wikitext2-valid.txt"
+
+
+# -- environment -----------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    return Path(os.environ.get("QTOOL_CACHE", REPO / ".cache"))
+
+
+def qtool_exe() -> str:
+    beside = Path(sys.executable).with_name("qtool")
+    return str(beside) if beside.exists() else (shutil.which("qtool") or "qtool")
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def machine_info() -> dict:
+    import compressed_tensors
+    import transformers
+
+    import qtool
+
+    cpu_model = ""
+    try:
+        cpu_model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True).stdout.strip())
+    except OSError:
+        commit, dirty = "", None
+    return {
+        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_model": cpu_model,
+        "memory_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "compressed_tensors": compressed_tensors.__version__,
+        "qtool": qtool.__version__,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def folder_bytes(p: Path) -> int:
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+# -- perplexity ------------------------------------------------------------------------------------
+def load_windows(model_dir: Path, text: Path, seq_len: int, max_windows: int) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    from qtool.evaluate import eval_windows
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return eval_windows(tok, text, "eval", seq_len, max_windows)
+
+
+def score(folder: Path, windows: torch.Tensor, batch_size: int, check_against_reference: bool) -> dict:
+    """Load `folder` with stock transformers in float32 and measure perplexity on `windows`."""
+    from transformers import AutoModelForCausalLM
+
+    from qtool.evaluate import perplexity
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    load_s = time.perf_counter() - t0
+    out = {"load_s": round(load_s, 2)}
+    if check_against_reference:
+        out["max_abs_diff_vs_qtool_dequant"] = weights_vs_reference(model, folder)
+    r = perplexity(model, windows, batch_size)
+    out.update(r.to_dict())
+    del model
+    gc.collect()
+    return out
+
+
+def weights_vs_reference(model, folder: Path) -> float:
+    """Max |W_transformers - W_qtool| over every tensor: does the consumer decode what we meant?"""
+    from qtool.formats.compressed_tensors import read_dequantized
+
+    ref = read_dequantized(folder, torch.float32)
+    sd = model.state_dict()
+    worst = 0.0
+    for name, t in ref.items():
+        if name in sd and t.is_floating_point():
+            worst = max(worst, (sd[name].float() - t).abs().max().item())
+    missing = [n for n in ref if n not in sd and not n.endswith("lm_head.weight")]
+    if missing:
+        raise RuntimeError(f"{folder}: transformers model lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    return worst
+
+
+# -- rows ------------------------------------------------------------------------------------------
+def quantize_cmd(model: Path, out: Path, *flags: str) -> list[str]:
+    return [qtool_exe(), "quantize", str(model), *flags, "-f", "compressed-tensors", "-o", str(out), "--overwrite", "--json"]
+
+
+def measured_quantize(cmd: list[str]) -> tuple[Measured, dict]:
+    m = run_measured(cmd, env=child_env(), cwd=REPO)
+    if m.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {m.returncode}:\n{m.stderr[-3000:]}")
+    return m, json.loads(m.stdout)
+
+
+def memory_fields(m: Measured) -> dict:
+    return {
+        "wall_s": round(m.wall_s, 2),
+        "peak_rss_bytes": m.peak_rss_bytes,
+        "sampled_peak_rss_anon_bytes": m.sampled_peaks_bytes.get("RssAnon"),
+        "sampled_peak_rss_file_bytes": m.sampled_peaks_bytes.get("RssFile"),
+    }
+
+
+def bf16_row(model: Path, windows: torch.Tensor, batch_size: int) -> dict:
+    return {
+        "row": "bf16 SmolLM2-135M-Instruct",
+        "recipe": "bf16 (scored in float32)",
+        "size_bytes": folder_bytes(model),
+        "bpw": 16.0,
+        "eval": score(model, windows, batch_size, check_against_reference=False),
+    }
+
+
+def rtn_row(label: str, model: Path, out: Path, flags: list[str], windows: torch.Tensor, batch_size: int) -> dict:
+    m, report = measured_quantize(quantize_cmd(model, out, *flags))
+    return {
+        "row": label,
+        "recipe": " ".join(flags),
+        "command": m.cmd,
+        **memory_fields(m),
+        "size_bytes": folder_bytes(out),
+        "bpw": report["bpw_quantized"],
+        "sqnr_db_mean": report["sqnr_db_mean"],
+        "qtool_seconds": report["seconds"],
+        "eval": score(out, windows, batch_size, check_against_reference=True),
+    }
+
+
+def big_rss_row(work: Path) -> dict:
+    t0 = time.perf_counter()
+    src = build_random_llama(work / "random-llama-1b", "1b")
+    build_s = time.perf_counter() - t0
+    out = work / "random-llama-1b-rtn-int4-g128"
+    flags = ["-m", "rtn", "-b", "4", "-g", "128"]
+    m, report = measured_quantize(quantize_cmd(src, out, *flags))
+    row = {
+        "row": "random Llama 1.1B (bf16) -> RTN int4 g128",
+        "recipe": " ".join(flags),
+        "command": m.cmd,
+        "input_bytes": report["input_bytes"],
+        "params_total": report["params_total"],
+        "build_s": round(build_s, 1),
+        **memory_fields(m),
+        "size_bytes": folder_bytes(out),
+        "bpw": report["bpw_quantized"],
+        "rss_budget_bytes": RSS_BUDGET_BYTES,
+        "rss_pass": m.peak_rss_bytes < RSS_BUDGET_BYTES,
+    }
+    shutil.rmtree(out, ignore_errors=True)  # 0.7 GB that nothing reuses
+    return row
+
+
+def floor_row() -> dict:
+    """Peak RSS of a process that only imports what `qtool quantize` imports: the floor under row 4."""
+    code = "import torch, transformers, qtool.pipeline, qtool.cli.main"
+    m = run_measured([sys.executable, "-c", code], env=child_env())
+    return {"row": "import floor", "command": m.cmd, **memory_fields(m)}
+
+
+# -- report ----------------------------------------------------------------------------------------
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "–"
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.0f} MiB"
+
+
+def markdown(results: dict) -> str:
+    cfg, rows, info = results["config"], results["rows"], results["machine"]
+    base = next((r["eval"]["perplexity"] for r in rows if r.get("eval") and r["bpw"] == 16.0), None)
+    lines = [
+        f"qtool bench — {info['date_utc']}, {info['cpus_usable']} CPU(s) ({info['cpu_model']}), torch {info['torch']}, "
+        f"transformers {info['transformers']}, qtool {info['qtool']} ({info['git_commit'][:8]}{'+dirty' if info['git_dirty'] else ''})",
+        "",
+        f"Perplexity: {cfg['windows']} non-overlapping windows × {cfg['seq_len']} tokens of the second half of "
+        f"{cfg['text_name']} (no calibration), models loaded by transformers in float32. "
+        "Wall time and peak RSS are those of the `qtool quantize` child process alone (kernel ru_maxrss).",
+        "",
+        "| # | model / recipe | format | quantize wall | peak RSS | size on disk | bpw | perplexity | ppl / bf16 | RSS < 1.5 GiB | peers |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for i, r in enumerate(rows, 1):
+        ev = r.get("eval") or {}
+        ppl = ev.get("perplexity")
+        ratio = f"{ppl / base:.4f}" if ppl and base else "–"
+        passed = "–" if "rss_pass" not in r else ("**pass**" if r["rss_pass"] else "**FAIL**")
+        fmt = "safetensors" if r["bpw"] == 16.0 else "compressed-tensors"
+        wall = f"{r['wall_s']:.1f} s" if "wall_s" in r else "–"
+        ppl_s = f"{ppl:.3f}" if ppl else "–"
+        lines.append(
+            f"| {i} | {r['row']} | {fmt} | {wall} | {fmt_bytes(r.get('peak_rss_bytes'))} "
+            f"| {fmt_bytes(r['size_bytes'])} | {r['bpw']:.3f} | {ppl_s} | {ratio} | {passed} | {r.get('peers', '–')} |"
+        )
+    notes = results.get("notes", [])
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def notes_for(results: dict) -> list[str]:
+    notes = []
+    floor = results.get("import_floor")
+    if floor:
+        notes.append(f"Import floor (python + torch + transformers + qtool, nothing loaded): peak RSS {fmt_bytes(floor['peak_rss_bytes'])}.")
+    for r in results["rows"]:
+        if "sampled_peak_rss_anon_bytes" in r:
+            notes.append(
+                f"{r['row']}: sampled peaks RssAnon {fmt_bytes(r['sampled_peak_rss_anon_bytes'])}, "
+                f"RssFile {fmt_bytes(r['sampled_peak_rss_file_bytes'])} (file-backed pages include the mmap'd input)."
+            )
+        diff = (r.get("eval") or {}).get("max_abs_diff_vs_qtool_dequant")
+        if diff is not None:
+            notes.append(f"{r['row']}: max |W| difference, transformers' decompression vs qtool's reference dequantization: {diff:.3g}.")
+    notes.append(f"Bench wall time: {results['bench_seconds']:.0f} s; load average at start {results['machine']['load_average_at_start'][0]:.2f} "
+                 "(other jobs on the machine inflate wall times).")
+    notes.append("Peers: none required for data-free RTN rows; not run.")
+    return notes
+
+
+# -- main ------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=REPO / "tests/bench/results", help="folder for results.json and results.md")
+    ap.add_argument("--datasets", type=Path, default=REPO.parent / "shared/datasets", help=f"folder holding {TEXT_FILE}")
+    ap.add_argument("--model", type=Path, default=None, help="bf16 model folder (default: $QTOOL_CACHE/SmolLM2-135M-Instruct-bf16)")
+    ap.add_argument("--windows", type=int, default=40, help="evaluation windows (default 40)")
+    ap.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    ap.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    ap.add_argument("--skip-1b", action="store_true", help="leave out the 1.1B peak-RSS row")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    model = args.model or cache_dir() / "SmolLM2-135M-Instruct-bf16"
+    text = args.datasets / TEXT_FILE
+    for p, how in ((model / "config.json", "run `make model`"), (text, "pass --datasets")):
+        if not p.is_file():
+            print(f"run_bench: {p} not found; {how}", file=sys.stderr)
+            return 2
+    work = cache_dir() / "bench"
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    results: dict = {
+        "machine": machine_info(),
+        "config": {"model": str(model), "text": str(text), "text_name": TEXT_FILE, "part": "eval (second half)",
+                   "windows": args.windows, "seq_len": args.seq_len, "batch_size": args.batch_size},
+        "rows": [],
+    }
+    windows = load_windows(model, text, args.seq_len, args.windows)
+    results["config"]["windows"] = int(windows.shape[0])
+    results["import_floor"] = floor_row()
+    rows = results["rows"]
+    rows.append(bf16_row(model, windows, args.batch_size))
+    rows.append(rtn_row("SmolLM2 RTN int4 g64 sym", model, work / "smollm2-rtn-int4-g64", ["-m", "rtn", "-b", "4", "-g", "64"], windows, args.batch_size))
+    rows.append(rtn_row("SmolLM2 RTN int8 per-channel sym", model, work / "smollm2-rtn-int8-channel", ["-m", "rtn", "-b", "8", "-g", "channel"], windows, args.batch_size))
+    if not args.skip_1b:
+        rows.append(big_rss_row(work))
+    results["bench_seconds"] = time.perf_counter() - t0
+    results["notes"] = notes_for(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    md = markdown(results)
+    (args.out / "results.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
