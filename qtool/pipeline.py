@@ -184,7 +184,13 @@ def _stream(
         report.params_total += m.numel
         spec = plan.specs.get(m.name)
         if spec is None:
-            writer.add_tensor(m.name, t)
+            if writer.self_quantizing:
+                check_finite(m.name, t)
+            outcome = writer.add_tensor(m.name, t)
+            if outcome is not None:
+                report.layers.append(LayerResult(m.name, m.shape, outcome.qtype, None, outcome.sqnr_db))
+                report.params_quantized += m.numel
+                report.weight_bits += outcome.storage_bits
             continue
         check_finite(m.name, t)
         w = t.to(device)
@@ -213,7 +219,7 @@ def run(
     t0 = time.perf_counter()
     check_output_free(out, overwrite)
     method = METHODS.get(recipe.method)() if recipe else None
-    plan = plan_layers(source, recipe, writer) if recipe else LayerPlan({}, {})
+    plan = plan_layers(source, recipe, writer) if recipe and not writer.self_quantizing else LayerPlan({}, {})
     report = RunReport(model, str(out), writer.registry_name, recipe.to_dict() if recipe else None)
     report.input_bytes = sum(f.stat().st_size for f in source.input_files() if f.suffix in (".safetensors", ".gguf", ".bin", ".pt"))
     notes = sorted(set(plan.notes.values()))
@@ -241,11 +247,12 @@ def _size(p: Path) -> int:
     return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
-def validate_early(recipe: QuantRecipe | None, fmt: str) -> FormatWriter:
-    """Everything judgeable from flags: unknown method/format names, format/type combinations."""
+def validate_early(recipe: QuantRecipe | None, fmt: str, **writer_options: object) -> FormatWriter:
+    """Everything judgeable from flags: unknown method/format names, format/type combinations,
+    format options (`--type`)."""
     writer_cls = FORMATS.get(fmt)
-    writer = writer_cls()
-    if recipe is not None:
+    writer = writer_cls(**writer_options)
+    if recipe is not None and not writer.self_quantizing:
         method = METHODS.get(recipe.method)
         if recipe.weight_type.kind not in method.supported_kinds:
             raise UnsupportedError(f"--method {recipe.method} cannot produce {recipe.qtype} weights")

@@ -21,6 +21,7 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "f16": torch.float
 def export(
     model: Annotated[str, typer.Argument(help="Checkpoint to convert: folder, .safetensors/.gguf file, or Hub id.")],
     fmt: opt.Format = "safetensors",
+    gguf_type: opt.GGUFType = None,
     out_path: opt.Out = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Float dtype of the written tensors: bf16, f16, f32 (default: bf16 from GGUF, else unchanged).")] = None,
     revision: opt.Revision = None,
@@ -39,13 +40,14 @@ def export(
       qtool export ./model-fp32 -f safetensors --dtype bf16 -o model-bf16
     """
     writer_cls = FORMATS.get(fmt)
-    if getattr(writer_cls, "quantizes", True):
-        raise UnsupportedError(f"qtool export -f {writer_cls.registry_name}: not available yet; choose one of: safetensors")
+    if writer_cls.quantizes and not writer_cls.self_quantizing:
+        usable = [n for n, c in FORMATS if not c.quantizes or c.self_quantizing]
+        raise UnsupportedError(f"qtool export -f {writer_cls.registry_name}: needs a quantization method; use `qtool quantize`, or export to: {', '.join(usable)}")
     if dtype is not None and dtype.lower() not in DTYPES:
         raise UsageError(f"--dtype {dtype!r}: choose one of bf16, f16, f32")
     if out_path is None:
         raise UsageError("--out/-o is required for export")
-    writer = writer_cls(DTYPES[dtype.lower()] if dtype else None)
+    writer = writer_cls(dtype=DTYPES[dtype.lower()] if dtype else None, type=gguf_type)
     with open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as source:
         with ProgressDisplay(not (json_out or quiet)) as progress:
             report = run(model, source, out_path, writer, None, overwrite=overwrite, on_event=progress)

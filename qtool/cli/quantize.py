@@ -32,6 +32,7 @@ def quantize(
     group_size: opt.GroupSize = "channel",
     asym: Annotated[bool, typer.Option("--asym", help="Asymmetric grid (with zero points).")] = False,
     fmt: opt.Format = "compressed-tensors",
+    gguf_type: opt.GGUFType = None,
     out_path: opt.Out = None,
     target: Annotated[Optional[list[str]], typer.Option("--target", help="Quantize only modules matching this glob (repeatable).")] = None,
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Leave modules matching this glob unquantized (repeatable).")] = None,
@@ -60,7 +61,7 @@ def quantize(
         method=method, bits=bits, qtype=qtype, group_size=group_size, asym=asym, fmt=fmt,
         targets=target, ignore=ignore, strict_groups=strict_groups, device=device,
     )
-    writer = validate_early(recipe, fmt)  # exit 2/3 here, before anything is loaded or downloaded
+    writer = validate_early(recipe, fmt, type=gguf_type)  # exit 2/3 here, before anything is loaded or downloaded
     dest = out_path or default_out(model, recipe)
     with open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as source:
         check_architecture(source.config, model)

@@ -13,7 +13,7 @@ import torch
 from qtool.config import QuantRecipe
 from qtool.core.grouping import divisors_for_groups
 from qtool.core.qweight import QuantizedWeight
-from qtool.errors import UnsupportedError
+from qtool.errors import UnsupportedError, UsageError
 from qtool.model.source import CheckpointSource
 
 
@@ -24,12 +24,31 @@ class GroupChoice:
     note: str | None = None  # set when the format changed what was asked, shown in the summary
 
 
+@dataclass(frozen=True)
+class TensorOutcome:
+    """What a self-quantizing writer (GGUF) did with one tensor, for the run report."""
+
+    qtype: str  # e.g. "Q4_K"
+    storage_bits: int  # bits written for this tensor (codes, scales, mins)
+    sqnr_db: float
+
+
 class FormatWriter(ABC):
     registry_name: str
     output_is_dir: bool = True
     qtype_kinds: tuple[str, ...] = ("int", "float")  # which weight types it can hold
     partial_groups: bool = False  # can it hold a last group narrower than the group size?
     quantizes: bool = True  # False for plain (unquantized) formats
+    # True when the format quantizes float tensors itself, with its own block types and per-tensor
+    # rules (GGUF): the pipeline then hands it every tensor unquantized, through add_tensor().
+    self_quantizing: bool = False
+
+    def __init__(self, **options: object) -> None:
+        """Format-specific options (`--type`, `--dtype`); a writer that takes none refuses any."""
+        given = [k for k, v in options.items() if v is not None]
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise UsageError(f"{flags}: not an option of --format {self.registry_name}")
 
     def check_recipe(self, recipe: QuantRecipe) -> None:
         """Refuse a combination from the flags alone (exit 3), before loading anything."""
@@ -63,8 +82,9 @@ class FormatWriter(ABC):
         """`name` is the weight's tensor name, e.g. `model.layers.0.mlp.up_proj.weight`."""
 
     @abstractmethod
-    def add_tensor(self, name: str, t: torch.Tensor) -> None:
-        """A tensor kept as it is (embeddings, norms, biases, ignored layers)."""
+    def add_tensor(self, name: str, t: torch.Tensor) -> TensorOutcome | None:
+        """A tensor not quantized by the method (embeddings, norms, biases, ignored layers). A
+        self-quantizing writer may quantize it and say how in the returned outcome."""
 
     @abstractmethod
     def finish(self, config: dict, provenance: dict) -> None:

@@ -25,7 +25,8 @@ class SafetensorsWriter(FormatWriter):
 
     quantizes = False
 
-    def __init__(self, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, dtype: torch.dtype | None = None, **options: object) -> None:
+        super().__init__(**options)
         self.dtype = dtype
 
     def check_recipe(self, recipe: QuantRecipe) -> None:

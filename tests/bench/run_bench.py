@@ -117,10 +117,9 @@ def score(folder: Path, windows: torch.Tensor, batch_size: int, check_against_re
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     load_s = time.perf_counter() - t0
     out = {"load_s": round(load_s, 2)}
-    if check_against_reference:
+    out.update(perplexity(model, windows, batch_size).to_dict())
+    if check_against_reference:  # after a forward: compressed-tensors decompresses on the first one
         out["max_abs_diff_vs_qtool_dequant"] = weights_vs_reference(model, folder)
-    r = perplexity(model, windows, batch_size)
-    out.update(r.to_dict())
     del model
     gc.collect()
     return out
@@ -158,6 +157,7 @@ def memory_fields(m: Measured) -> dict:
     return {
         "wall_s": round(m.wall_s, 2),
         "peak_rss_bytes": m.peak_rss_bytes,
+        "sampled_vm_hwm_bytes": m.sampled_peaks_bytes.get("VmHWM"),
         "sampled_peak_rss_anon_bytes": m.sampled_peaks_bytes.get("RssAnon"),
         "sampled_peak_rss_file_bytes": m.sampled_peaks_bytes.get("RssFile"),
     }
@@ -266,8 +266,9 @@ def notes_for(results: dict) -> list[str]:
     for r in results["rows"]:
         if "sampled_peak_rss_anon_bytes" in r:
             notes.append(
-                f"{r['row']}: sampled peaks RssAnon {fmt_bytes(r['sampled_peak_rss_anon_bytes'])}, "
-                f"RssFile {fmt_bytes(r['sampled_peak_rss_file_bytes'])} (file-backed pages include the mmap'd input)."
+                f"{r['row']}: peak RSS {fmt_bytes(r['peak_rss_bytes'])} (kernel); sampled: VmHWM {fmt_bytes(r['sampled_vm_hwm_bytes'])}, "
+                f"peak RssAnon {fmt_bytes(r['sampled_peak_rss_anon_bytes'])}, peak RssFile {fmt_bytes(r['sampled_peak_rss_file_bytes'])} "
+                "(file-backed: shared libraries and the mmap'd input)."
             )
         diff = (r.get("eval") or {}).get("max_abs_diff_vs_qtool_dequant")
         if diff is not None:
