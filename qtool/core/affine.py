@@ -39,8 +39,8 @@ def int_qparams(
     groups: torch.Tensor, qtype: QType, symmetric: bool, scale_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """groups [.., G, k] float32 -> scale [.., G] (scale_dtype), zero [.., G] int8 or None."""
-    lo = groups.amin(-1).clamp(max=0)
-    hi = groups.amax(-1).clamp(min=0)
+    lo, hi = torch.aminmax(groups, dim=-1)  # one pass
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     span = qtype.qmax - qtype.qmin
     if symmetric:
         scale = _safe_scale(torch.maximum(-lo, hi) / (span / 2), scale_dtype)
@@ -62,12 +62,12 @@ def quantize_int(
     """RTN of a 2-D weight to an integer type; the last group may be partial."""
     out, cols = w.shape
     scale_dtype = scale_dtype or w.dtype
-    g = _group_view(w.float(), strategy, group_size)
+    g = _group_view(w.to(torch.float32, copy=True), strategy, group_size)
     scale, zero = int_qparams(g, qtype, symmetric, scale_dtype)
-    q = g / scale.float().unsqueeze(-1)
+    q = g.div_(scale.float().unsqueeze(-1))  # g is our own float32 copy: work in place
     if zero is not None:
-        q = q + zero.float().unsqueeze(-1)  # before rounding, as compressed-tensors does (ties agree)
-    q = torch.round(q).clamp(qtype.qmin, qtype.qmax).to(torch.int8)
+        q += zero.float().unsqueeze(-1)  # before rounding, as compressed-tensors does (ties agree)
+    q = q.round_().clamp_(qtype.qmin, qtype.qmax).to(torch.int8)
     codes = q.reshape(out if strategy != "tensor" else 1, -1)[:, :cols].reshape(out, cols)
     return QuantizedWeight(qtype, codes, scale, zero, strategy, group_size if strategy == "group" else None)
 

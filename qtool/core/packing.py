@@ -10,6 +10,7 @@ it bit-exact against compressed-tensors' own packer.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -17,19 +18,22 @@ import torch
 def pack_bits(values: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     """Pack unsigned integer codes in [0, 2^bits) along `dim` into int32 words.
 
-    Output length along `dim` is ceil(n * bits / 32). Widths that divide 32 (2, 4, 8) take a
-    vectorised path; `pack_bits_reference` is the general bit-stream loop it is tested against."""
-    if 32 % bits:
+    Output length along `dim` is ceil(n * bits / 32). Widths that divide 8 (1, 2, 4, 8) take a
+    byte-filling path on little-endian hosts; `pack_bits_reference` is the general bit-stream loop it is tested against."""
+    if 8 % bits or sys.byteorder != "little":
         return pack_bits_reference(values, bits, dim)
-    per = 32 // bits
-    v = values.movedim(dim, -1).to(torch.int64)
+    # Widths that divide 8: fill bytes, then read each run of 4 bytes as one little-endian int32.
+    per = 8 // bits
+    v = values.movedim(dim, -1).to(torch.uint8)
     n = v.shape[-1]
-    pad = (-n) % per
+    pad = (-n) % 32
     if pad:
         v = torch.nn.functional.pad(v, (0, pad))
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=v.device)
-    words = (v.reshape(*v.shape[:-1], -1, per) << shifts).sum(-1)
-    out = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    v = v.reshape(*v.shape[:-1], -1, per)
+    byte = v[..., 0].clone()
+    for i in range(1, per):
+        byte |= v[..., i] << (i * bits)
+    out = byte.contiguous().view(torch.int32)[..., : math.ceil(n * bits / 32)]
     return out.movedim(-1, dim).contiguous()
 
 

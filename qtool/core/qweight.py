@@ -43,11 +43,19 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Reference dequantization, computed in float32: W = (q - z) * s."""
-        idx = self.group_index()
+        out, cols = self.shape
         q = self.codes.to(torch.float32)
-        if self.zero_point is not None:
-            q = q - self.zero_point.to(torch.float32)[:, idx]
-        w = q * self.scale.to(torch.float32)[:, idx]
+        if self.g_idx is None and (self.strategy != "group" or cols % self.group_size == 0):  # type: ignore[operator]
+            # Whole groups: broadcast scales over a [out, groups, k] view instead of gathering.
+            q = q.reshape(out if self.strategy != "tensor" else 1, self.n_groups, -1)
+            if self.zero_point is not None:
+                q = q - self.zero_point.to(torch.float32).unsqueeze(-1)
+            w = (q * self.scale.to(torch.float32).unsqueeze(-1)).reshape(out, cols)
+        else:
+            idx = self.group_index()
+            if self.zero_point is not None:
+                q = q - self.zero_point.to(torch.float32)[:, idx]
+            w = q * self.scale.to(torch.float32)[:, idx]
         return w.to(dtype or self.scale.dtype)
 
     def storage_bits(self) -> int:

@@ -32,13 +32,14 @@ WEIGHTS_FILE = "model.safetensors"
 def pack_int_weight(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     """QuantizedWeight -> the pack-quantized tensors of one module (suffixes after `prefix.`)."""
     bits, offset = qw.qtype.bits, -int(qw.qtype.qmin)
+    # signed -> unsigned codes in uint8 arithmetic (wraps mod 256 exactly like c + offset)
     out = {
-        "weight_packed": pack_bits(qw.codes.to(torch.int32) + offset, bits, dim=1),
+        "weight_packed": pack_bits(qw.codes.view(torch.uint8) + offset, bits, dim=1),
         "weight_scale": qw.scale if qw.strategy != "tensor" else qw.scale.reshape(1),
         "weight_shape": torch.tensor(qw.shape, dtype=torch.int64),
     }
     if qw.zero_point is not None:
-        out["weight_zero_point"] = pack_bits(qw.zero_point.to(torch.int32) + offset, bits, dim=0)
+        out["weight_zero_point"] = pack_bits(qw.zero_point.view(torch.uint8) + offset, bits, dim=0)
     return out
 
 
