@@ -127,20 +127,24 @@ class LayerPlan:
 def plan_layers(source: CheckpointSource, recipe: QuantRecipe, writer: FormatWriter) -> LayerPlan:
     """Per-layer specs from shapes alone: every impossible request fails here, before any weight is read."""
     qtype = get_qtype(recipe.qtype)
+    chosen = select_layers(source.tensors(), recipe)
+    linears = [module_of(m.name) for m in source.tensors() if m.name.endswith(".weight") and len(m.shape) == 2]
+    writer.check_plan({module_of(m.name) for m in chosen}, linears, recipe)
+    choices = writer.choose_groups({module_of(m.name): m.shape[1] for m in chosen}, recipe)
     plan = LayerPlan({}, {})
-    for m in select_layers(source.tensors(), recipe):
-        choice = writer.choose_group(module_of(m.name), m.shape[1], recipe)
+    for m in chosen:
+        choice = choices[module_of(m.name)]
         plan.specs[m.name] = LayerSpec(m.name, qtype, choice.strategy, choice.group_size, recipe.symmetric)
         if choice.note:
             plan.notes[m.name] = choice.note
     return plan
 
 
-def check_finite(name: str, w: torch.Tensor) -> None:
+def check_finite(name: str, w: torch.Tensor, where: str = "") -> None:
     # amax propagates NaN and keeps Inf: one reduction instead of an elementwise isfinite pass
     if w.is_floating_point() and not torch.isfinite(w.abs().amax()):
         bad = (~torch.isfinite(w)).sum().item()
-        raise NumericalError(f"tensor {name}: {bad} NaN/Inf value(s); the checkpoint is damaged")
+        raise NumericalError(f"{where + ': ' if where else ''}tensor {name}: {bad} NaN/Inf value(s); the checkpoint is damaged")
 
 
 def ordered_tensors(source: CheckpointSource) -> list[TensorMeta]:
@@ -185,7 +189,7 @@ def _stream(
         spec = plan.specs.get(m.name)
         if spec is None:
             if writer.self_quantizing:
-                check_finite(m.name, t)
+                check_finite(m.name, t, str(source.path))
             outcome = writer.add_tensor(m.name, t)
             if outcome is not None:
                 report.layers.append(LayerResult(m.name, m.shape, outcome.qtype, None, outcome.sqnr_db))
@@ -195,7 +199,7 @@ def _stream(
         w = t.to(device)
         qw = method.quantize(w, spec)  # scales come back in the checkpoint dtype
         if not torch.isfinite(qw.scale.float()).all():  # NaN/Inf in a weight reach its scales: a free check
-            check_finite(m.name, t)
+            check_finite(m.name, t, str(source.path))
         err = sqnr_db(w, qw.dequantize(torch.float32))
         report.layers.append(LayerResult(m.name, m.shape, spec.strategy, spec.group_size, err, plan.notes.get(m.name)))
         report.params_quantized += m.numel

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,14 +70,6 @@ ASYM4_DEFAULT_ROUTE = Recipe("int4-g32-asym-default-route", ASYM4.args, ASYM4.we
 SYM4_G64 = Recipe("int4-g64", ("-b", "4", "-g", "64"), {"num_bits": 4, "strategy": "group"})
 
 # -- known gaps in transformers 5.23 + compressed-tensors 0.20 (strict: a fix upstream shows up) --
-MIXED_GROUPS_DEQUANTIZE = pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,  # from from_pretrained: a failure anywhere else is a real failure
-    reason="transformers' dequantize=True route decompresses every dense module with ONE config "
-    "group (`get_dense_scheme`: the first group not naming experts); here down_proj's width "
-    "(144 / 176) needs group size 16 beside 32 elsewhere, so the other layers fail with "
-    "'The size of tensor a (6) must match the size of tensor b (3)'",
-)
 ASYM_DEFAULT_ROUTE = pytest.mark.xfail(
     strict=True,
     raises=RuntimeError,  # from from_pretrained: a failure anywhere else is a real failure
@@ -84,55 +77,48 @@ ASYM_DEFAULT_ROUTE = pytest.mark.xfail(
     "it packed along dim 0: 'Reinit due to size mismatch - ckpt: torch.Size([6, 3]) vs model: "
     "torch.Size([48, 3])', then ignore_mismatched_sizes=False raises",
 )
-ASYM_EXPERTS = pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,  # from from_pretrained: a failure anywhere else is a real failure
-    reason="transformers' CompressedTensorsDequantize experts path rebuilds each expert from "
-    "weight_packed / weight_scale / weight_shape only and drops weight_zero_point: "
-    "'AssertionError: Asymmetric quant requires zero-point values' (both routes)",
-)
-MIXED_GROUPS_EXPERTS = pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,  # from from_pretrained: a failure anywhere else is a real failure
-    reason="transformers decompresses ALL experts with one config group (`get_experts_scheme`: the "
-    "first whose re: targets mention 'experts'); -g 64 keeps 64 for down_proj (width 64) but "
-    "needs 32 for gate/up_proj (width 96): 'tensor column shape must be divisble by the given "
-    "group_size 64 but got 96'",
-)
-
-INT_PLAIN_EXPERTS = pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,  # from from_pretrained: a failure anywhere else is a real failure
-    reason="with an int config group, transformers routes the per-expert checkpoint linears through "
-    "CompressedTensorsDequantize even when they are stored unquantized; its experts path only "
-    "handles weight_packed, returns nothing, and the merge fails: 'torch.cat(): expected a "
-    "non-empty list of Tensors' / 'Concatenate on tensors destined for "
-    "model.layers.1.mlp.experts.gate_up_proj. Ckpt contains: 0' (both routes)",
-)
-
 NO_EXPERTS = ("--ignore", "*.experts.*")
 
 CASES = [
     *(pytest.param(a, r, (), id=f"{a}-{r.id}") for a in ("llama", "qwen2", "mistral", "gemma2", "phi3", "qwen2_moe")
       for r in (SYM4, INT8, FP8C, FP8T)),
     *(pytest.param(a, ASYM4, (), id=f"{a}-{ASYM4.id}") for a in ("llama", "qwen2", "gemma2")),
-    pytest.param("mistral", ASYM4, (), id="mistral-int4-g32-asym", marks=MIXED_GROUPS_DEQUANTIZE),
-    pytest.param("phi3", ASYM4, (), id="phi3-int4-g32-asym", marks=MIXED_GROUPS_DEQUANTIZE),
-    # with one group size for every layer the dequantize route loads mistral / phi3 asymmetric
+    # mistral / phi3 have widths (144, 176) that 32 does not divide: the whole model gets group
+    # size 16, one scheme, which transformers' dequantize route (one dense config group) loads
+    pytest.param("mistral", ASYM4, (), id="mistral-int4-g32-asym-adapted"),
+    pytest.param("phi3", ASYM4, (), id="phi3-int4-g32-asym-adapted"),
     pytest.param("mistral", ASYM4_G16, (), id="mistral-int4-g16-asym"),
     pytest.param("phi3", ASYM4_G16, (), id="phi3-int4-g16-asym"),
     pytest.param("llama", ASYM4_DEFAULT_ROUTE, (), id="llama-int4-g32-asym-default-route", marks=ASYM_DEFAULT_ROUTE),
     pytest.param("llama", INT3, (), id="llama-int3-g32"),
     pytest.param("llama", INT2, (), id="llama-int2-g32"),
     pytest.param("qwen2", INT3, (), id="qwen2-int3-g32"),
-    # MoE, what transformers cannot load (the routed experts are the problem; see the marks)
-    pytest.param("qwen2_moe", ASYM4, (), id="qwen2_moe-int4-g32-asym", marks=ASYM_EXPERTS),
-    pytest.param("qwen2_moe", SYM4, NO_EXPERTS, id="qwen2_moe-int4-g32-experts-unquantized", marks=INT_PLAIN_EXPERTS),
-    pytest.param("qwen2_moe", ASYM4, NO_EXPERTS, id="qwen2_moe-int4-g32-asym-experts-unquantized", marks=INT_PLAIN_EXPERTS),
-    pytest.param("qwen2_moe", SYM4_G64, (), id="qwen2_moe-int4-g64-mixed-expert-groups", marks=MIXED_GROUPS_EXPERTS),
-    # ...while float8 passes unquantized experts through
+    # MoE at -g 64: down_proj (width 64) could keep 64 but gate/up (96) cannot; one group size
+    # for the model (32) is what transformers' single experts scheme needs
+    pytest.param("qwen2_moe", SYM4_G64, (), id="qwen2_moe-int4-g64-adapted"),
+    # float8 passes unquantized experts through
     pytest.param("qwen2_moe", FP8C, NO_EXPERTS, id="qwen2_moe-fp8-channel-experts-unquantized"),
 ]
+
+# What transformers 5.23 + compressed-tensors 0.20 cannot load, qtool refuses before reading a
+# weight (exit 3), rather than write a checkpoint its consumer rejects:
+#  - asymmetric experts: its experts path rebuilds each expert from weight_packed / weight_scale /
+#    weight_shape only and drops weight_zero_point ("Asymmetric quant requires zero-point values");
+#  - int schemes with unquantized experts: it sends the plain expert weights through the
+#    dequantizer, which returns nothing ("torch.cat(): expected a non-empty list of Tensors").
+REFUSED_MOE = [
+    pytest.param(ASYM4.args, "--asym", id="asym-experts"),
+    pytest.param((*SYM4.args, *NO_EXPERTS), "experts stay unquantized", id="int-experts-unquantized"),
+]
+
+
+@pytest.mark.parametrize("args, message", REFUSED_MOE)
+def test_moe_combinations_transformers_cannot_load_are_refused(args, message, tiny, tmp_path):
+    out = tmp_path / "q"
+    result = CliRunner().invoke(app, ["quantize", str(tiny("qwen2_moe").folder), *args, "-o", str(out)])
+    assert result.exit_code == 3, result.output
+    assert message in result.output and "experts" in result.output
+    assert not out.exists()
 
 
 # -- fixtures -------------------------------------------------------------------------------------
@@ -178,7 +164,9 @@ def load(out: Path, dequantize_route: bool) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize_route else {}
-    return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **kw).eval()
+    with warnings.catch_warnings():  # "...already has a `quantization_config`...": the point here
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **kw).eval()
 
 
 # -- the reference: our dequantization, as the loader is expected to hold it -----------------------

@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import sys
+from contextvars import ContextVar
 from typing import Any, Callable
 
 import typer
@@ -20,8 +21,14 @@ out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 
+# Set by `qtool --debug` for the duration of one invocation (reset when the root context closes),
+# so an in-process caller running several commands never inherits it.
+DEBUG: ContextVar[bool] = ContextVar("qtool_debug", default=False)
+
+
 def debug_enabled() -> bool:
-    return os.environ.get("QTOOL_DEBUG", "") not in ("", "0")
+    """`qtool --debug ...`, or QTOOL_DEBUG=1 in the environment."""
+    return DEBUG.get() or os.environ.get("QTOOL_DEBUG", "") not in ("", "0")
 
 
 def handle_errors(fn: Callable) -> Callable:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated
 
 import typer
@@ -10,7 +9,7 @@ import typer
 from qtool import __version__
 from qtool.cli import export as export_cmd
 from qtool.cli import quantize as quantize_cmd
-from qtool.cli._app import handle_errors, out, print_json
+from qtool.cli._app import DEBUG, handle_errors, out, print_json
 from qtool.errors import EXIT_CODES
 
 app = typer.Typer(
@@ -32,11 +31,13 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
 ) -> None:
     if debug:
-        os.environ["QTOOL_DEBUG"] = "1"
+        token = DEBUG.set(True)
+        ctx.call_on_close(lambda: DEBUG.reset(token))
 
 
 app.command("quantize")(quantize_cmd.quantize)

@@ -5,3 +5,4 @@ from qtool.registry import Registry
 FORMATS: Registry = Registry("format")
 
 from qtool.formats import compressed_tensors, safetensors_plain  # noqa: E402,F401
+from qtool.formats.gguf import writer as gguf_writer  # noqa: E402,F401

@@ -56,22 +56,36 @@ class FormatWriter(ABC):
         if self.quantizes and kind not in self.qtype_kinds:
             raise UnsupportedError(f"--format {self.registry_name} cannot hold {recipe.qtype} weights")
 
-    def choose_group(self, layer: str, in_features: int, recipe: QuantRecipe) -> GroupChoice:
-        """The group layout for one layer. A width the group size does not divide is kept as a
-        partial last group where the format allows, otherwise the largest power-of-two group size
-        below the request that divides it (or an error with --strict-groups / when none exists)."""
+    def choose_groups(self, widths: dict[str, int], recipe: QuantRecipe) -> dict[str, GroupChoice]:
+        """The group layout of every layer to quantize ({module: input width} -> choice).
+
+        Where the format holds a partial last group, or the group size divides every width, the
+        request stands. Otherwise the whole model gets one smaller power-of-two group size that
+        divides every width: one scheme per model is what every loader handles (transformers'
+        dequantize route and its MoE experts path take a single config group). `--strict-groups`,
+        or no such size, is an error naming a layer and the sizes that would work."""
         g = recipe.group_size
-        if recipe.strategy != "group" or in_features % g == 0 or self.partial_groups:  # type: ignore[operator]
-            return GroupChoice(recipe.strategy, g)
-        options = divisors_for_groups(in_features)
-        smaller = [d for d in options if d < g]  # type: ignore[operator]
+        asked = {m: GroupChoice(recipe.strategy, g) for m in widths}
+        if recipe.strategy != "group" or self.partial_groups:
+            return asked
+        misfits = {m: w for m, w in widths.items() if w % g}  # type: ignore[operator]
+        if not misfits:
+            return asked
+        layer, width = next(iter(misfits.items()))
+        common = [d for d in divisors_for_groups(min(widths.values())) if all(w % d == 0 for w in widths.values())]
+        smaller = [d for d in common if d < g]  # type: ignore[operator]
         if recipe.strict_groups or not smaller:
+            options = divisors_for_groups(width)
             hint = f"group sizes that divide it: {', '.join(map(str, options))}" if options else "use --group-size channel"
             raise UnsupportedError(
-                f"layer {layer}: input width {in_features} is not a multiple of --group-size {g} and "
+                f"layer {layer}: input width {width} is not a multiple of --group-size {g} and "
                 f"--format {self.registry_name} cannot hold a partial group; {hint}"
             )
-        return GroupChoice("group", smaller[-1], f"{in_features} not divisible by {g}: group size {smaller[-1]}")
+        note = f"group size {smaller[-1]} instead of {g}: {width} ({layer}) is not a multiple of {g}"
+        return {m: GroupChoice("group", smaller[-1], note) for m in widths}
+
+    def check_plan(self, quantized: set[str], linears: list[str], recipe: QuantRecipe) -> None:  # noqa: B027
+        """Refuse, before any weight is read, a selection of layers the consumer cannot load."""
 
     @abstractmethod
     def begin(self, out: Path, source: CheckpointSource, recipe: QuantRecipe | None) -> None:

@@ -22,6 +22,7 @@ from qtool.config import QuantRecipe
 from qtool.core.packing import pack_bits
 from qtool.core.qweight import QuantizedWeight
 from qtool.formats import FORMATS
+from qtool.errors import UnsupportedError
 from qtool.formats.base import FormatWriter
 from qtool.formats.st_stream import StreamingSafetensorsWriter
 from qtool.model.source import CheckpointSource
@@ -77,11 +78,34 @@ def compact_targets(names: list[str], all_linears: list[str]) -> list[str]:
     return out
 
 
+EXPERT_RE = re.compile(r".*\.experts\.\d+\.")
+
+
 @FORMATS.register("compressed-tensors", aliases=("ct", "compressed_tensors"))
 class CompressedTensorsWriter(FormatWriter):
     """Safetensors folder in the compressed-tensors layout (pack-quantized / float-quantized)."""
 
     partial_groups = False
+
+    def check_plan(self, quantized: set[str], linears: list[str], recipe: QuantRecipe) -> None:
+        """transformers (5.23, compressed-tensors 0.20) fuses MoE experts on load and, for integer
+        schemes, can load them only when every expert is quantized and symmetric (its experts path
+        drops zero points, and sends unquantized experts through the dequantizer). Refuse what it
+        would reject, before anything is read; tests/test_architectures.py keeps both gaps visible."""
+        experts = [m for m in linears if EXPERT_RE.match(m + ".")]
+        if not experts or not recipe.weight_type.is_int:
+            return
+        if not recipe.symmetric and any(m in quantized for m in experts):
+            raise UnsupportedError(
+                f"--asym: transformers cannot load asymmetric MoE experts from --format {self.registry_name} "
+                f"(e.g. {experts[0]}); use symmetric int or fp8"
+            )
+        left = [m for m in experts if m not in quantized]
+        if left and quantized:
+            raise UnsupportedError(
+                f"layer {left[0]}: transformers cannot load integer {self.registry_name} MoE checkpoints whose "
+                "experts stay unquantized; quantize all experts, or use --qtype fp8"
+            )
 
     def begin(self, out: Path, source: CheckpointSource, recipe: QuantRecipe | None) -> None:
         self.out, self.source = out, source

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from qtool.errors import FormatError, UsageError
+from qtool.errors import FormatError
 from qtool.model.safetensors_header import read_header
 from qtool.model.source import CheckpointSource, TensorMeta
 
@@ -115,4 +115,4 @@ class SafetensorsSource(CheckpointSource):
 
 def check_not_pickle_file(path: Path, allow_pickle: bool) -> None:
     if path.suffix in {".bin", ".pt", ".pth", ".ckpt"} and not allow_pickle:
-        raise UsageError(f"{path}: pickle checkpoints can run code on load; pass --allow-pickle to read it (weights only)")
+        raise FormatError(f"{path}: pickle checkpoints can run code on load; pass --allow-pickle to read it (weights only)")

@@ -219,6 +219,59 @@ def floor_row() -> dict:
     return {"row": "import floor", "command": m.cmd, **memory_fields(m)}
 
 
+# -- peers ---------------------------------------------------------------------------------------
+QUANTO = "optimum-quanto==0.2.7"
+
+
+def ensure_quanto_venv(work: Path) -> Path:
+    """A virtual environment with only optimum-quanto in it, seeing the main environment's packages
+    (the same torch, transformers and qtool). Returns its python."""
+    venv = work / "venv-quanto"
+    py = venv / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    probe = subprocess.run([str(py), "-c", "import site; print(site.getsitepackages()[0])"], check=True, capture_output=True, text=True)
+    main_site = next(p for p in sys.path if p.endswith("site-packages"))
+    (Path(probe.stdout.strip()) / "zz_main_venv.pth").write_text(f"import site; site.addsitedir({main_site!r})\n")
+    if subprocess.run([str(py), "-c", "import optimum.quanto"], capture_output=True).returncode != 0:
+        # --no-deps: its dependencies (torch, numpy, safetensors, huggingface_hub) come from the main venv
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", QUANTO], check=True, capture_output=True)
+    return py
+
+
+def quanto_peer(py: Path, model: Path, text: Path, weights: str, cfg: dict, work: Path) -> dict:
+    result = work / f"quanto-{weights}.json"
+    result.unlink(missing_ok=True)
+    cmd = [str(py), str(Path(__file__).with_name("peer_quanto.py")), str(model), str(text), str(result), "--weights", weights,
+           "--windows", str(cfg["windows"]), "--seq-len", str(cfg["seq_len"]), "--batch-size", str(cfg["batch_size"])]
+    done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"quanto {weights} failed: {done.stderr[-2000:]}")
+    return json.loads(result.read_text())
+
+
+def add_peers(results: dict, model: Path, text: Path, work: Path) -> None:
+    """optimum-quanto int4 (its default: group 128, asymmetric) and int8 (per channel) beside rows 2 and 3."""
+    rows = {r["row"]: r for r in results["rows"]}
+    try:
+        py = ensure_quanto_venv(work)
+        for weights, row in (("qint4", "SmolLM2 RTN int4 g64 sym"), ("qint8", "SmolLM2 RTN int8 per-channel sym")):
+            rows[row]["peer_quanto"] = quanto_peer(py, model, text, weights, results["config"], work)
+    except (OSError, subprocess.CalledProcessError, RuntimeError, StopIteration) as e:
+        results.setdefault("peer_errors", []).append(f"optimum-quanto skipped: {str(e).splitlines()[-1] if str(e) else type(e).__name__}")
+
+
+def peer_cell(r: dict, base: float | None) -> str:
+    q = r.get("peer_quanto")
+    if not q:
+        return "–"
+    grid = "int4 g128 asym" if q["weights"] == "qint4" else "int8 per-channel sym"
+    ratio = f", ×{q['perplexity'] / base:.4f}" if base else ""
+    ours = (r.get("eval") or {}).get("perplexity")
+    vs = f"; qtool/quanto ppl {ours / q['perplexity']:.3f}" if ours else ""
+    return f"quanto {q['version']} {grid}: ppl {q['perplexity']:.3f}{ratio}{vs}"
+
+
 # -- report ----------------------------------------------------------------------------------------
 def fmt_bytes(n: int | None) -> str:
     if n is None:
@@ -250,7 +303,7 @@ def markdown(results: dict) -> str:
         ppl_s = f"{ppl:.3f}" if ppl else "–"
         lines.append(
             f"| {i} | {r['row']} | {fmt} | {wall} | {fmt_bytes(r.get('peak_rss_bytes'))} "
-            f"| {fmt_bytes(r['size_bytes'])} | {r['bpw']:.3f} | {ppl_s} | {ratio} | {passed} | {r.get('peers', '–')} |"
+            f"| {fmt_bytes(r['size_bytes'])} | {r['bpw']:.3f} | {ppl_s} | {ratio} | {passed} | {peer_cell(r, base)} |"
         )
     notes = results.get("notes", [])
     if notes:
@@ -275,7 +328,11 @@ def notes_for(results: dict) -> list[str]:
             notes.append(f"{r['row']}: max |W| difference, transformers' decompression vs qtool's reference dequantization: {diff:.3g}.")
     notes.append(f"Bench wall time: {results['bench_seconds']:.0f} s; load average at start {results['machine']['load_average_at_start'][0]:.2f} "
                  "(other jobs on the machine inflate wall times).")
-    notes.append("Peers: none required for data-free RTN rows; not run.")
+    if any(r.get("peer_quanto") for r in results["rows"]):
+        notes.append("Peers (optional for RTN rows): optimum-quanto, data-free, run in this bench on the same windows; "
+                     "scored in memory (its QLinears swapped for dense Linears holding its own dequantized weights), "
+                     "so it has no time/RSS/size entries.")
+    notes += results.get("peer_errors", []) or ([] if results.get("peers_run") else ["Peers: not run (--no-peers)."])
     return notes
 
 
@@ -289,6 +346,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     ap.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     ap.add_argument("--skip-1b", action="store_true", help="leave out the 1.1B peak-RSS row")
+    ap.add_argument("--no-peers", action="store_true", help="leave out the optimum-quanto comparison")
     return ap.parse_args(argv)
 
 
@@ -319,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(rtn_row("SmolLM2 RTN int8 per-channel sym", model, work / "smollm2-rtn-int8-channel", ["-m", "rtn", "-b", "8", "-g", "channel"], windows, args.batch_size))
     if not args.skip_1b:
         rows.append(big_rss_row(work))
+    if not args.no_peers:
+        add_peers(results, model, text, work)
+        results["peers_run"] = True
     results["bench_seconds"] = time.perf_counter() - t0
     results["notes"] = notes_for(results)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,257 @@
+"""Per-architecture facts and hyper-parameter metadata, as llama.cpp's `convert_hf_to_gguf.py`
+writes them (conversion/base.py `TextModel.set_gguf_parameters`, conversion/llama.py, qwen.py,
+gemma.py, phi.py in the llama-cpp-python 0.3.36 vendored tree). Keys are written through gguf-py's
+`GGUFWriter.add_*` helpers, which pick the value types llama.cpp reads (u32, f32, bool...).
+
+What an architecture needs beyond a rename is declared in `ArchSpec`; anything llama.cpp would
+compute differently from transformers (an unknown RoPE scaling, gemma2's attention scale on an
+unusual model) is refused with `UnsupportedError` rather than written wrongly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import torch
+
+from qtool.errors import UnsupportedError
+from qtool.formats.gguf.mixtures import Mixture, ModelFacts
+
+A = gguf.MODEL_ARCH
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    arch: gguf.MODEL_ARCH
+    permute_qk: bool = False  # LlamaModel.permute: HF rotate-half rows -> GGML interleaved pairs
+    norm_plus_one: bool = False  # gemma: HF keeps (w - 1) in *norm.weight, llama.cpp wants w
+    skip_lm_head: bool = False  # gemma: convert drops lm_head.weight (tied)
+    vocab: str = "gpt2"  # which convert set_vocab(): "llama", "qwen2", "gpt2", "gemma", "phi3"
+
+    @property
+    def name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.arch]
+
+
+# HF model_type -> what convert_hf_to_gguf does with it. Mistral and Mixtral convert as "llama"
+# (LlamaModel is registered for MistralForCausalLM and MixtralForCausalLM).
+ARCHS: dict[str, ArchSpec] = {
+    "llama": ArchSpec(A.LLAMA, permute_qk=True, vocab="llama"),
+    "mistral": ArchSpec(A.LLAMA, permute_qk=True, vocab="llama"),
+    "mixtral": ArchSpec(A.LLAMA, permute_qk=True, vocab="llama"),
+    "qwen2": ArchSpec(A.QWEN2, vocab="qwen2"),
+    "qwen2_moe": ArchSpec(A.QWEN2MOE, vocab="gpt2"),
+    "gemma2": ArchSpec(A.GEMMA2, norm_plus_one=True, skip_lm_head=True, vocab="gemma"),
+    "phi3": ArchSpec(A.PHI3, vocab="phi3"),
+}
+
+
+def arch_spec(config: dict) -> ArchSpec:
+    mt = config.get("model_type")
+    if mt not in ARCHS:
+        raise UnsupportedError(f"--format gguf: architecture {mt!r} is not supported; supported: {', '.join(ARCHS)}")
+    return ARCHS[mt]
+
+
+def _first(config: dict, *keys: str):
+    for k in keys:
+        if config.get(k) is not None:
+            return config[k]
+    return None
+
+
+def rope_parameters(config: dict) -> dict:
+    """transformers 5 `rope_parameters`, or the older `rope_scaling` + top-level `rope_theta`,
+    merged the way TextModel.__init__ does."""
+    rp = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rp = dict(rp.get("full_attention", rp))
+    if "rope_theta" not in rp and (theta := _first(config, "rope_theta", "rotary_emb_base")) is not None:
+        rp["rope_theta"] = theta
+    if "rope_type" not in rp and rp.get("type") is not None:
+        rp["rope_type"] = rp["type"]
+    for k in ("partial_rotary_factor", "original_max_position_embeddings"):
+        if k not in rp and config.get(k) is not None:
+            rp[k] = config[k]
+    return rp
+
+
+def n_kv_heads(config: dict) -> int:
+    return int(config.get("num_key_value_heads") or config["num_attention_heads"])
+
+
+def model_facts(config: dict, spec: ArchSpec) -> ModelFacts:
+    """What llama-quantize's rules look at, derived as llama.cpp's loader would."""
+    n_layer, n_head, n_kv = config["num_hidden_layers"], config["num_attention_heads"], n_kv_heads(config)
+    n_expert = int(_first(config, "num_local_experts", "num_experts") or 0)
+    if spec.arch == A.LLAMA:
+        is_70b = n_expert != 8 and n_layer == 80 and n_head != n_kv
+    else:
+        is_70b = spec.arch == A.QWEN2 and n_layer == 80
+    return ModelFacts(n_layer, n_head, n_kv, n_expert, is_70b)
+
+
+# -- hyper-parameters ------------------------------------------------------------------------------
+
+
+def _rope_scaling(w: gguf.GGUFWriter, rp: dict) -> None:
+    """TextModel.set_gguf_parameters' RoPE scaling branch; types llama.cpp would ignore are refused."""
+    kind, factor = (rp.get("rope_type") or "default").lower(), rp.get("factor")
+    if kind == "default":
+        return
+    if kind == "linear" and factor is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(factor)
+    elif kind == "yarn" and factor is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(factor)
+        w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
+        for key, add in (("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
+                         ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+            if rp.get(key) is not None:
+                add(rp[key])
+        if (af := rp.get("attention_factor", rp.get("attn_factor"))) is not None:
+            w.add_rope_scaling_yarn_attn_factor(af)
+    elif kind in ("su", "longrope"):
+        w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+    elif kind == "llama3":
+        pass  # carried by the rope_freqs tensor (llama3_rope_factors)
+    else:
+        raise UnsupportedError(f"--format gguf: RoPE scaling {kind!r} is not one llama.cpp reads from this converter")
+
+
+def llama3_rope_factors(config: dict) -> torch.Tensor | None:
+    """LlamaModel.generate_extra_tensors: the per-frequency factors of Llama 3.1 RoPE scaling,
+    written as the `rope_freqs.weight` tensor."""
+    rp = rope_parameters(config)
+    if (rp.get("rope_type") or "").lower() != "llama3":
+        return None
+    base = rp.get("rope_theta", 10000.0)
+    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = rp.get("factor", 8.0)
+    lo, hi = rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
+    old_ctx = rp.get("original_max_position_embeddings", 8192)
+    out = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < old_ctx / hi:
+            out.append(1.0)
+        elif wavelen > old_ctx / lo:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - lo) / (hi - lo)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def _generic(w: gguf.GGUFWriter, config: dict) -> None:
+    """TextModel.set_gguf_parameters (llama, qwen2, qwen2_moe start from it)."""
+    w.add_block_count(config["num_hidden_layers"])
+    if (n_ctx := _first(config, "max_position_embeddings", "n_ctx", "n_positions")) is not None:
+        w.add_context_length(n_ctx)
+    w.add_embedding_length(config["hidden_size"])
+    if config.get("intermediate_size") is not None:
+        w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    if config.get("num_key_value_heads") is not None:
+        w.add_head_count_kv(config["num_key_value_heads"])
+    rp = rope_parameters(config)
+    _rope_scaling(w, rp)
+    if rp.get("rope_theta") is not None:
+        w.add_rope_freq_base(rp["rope_theta"])
+    if (eps := _first(config, "rms_norm_eps", "norm_eps")) is not None:
+        w.add_layer_norm_rms_eps(eps)
+    if (n := _first(config, "num_local_experts", "num_experts")) is not None:
+        w.add_expert_count(n)
+    if (n := _first(config, "num_experts_per_tok")) is not None:
+        w.add_expert_used_count(n)
+    if config.get("head_dim") is not None:
+        w.add_key_length(config["head_dim"])
+        w.add_value_length(config["head_dim"])
+
+
+def _llama(w: gguf.GGUFWriter, config: dict) -> None:
+    _generic(w, config)
+    w.add_vocab_size(config["vocab_size"])
+    w.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def _qwen2_moe(w: gguf.GGUFWriter, config: dict) -> None:
+    _generic(w, config)
+    if config.get("moe_intermediate_size") is not None:
+        w.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    if config.get("shared_expert_intermediate_size") is not None:
+        w.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
+
+
+def _gemma2(w: gguf.GGUFWriter, config: dict) -> None:
+    """Gemma2Model.set_gguf_parameters. It writes no RoPE base (llama.cpp assumes 10000): we add
+    one only when the model's differs, which llama.cpp then reads."""
+    head_dim, n_head, n_layer = config["head_dim"], config["num_attention_heads"], config["num_hidden_layers"]
+    # llama.cpp scales queries by 1/sqrt(head_dim), or 1/sqrt(n_embd/n_head) for the 46-layer 27B
+    expected = config["hidden_size"] // n_head if n_layer == 46 else head_dim
+    if config.get("query_pre_attn_scalar", expected) != expected:
+        raise UnsupportedError(f"--format gguf: gemma2 query_pre_attn_scalar {config['query_pre_attn_scalar']} "
+                               f"differs from the {expected} llama.cpp uses for this shape")
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv_heads(config))
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+    w.add_final_logit_softcapping(config["final_logit_softcapping"])
+    w.add_sliding_window(config["sliding_window"])
+    theta = rope_parameters(config).get("rope_theta", 10000.0)
+    if theta != 10000.0:
+        w.add_rope_freq_base(theta)
+
+
+def _phi3(w: gguf.GGUFWriter, config: dict) -> None:
+    """Phi3MiniModel.set_gguf_parameters."""
+    rp = rope_parameters(config)
+    n_embd, n_head = config["hidden_size"], config["num_attention_heads"]
+    if rp.get("long_factor"):
+        raise UnsupportedError("--format gguf: phi3 LongRoPE factors (128k models) are not written yet")
+    w.add_context_length(_first(config, "n_positions", "max_position_embeddings"))
+    w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv_heads(config))
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_rope_dimension_count(int(rp.get("partial_rotary_factor", 1.0) * n_embd) // n_head)
+    w.add_rope_freq_base(rp["rope_theta"])
+    w.add_sliding_window(config.get("sliding_window") or 0)
+
+
+_HPARAMS = {A.LLAMA: _llama, A.QWEN2: _generic, A.QWEN2MOE: _qwen2_moe, A.GEMMA2: _gemma2, A.PHI3: _phi3}
+
+
+def write_hparams(w: gguf.GGUFWriter, config: dict, spec: ArchSpec, mix: Mixture) -> None:
+    _HPARAMS[spec.arch](w, config)
+    w.add_file_type(int(mix.ftype))
+
+
+# -- general.* -------------------------------------------------------------------------------------
+
+
+def write_general(w: gguf.GGUFWriter, folder: Path | None, fallback_name: str, params: tuple[int, int, int, int]) -> None:
+    """general.type/name/basename/size_label... through gguf-py's `Metadata` (model card and folder
+    name heuristics, as convert_hf_to_gguf), then general.quantization_version."""
+    meta = gguf.Metadata.load(None, folder, None, params[0])
+    if meta.name is None:
+        meta.name = fallback_name
+    if meta.size_label is None and params[0] > 0:
+        meta.size_label = gguf.size_label(*params)
+    w.add_type(gguf.GGUFType.MODEL)
+    meta.set_gguf_meta_model(w)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)

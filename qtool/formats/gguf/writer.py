@@ -1,0 +1,378 @@
+"""GGUF, the single-file format llama.cpp (and ollama, LM Studio...) loads.
+
+`qtool quantize MODEL -f gguf --type Q4_K_M -o model.gguf` / `qtool export DIR -f gguf --type F16`.
+
+What one run does, in llama.cpp's own terms: the equivalent of `convert_hf_to_gguf.py` (names,
+Q/K row permutation, stacked experts, hyper-parameters, tokenizer) followed by `llama-quantize`
+(the mixture's per-tensor types, see mixtures.py), in one pass and without the 16-bit
+intermediate file.
+
+Streaming: a GGUF file lists every tensor (name, shape, type, offset) before any data, so
+`begin()` plans the whole file from shapes alone (`source.tensors()` + config), writes header,
+metadata and tensor infos, and each tensor's bytes go to the file as it arrives. Tensors are
+declared in the order they complete under the pipeline's block-by-block order, so nothing waits
+in memory; a stacked expert tensor holds its experts' quantized bytes until its last expert
+arrives (one block at most). The provenance record (known only at the end) goes into a
+fixed-size `qtool.provenance` string reserved as the last metadata value and filled in by
+`finish()`.
+
+The `--type` default: with `qtool export` (no recipe) the converter's `auto` (BF16 for a bf16
+checkpoint, F16 otherwise); with `qtool quantize` the mixture matching `--bits`: 8 -> Q8_0,
+4 -> Q4_K_M (llama.cpp's usual recommendation), 3 -> Q3_K_M, 2 -> Q2_K.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from qtool import __version__
+from qtool.config import QuantRecipe
+from qtool.core.qweight import QuantizedWeight
+from qtool.errors import FormatError, UnsupportedError, UsageError
+from qtool.formats import FORMATS
+from qtool.formats.base import FormatWriter, TensorOutcome
+from qtool.formats.gguf import metadata as md
+from qtool.formats.gguf import mixtures as mx
+from qtool.formats.gguf import tokenizer as tk
+from qtool.model.source import CheckpointSource, TensorMeta, block_of
+
+T = gguf.GGMLQuantizationType
+PROVENANCE_KEY = "qtool.provenance"
+PROVENANCE_BYTES = 64 * 1024  # reserved for the JSON record, padded with spaces
+BITS_TO_MIXTURE = {"int8": "Q8_0", "int4": "Q4_K_M", "int3": "Q3_K_M", "int2": "Q2_K"}
+DTYPE_TO_TYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+# convert_hf_to_gguf keeps these in F32 whatever --outtype (prepare_tensors' list, our archs' part)
+_ALWAYS_F32 = {gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP,
+               gguf.MODEL_TENSOR.POS_EMBD, gguf.MODEL_TENSOR.TOKEN_TYPES}
+_SKIPPED_SUFFIXES = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
+_EXPERT = re.compile(r"^(?P<prefix>.*?(?:layers|h)\.\d+\.(?:mlp|block_sparse_moe))\.experts\.(?P<e>\d+)\.(?P<proj>\w+)\.weight$")
+_FUSED_EXPERTS = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<proj>gate_up_proj|down_proj)(?:\.weight)?$")
+
+
+def permute_qk_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's `LlamaModel.permute` (the inverse of gguf_source.unpermute_qk_rows): per head,
+    HF's rotate-half rows [x_0..x_{d/2-1}, y_0..] become GGML's interleaved pairs (x_0, y_0, ...)."""
+    half = t.shape[0] // n_head // 2
+    return t.reshape(n_head, 2, half, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+# -- encoding one tensor ---------------------------------------------------------------------------
+
+
+def _quantize_rows(rows: torch.Tensor, qtype: T) -> np.ndarray:
+    """[rows, cols] float32 -> uint8 [rows, bytes_per_row], llama.cpp's block bytes."""
+    try:
+        from qtool.formats.gguf import quants  # the torch implementation (K types included)
+    except ImportError:
+        quants = None
+    if quants is not None and qtype in quants.SUPPORTED:
+        return np.ascontiguousarray(quants.quantize_tensor(rows, qtype))
+    try:
+        return gguf.quants.quantize(rows.numpy(), qtype)
+    except NotImplementedError:
+        raise UnsupportedError(f"--format gguf: no quantizer for {qtype.name} is available") from None
+
+
+def encode(x: torch.Tensor, qtype: T) -> tuple[np.ndarray, torch.Tensor]:
+    """float32 tensor -> (the array written to the file, its reconstruction in float32)."""
+    x = x.detach().to("cpu", torch.float32).contiguous()
+    if qtype == T.F32:
+        return x.numpy(), x
+    if qtype in (T.F16, T.BF16):  # round to nearest even, as ggml's converters
+        h = x.to(torch.float16 if qtype == T.F16 else torch.bfloat16)
+        return h.view(torch.int16).numpy(), h.float()
+    data = _quantize_rows(x.reshape(-1, x.shape[-1]), qtype)
+    recon = torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(x.shape))
+    return data.reshape(*x.shape[:-1], -1), recon
+
+
+# -- the plan --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Entry:
+    """One GGUF tensor: where its data comes from and what it becomes."""
+
+    name: str
+    shape: tuple[int, ...]  # torch order
+    sources: list[str]  # HF tensors stacked along dim 0 (experts), or one
+    transform: tuple[str, int] | None = None  # ("permute", n_head) or ("plus_one", 0)
+    rows: tuple[int, int] | None = None  # take these rows (dim -2) of the source: split fused tensors
+    qtype: T = T.F32
+    note: str | None = None
+    converted: T = T.F32  # its type in convert_hf_to_gguf's 16-bit output
+    data: dict[int, np.ndarray] = field(default_factory=dict)
+    const: torch.Tensor | None = None  # generated tensors (rope_freqs)
+
+    @property
+    def ne(self) -> tuple[int, ...]:
+        return tuple(reversed(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        block, size = gguf.GGML_QUANT_SIZES[self.qtype]
+        return math.prod(self.shape) // block * size
+
+
+class _Planner:
+    """HF tensor metas + config -> GGUF entries, mirroring convert_hf_to_gguf's modify_tensors."""
+
+    def __init__(self, config: dict, spec: md.ArchSpec, base: T):
+        self.config, self.spec, self.base = config, spec, base
+        self.names = gguf.get_tensor_name_map(spec.arch, config["num_hidden_layers"])
+        self.entries: dict[str, Entry] = {}
+        self.skipped: set[str] = set()
+
+    def _map(self, hf_name: str) -> tuple[gguf.MODEL_TENSOR, str]:
+        hit = self.names.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if hit is None:
+            raise UnsupportedError(f"--format gguf: tensor {hf_name} has no llama.cpp name for {self.spec.name}")
+        return hit
+
+    def _entry(self, hf_name: str, shape: tuple[int, ...]) -> Entry:
+        kind, name = self._map(hf_name)
+        e = self.entries.get(name) or Entry(name, shape, [])
+        self.entries[name] = e
+        if len(shape) <= 1 or name.endswith("_norm.weight") or kind in _ALWAYS_F32 or not name.endswith(".weight"):
+            e.converted = T.F32
+        else:
+            e.converted = self.base
+        if self.spec.permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
+            heads = self.config["num_attention_heads"] if kind == gguf.MODEL_TENSOR.ATTN_Q else md.n_kv_heads(self.config)
+            e.transform = ("permute", heads)
+        elif self.spec.norm_plus_one and hf_name.endswith("norm.weight"):
+            e.transform = ("plus_one", 0)
+        return e
+
+    def add(self, m: TensorMeta) -> None:
+        if m.name.endswith(_SKIPPED_SUFFIXES) or (self.spec.skip_lm_head and m.name == "lm_head.weight"):
+            self.skipped.add(m.name)
+            return
+        if hit := _EXPERT.match(m.name):
+            n_exp = int(md._first(self.config, "num_local_experts", "num_experts"))
+            e = self._entry(f"{hit['prefix']}.experts.{hit['proj']}.weight", (n_exp, *m.shape))
+            if not e.sources:
+                e.sources = [""] * n_exp
+            e.sources[int(hit["e"])] = m.name
+            return
+        if (hit := _FUSED_EXPERTS.match(m.name)) and len(m.shape) == 3:
+            if hit["proj"] == "down_proj":
+                self._entry(f"{hit['prefix']}.down_proj.weight", m.shape).sources = [m.name]
+                return
+            half = m.shape[1] // 2
+            for i, proj in enumerate(("gate_proj", "up_proj")):
+                e = self._entry(f"{hit['prefix']}.{proj}.weight", (m.shape[0], half, m.shape[2]))
+                e.sources, e.rows = [m.name], (i * half, (i + 1) * half)
+            return
+        self._entry(m.name, m.shape).sources = [m.name]
+
+    def check_complete(self) -> None:
+        for e in self.entries.values():
+            if "" in e.sources:
+                missing = e.sources.index("")
+                raise FormatError(f"--format gguf: {e.name}: expert {missing} is missing from the checkpoint")
+
+
+def _arrival_order(source: CheckpointSource) -> list[TensorMeta]:
+    """The order the pipeline delivers tensors in: block by block, then the rest (stable)."""
+    order = {b: i for i, b in enumerate(source.blocks())}
+    return sorted(source.tensors(), key=lambda m: order.get(block_of(m.name) or "", len(order)))
+
+
+def auto_type(metas: list[TensorMeta]) -> str:
+    """convert_hf_to_gguf's `--outtype auto`: the first matrix's dtype if 16-bit, else F16."""
+    first = next((m.dtype for m in metas if len(m.shape) >= 2), None)
+    return "BF16" if first == torch.bfloat16 else "F16"
+
+
+# -- the writer ------------------------------------------------------------------------------------
+
+
+@FORMATS.register("gguf")
+class GGUFWriter(FormatWriter):
+    """Single GGUF file, quantized with llama.cpp's block types and mixtures (see module docstring)."""
+
+    output_is_dir = False
+    self_quantizing = True
+    qtype_kinds = ("int",)
+
+    def __init__(self, type: str | None = None, dtype: torch.dtype | None = None, **options: object) -> None:
+        super().__init__(**options)
+        self.requested = None
+        if type is not None:
+            self.requested = mx.resolve(type)
+            if self.requested is None:
+                names = ", ".join([*mx.MIXTURES, *mx.ALIASES])
+                raise UsageError(f"--type {type!r}: not a GGUF type qtool writes; choose one of: {names}")
+        if dtype is not None:
+            by_dtype = mx.MIXTURES[DTYPE_TO_TYPE[dtype]]
+            if self.requested is not None and self.requested != by_dtype:
+                raise UsageError(f"--dtype {DTYPE_TO_TYPE[dtype].lower()} contradicts --type {self.requested.name}")
+            self.requested = by_dtype
+        self.peak_buffered_bytes = 0
+        self._file = None
+
+    def check_recipe(self, recipe: QuantRecipe) -> None:
+        """GGUF quantizes with llama.cpp's own block types: only the bit-width of a recipe maps."""
+        if recipe.method != "rtn":
+            raise UnsupportedError(f"--format gguf quantizes with llama.cpp's block types; --method {recipe.method} does not apply (use --type)")
+        if recipe.qtype not in BITS_TO_MIXTURE and self.requested is None:
+            raise UnsupportedError(f"--format gguf cannot hold {recipe.qtype} weights; choose a --type")
+        if recipe.strategy == "group" or recipe.targets or recipe.ignore or not recipe.symmetric:
+            raise UsageError("--format gguf: block sizes and per-tensor types come from --type; "
+                             "--group-size, --asym, --target and --ignore do not apply")
+
+    # -- planning --------------------------------------------------------------------------------
+    def _mixture(self, recipe: QuantRecipe | None, metas: list[TensorMeta]) -> mx.Mixture:
+        if self.requested is not None:
+            return self.requested
+        if recipe is not None:
+            return mx.MIXTURES[BITS_TO_MIXTURE[recipe.qtype]]
+        return mx.MIXTURES[auto_type(metas)]
+
+    def plan(self, source: CheckpointSource, recipe: QuantRecipe | None = None) -> list[Entry]:
+        """Every GGUF tensor with its type, in file order, from shapes and config alone."""
+        config = source.config
+        self.spec = md.arch_spec(config)
+        metas = _arrival_order(source)
+        self.mixture = self._mixture(recipe, metas)
+        base = self.mixture.default if not self.mixture.quantized else T[auto_type(metas)]
+        planner = _Planner(config, self.spec, base)
+        for m in metas:
+            planner.add(m)
+        planner.check_complete()
+        entries = list(planner.entries.values())
+        if (factors := md.llama3_rope_factors(config)) is not None:
+            entries.insert(0, Entry("rope_freqs.weight", tuple(factors.shape), [], const=factors))
+        self.facts = md.model_facts(config, self.spec)
+        choices = mx.plan_types({e.name: e.ne for e in entries}, self.mixture, self.facts, {e.name: e.converted for e in entries})
+        for e in entries:
+            e.qtype, e.note = choices[e.name].qtype, choices[e.name].note
+        # file order = completion order under the pipeline's delivery order
+        arrival = {m.name: i for i, m in enumerate(metas)}
+        entries.sort(key=lambda e: max((arrival[s] for s in e.sources), default=-1))
+        self.skipped = planner.skipped
+        return entries
+
+    def begin(self, out: Path, source: CheckpointSource, recipe: QuantRecipe | None) -> None:
+        if recipe is not None:
+            self.check_recipe(recipe)
+        self.out = Path(out)
+        self.entries = self.plan(source, recipe)
+        self._routes: dict[str, list[tuple[Entry, int]]] = {}
+        for e in self.entries:
+            for i, s in enumerate(e.sources):
+                self._routes.setdefault(s, []).append((e, i))
+        self._next = 0
+        w = gguf.GGUFWriter(path=None, arch=self.spec.name)
+        self._metadata(w, source)
+        for e in self.entries:
+            w.add_tensor_info(e.name, e.shape, np.dtype(np.float32), e.nbytes, raw_dtype=e.qtype)
+        w.write_header_to_file(path=self.out)
+        w.write_kv_data_to_file()
+        self._provenance_at = w.fout[0].tell() - PROVENANCE_BYTES
+        w.write_ti_data_to_file()
+        self._file = w
+        for e in self.entries:
+            if e.const is not None:
+                e.data[0] = encode(e.const, e.qtype)[0]
+        self._flush()
+
+    def _metadata(self, w: gguf.GGUFWriter, source: CheckpointSource) -> None:
+        shared = sum(math.prod(e.shape) for e in self.entries if "_exps." not in e.name)
+        experts = sum(math.prod(e.shape) for e in self.entries if "_exps." in e.name)
+        n_exp = self.facts.n_expert
+        params = (shared + experts, shared, experts // max(n_exp, 1), n_exp)
+        folder = source.path if source.path.is_dir() else None
+        md.write_general(w, folder, source.path.name.removesuffix(".gguf"), params)
+        md.write_hparams(w, source.config, self.spec, self.mixture)
+        if source.path.is_file() and source.path.suffix == ".gguf":
+            tk.copy_vocab_from_gguf(w, source.path)
+        else:
+            tk.write_vocab_from_folder(w, source.path if source.path.is_dir() else source.path.parent, source.config, self.spec)
+        w.add_quantized_by(f"qtool {__version__}")
+        w.add_string("qtool.type", self.mixture.name)
+        w.add_string(PROVENANCE_KEY, " " * PROVENANCE_BYTES)  # filled in by finish(); must stay last
+
+    # -- streaming -------------------------------------------------------------------------------
+    def add_quantized(self, name: str, qw: QuantizedWeight) -> None:
+        raise UnsupportedError("--format gguf quantizes float tensors itself (self-quantizing writer)")
+
+    def add_tensor(self, name: str, t: torch.Tensor) -> TensorOutcome | None:
+        routes = self._routes.pop(name, None)
+        if routes is None:
+            if name in self.skipped:
+                return None
+            raise FormatError(f"--format gguf: tensor {name} was not in the plan (or came twice)")
+        x = t.detach().to("cpu", torch.float32)
+        signal = noise = 0.0
+        bits, kinds, counted = 0, [], False
+        for entry, part in routes:
+            y = x if entry.rows is None else x[..., entry.rows[0]:entry.rows[1], :]
+            y = self._transform(entry, y)
+            data, recon = encode(y, entry.qtype)
+            entry.data[part] = data
+            if mx.allows_quantization(entry.name, entry.ne):
+                counted = True
+                bits += data.nbytes * 8
+                kinds.append(entry.qtype.name)
+                signal += torch.linalg.vector_norm(y).item() ** 2
+                noise += torch.linalg.vector_norm(y - recon).item() ** 2
+        self._flush()
+        if not counted:
+            return None
+        sqnr = math.inf if noise == 0 else (-math.inf if signal == 0 else 10 * math.log10(signal / noise))
+        return TensorOutcome("+".join(dict.fromkeys(kinds)), bits, sqnr)
+
+    @staticmethod
+    def _transform(entry: Entry, y: torch.Tensor) -> torch.Tensor:
+        if entry.transform is None:
+            return y
+        kind, heads = entry.transform
+        return permute_qk_rows(y, heads) if kind == "permute" else y + 1
+
+    def _flush(self) -> None:
+        """Write every entry at the head of the file order that has all its parts."""
+        while self._next < len(self.entries):
+            e = self.entries[self._next]
+            if len(e.data) < max(len(e.sources), 1):
+                break
+            parts = [e.data[i] for i in range(len(e.data))]
+            array = parts[0] if len(parts) == 1 else np.stack(parts)
+            if array.nbytes != e.nbytes:
+                raise FormatError(f"--format gguf: {e.name}: {array.nbytes} bytes, planned {e.nbytes}")
+            self._file.write_tensor_data(array)
+            e.data.clear()
+            self._next += 1
+        buffered = sum(a.nbytes for e in self.entries[self._next:] for a in e.data.values())
+        self.peak_buffered_bytes = max(self.peak_buffered_bytes, buffered)
+
+    def finish(self, config: dict, provenance: dict) -> None:
+        if self._next < len(self.entries):
+            raise FormatError(f"--format gguf: {len(self.entries) - self._next} tensor(s) never arrived, "
+                              f"first {self.entries[self._next].name}")
+        record = json.dumps({"qtool_version": __version__, "gguf_type": self.mixture.name, **provenance},
+                            sort_keys=True, ensure_ascii=True)
+        if len(record) > PROVENANCE_BYTES:  # very many input shards: keep the recipe, drop the file list
+            provenance = {**provenance, "inputs": {"files": len(provenance.get("inputs", {}))}}
+            record = json.dumps({"qtool_version": __version__, "gguf_type": self.mixture.name, **provenance},
+                                sort_keys=True, ensure_ascii=True)[:PROVENANCE_BYTES]
+        f = self._file.fout[0]
+        f.flush()
+        f.seek(self._provenance_at)
+        f.write(record.ljust(PROVENANCE_BYTES).encode("ascii"))
+        self._file.close()
+        self._file = None
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
