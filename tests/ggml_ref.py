@@ -129,32 +129,47 @@ def find_sdist(download: bool = True) -> Path:
 
 
 def build(cache: Path | None = None) -> Path:
-    """Compile (once) and return the path of the shared library."""
+    """Compile (once) and return the path of the shared library. Safe against concurrent builds: every
+    artefact is written under a process-unique name and renamed into place."""
     out_dir = (cache or _cache_dir()) / "ggml_ref"
-    src_dir = out_dir / "ggml"
+    src_dir = out_dir / f"ggml-{SDIST_VERSION}"
     key = hashlib.sha256((" ".join(CFLAGS) + _STUBS + SDIST_VERSION).encode()).hexdigest()[:12]
     lib = out_dir / f"libggml_quants_ref-{key}.so"
     if lib.is_file():
         return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}.tmp"
     if not (src_dir / "src" / "ggml-quants.c").is_file():
+        tmp_src = out_dir / f"ggml.{tag}"
         with tarfile.open(find_sdist()) as tf:
             for m in tf.getmembers():
                 rel = m.name[len(_VENDOR):] if m.name.startswith(_VENDOR) else None
                 if rel is None or not m.isfile():
                     continue
                 if rel in _NEEDED or (rel.startswith("include/") and rel.endswith(".h")):
-                    dest = src_dir / rel
+                    dest = tmp_src / rel
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     dest.write_bytes(tf.extractfile(m).read())
-    (src_dir / "stubs.c").write_text(_STUBS)
+        try:
+            tmp_src.rename(src_dir)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp_src, ignore_errors=True)
+    stubs = out_dir / f"stubs-{key}.{tag}.c"
+    stubs.write_text(_STUBS)
     cc = os.environ.get("CC", "gcc" if shutil.which("gcc") else "cc")
-    tmp = lib.with_suffix(".tmp.so")
-    subprocess.run(
-        [cc, *CFLAGS, f"-I{src_dir / 'include'}", f"-I{src_dir / 'src'}", "-o", str(tmp),
-         str(src_dir / "src" / "ggml-quants.c"), str(src_dir / "stubs.c"), "-lm"],
-        check=True, capture_output=True, text=True,
-    )
-    tmp.rename(lib)
+    tmp = out_dir / f"{lib.name}.{tag}"
+    try:
+        subprocess.run(
+            [cc, *CFLAGS, f"-I{src_dir / 'include'}", f"-I{src_dir / 'src'}", "-o", str(tmp),
+             str(src_dir / "src" / "ggml-quants.c"), str(stubs), "-lm"],
+            check=True, capture_output=True, text=True,
+        )
+        os.replace(tmp, lib)
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"building ggml-quants.c failed:\n{e.stderr}") from e
+    finally:
+        stubs.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     return lib
 
 
