@@ -60,6 +60,7 @@ class RunReport:
     output: str
     format: str
     recipe: dict | None
+    format_type: str | None = None  # what the format itself chose, e.g. GGUF "Q4_K_M"
     seconds: float = 0.0
     input_bytes: int = 0
     output_bytes: int = 0
@@ -192,7 +193,7 @@ def _stream(
                 check_finite(m.name, t, str(source.path))
             outcome = writer.add_tensor(m.name, t)
             if outcome is not None:
-                report.layers.append(LayerResult(m.name, m.shape, outcome.qtype, None, outcome.sqnr_db))
+                report.layers.append(LayerResult(m.name, m.shape, outcome.qtype, None, outcome.sqnr_db, outcome.note))
                 report.params_quantized += m.numel
                 report.weight_bits += outcome.storage_bits
             continue
@@ -225,14 +226,13 @@ def run(
     check_output_free(out, overwrite)
     method = METHODS.get(recipe.method)() if recipe else None
     plan = plan_layers(source, recipe, writer) if recipe and not writer.self_quantizing else LayerPlan({}, {})
-    report = RunReport(model, str(out), writer.registry_name, recipe.to_dict() if recipe else None)
+    report = RunReport(model, str(out), writer.registry_name, recipe.to_dict() if recipe else None, writer.describe())
     report.input_bytes = sum(f.stat().st_size for f in source.input_files() if f.suffix in (".safetensors", ".gguf", ".bin", ".pt"))
-    notes = sorted(set(plan.notes.values()))
-    report.notes = [f"{sum(1 for n in plan.notes.values() if n == note)} layers: {note}" for note in notes]
     with atomic_output(out, overwrite=overwrite, is_dir=writer.output_is_dir) as tmp:
         writer.begin(tmp, source, recipe)
         try:
             _stream(source, writer, plan, report, on_event, method)
+            report.notes = _summarize_notes(report.layers)
             on_event(Event("write", 0, 1, str(out)))
             writer.finish(source.config, {**provenance(source, model, recipe, hash_inputs), "report": _brief(report)})
         except BaseException:
@@ -241,6 +241,14 @@ def run(
     report.output_bytes = _size(out)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _summarize_notes(layers: list[LayerResult]) -> list[str]:
+    counts: dict[str, int] = {}
+    for layer in layers:
+        if layer.note:
+            counts[layer.note] = counts.get(layer.note, 0) + 1
+    return [f"{n} layers: {note}" for note, n in counts.items()]
 
 
 def _brief(report: RunReport) -> dict:
@@ -257,9 +265,9 @@ def validate_early(recipe: QuantRecipe | None, fmt: str, **writer_options: objec
     format options (`--type`)."""
     writer_cls = FORMATS.get(fmt)
     writer = writer_cls(**writer_options)
-    if recipe is not None and not writer.self_quantizing:
+    if recipe is not None:
         method = METHODS.get(recipe.method)
-        if recipe.weight_type.kind not in method.supported_kinds:
+        if recipe.weight_type.kind not in method.supported_kinds and not writer.self_quantizing:
             raise UnsupportedError(f"--method {recipe.method} cannot produce {recipe.qtype} weights")
         writer.check_recipe(recipe)
     return writer

@@ -76,7 +76,10 @@ def quantize(
 def print_summary(r: RunReport) -> None:
     d = r.to_dict()
     t = Table(title=f"qtool quantize → {r.output}", show_header=False, title_justify="left")
-    t.add_row("recipe", f"{r.recipe['method']} {r.recipe['qtype']} " + (f"g{r.recipe['group_size']}" if r.recipe["group_size"] else f"per-{r.recipe['strategy']}") + (" sym" if r.recipe["symmetric"] else " asym"))
+    if r.format_type:
+        t.add_row("recipe", f"{r.format_type} (per-tensor types chosen by the format's rules)")
+    else:
+        t.add_row("recipe", f"{r.recipe['method']} {r.recipe['qtype']} " + (f"g{r.recipe['group_size']}" if r.recipe["group_size"] else f"per-{r.recipe['strategy']}") + (" sym" if r.recipe["symmetric"] else " asym"))
     t.add_row("format", r.format)
     t.add_row("time", f"{r.seconds:.1f} s")
     t.add_row("size", f"{human_bytes(r.input_bytes)} → {human_bytes(r.output_bytes)}")
@@ -87,10 +90,13 @@ def print_summary(r: RunReport) -> None:
         t.add_row("[yellow]note[/]", n)
     out.print(t)
     by_kind: dict[str, list[float]] = defaultdict(list)
+    layouts: dict[str, dict[str, None]] = defaultdict(dict)
     for layer in r.layers:
-        by_kind[layer.name.rsplit(".", 2)[-2]].append(layer.sqnr_db)
-    k = Table("layer kind", "layers", "SQNR mean (dB)", "SQNR worst (dB)", title="per-layer error", title_justify="left")
+        kind = layer.name.removesuffix(".weight").rsplit(".", 1)[-1]
+        by_kind[kind].append(layer.sqnr_db)
+        layouts[kind][f"g{layer.group_size}" if layer.group_size else layer.strategy] = None
+    k = Table("layer kind", "layers", "layout", "SQNR mean (dB)", "SQNR worst (dB)", title="per-layer error", title_justify="left")
     for kind, vals in by_kind.items():
         fin = [v for v in vals if math.isfinite(v)] or [math.inf]
-        k.add_row(kind, str(len(vals)), f"{sum(fin) / len(fin):.2f}", f"{min(fin):.2f}")
+        k.add_row(kind, str(len(vals)), ", ".join(layouts[kind]), f"{sum(fin) / len(fin):.2f}", f"{min(fin):.2f}")
     out.print(k)

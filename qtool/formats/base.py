@@ -31,6 +31,7 @@ class TensorOutcome:
     qtype: str  # e.g. "Q4_K"
     storage_bits: int  # bits written for this tensor (codes, scales, mins)
     sqnr_db: float
+    note: str | None = None  # e.g. a fallback type, shown in the summary
 
 
 class FormatWriter(ABC):
@@ -83,6 +84,10 @@ class FormatWriter(ABC):
             )
         note = f"group size {smaller[-1]} instead of {g}: {width} ({layer}) is not a multiple of {g}"
         return {m: GroupChoice("group", smaller[-1], note) for m in widths}
+
+    def describe(self) -> str | None:
+        """The format's own type choice for the run report (GGUF: the mixture), if any."""
+        return None
 
     def check_plan(self, quantized: set[str], linears: list[str], recipe: QuantRecipe) -> None:  # noqa: B027
         """Refuse, before any weight is read, a selection of layers the consumer cannot load."""

@@ -244,6 +244,29 @@ def write_hparams(w: gguf.GGUFWriter, config: dict, spec: ArchSpec, mix: Mixture
 # -- general.* -------------------------------------------------------------------------------------
 
 
+# general.* keys that describe the model (not this file): kept when the source is a GGUF file, as
+# llama-quantize keeps every key of its input.
+_MODEL_GENERAL = ("general.name", "general.author", "general.version", "general.organization", "general.finetune",
+                  "general.basename", "general.description", "general.size_label", "general.license",
+                  "general.license.name", "general.license.link", "general.url", "general.repo_url",
+                  "general.tags", "general.languages", "general.datasets")
+
+
+def copy_gguf_fields(w: gguf.GGUFWriter, path: Path, keep) -> None:
+    """Copy the fields of a GGUF file for which `keep(name)` holds, value types included."""
+    for field in gguf.GGUFReader(path).fields.values():
+        if keep(field.name):
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+
+
+def write_general_from_gguf(w: gguf.GGUFWriter, path: Path) -> None:
+    w.add_type(gguf.GGUFType.MODEL)
+    copy_gguf_fields(w, path, lambda k: k in _MODEL_GENERAL or k.startswith(("general.base_model.", "general.source.")))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
 def write_general(w: gguf.GGUFWriter, folder: Path | None, fallback_name: str, params: tuple[int, int, int, int]) -> None:
     """general.type/name/basename/size_label... through gguf-py's `Metadata` (model card and folder
     name heuristics, as convert_hf_to_gguf), then general.quantization_version."""

@@ -26,7 +26,7 @@ from pathlib import Path
 import gguf
 
 from qtool.errors import UnsupportedError
-from qtool.formats.gguf.metadata import ArchSpec
+from qtool.formats.gguf.metadata import ArchSpec, copy_gguf_fields
 
 TT = gguf.TokenType
 
@@ -201,6 +201,8 @@ def write_vocab_from_folder(w: gguf.GGUFWriter, folder: Path, config: dict, spec
         w.add_tokenizer_model("none")
         if spec.name != "llama":  # LlamaModel writes it anyway
             w.add_vocab_size(n)
+        # special ids from config.json: llama.cpp ignores them here, transformers' reader wants them
+        gguf.SpecialVocab(folder, load_merges=False, n_vocab=n).add_to_gguf(w, quiet=True)
         return
     if spec.vocab == "llama":
         if (space := _prefix_space(folder)) is not None:
@@ -231,10 +233,4 @@ def write_vocab_from_folder(w: gguf.GGUFWriter, folder: Path, config: dict, spec
 
 def copy_vocab_from_gguf(w: gguf.GGUFWriter, path: Path) -> None:
     """Every tokenizer.* key of a GGUF file, with its value type."""
-    reader = gguf.GGUFReader(path)
-    for field in reader.fields.values():
-        if not field.name.startswith("tokenizer."):
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    copy_gguf_fields(w, path, lambda k: k.startswith("tokenizer."))

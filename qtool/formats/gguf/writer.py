@@ -81,14 +81,21 @@ def _quantize_rows(rows: torch.Tensor, qtype: T) -> np.ndarray:
         raise UnsupportedError(f"--format gguf: no quantizer for {qtype.name} is available") from None
 
 
-def encode(x: torch.Tensor, qtype: T) -> tuple[np.ndarray, torch.Tensor]:
-    """float32 tensor -> (the array written to the file, its reconstruction in float32)."""
-    x = x.detach().to("cpu", torch.float32).contiguous()
-    if qtype == T.F32:
-        return x.numpy(), x
-    if qtype in (T.F16, T.BF16):  # round to nearest even, as ggml's converters
-        h = x.to(torch.float16 if qtype == T.F16 else torch.bfloat16)
-        return h.view(torch.int16).numpy(), h.float()
+_TORCH_FLOATS = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
+
+
+def encode(x: torch.Tensor, qtype: T) -> tuple[np.ndarray, torch.Tensor | None]:
+    """Tensor -> (the array written to the file, its reconstruction in float32, or None when the
+    bytes hold `x` exactly)."""
+    x = x.detach().to("cpu").contiguous()
+    if qtype in _TORCH_FLOATS:  # float casts round to nearest even, as ggml's converters do
+        target = _TORCH_FLOATS[qtype]
+        if x.dtype == target:
+            return (x if qtype == T.F32 else x.view(torch.int16)).numpy(), None
+        h = x.float().to(target)
+        exact = x.dtype in (torch.float16, torch.bfloat16) and qtype == T.F32
+        return (h if qtype == T.F32 else h.view(torch.int16)).numpy(), None if exact else h.float()
+    x = x.float()
     data = _quantize_rows(x.reshape(-1, x.shape[-1]), qtype)
     recon = torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(x.shape))
     return data.reshape(*x.shape[:-1], -1), recon
@@ -210,8 +217,9 @@ class GGUFWriter(FormatWriter):
         if type is not None:
             self.requested = mx.resolve(type)
             if self.requested is None:
-                names = ", ".join([*mx.MIXTURES, *mx.ALIASES])
-                raise UsageError(f"--type {type!r}: not a GGUF type qtool writes; choose one of: {names}")
+                names, aliases = ", ".join(mx.MIXTURES), ", ".join(k for k in mx.ALIASES if k.startswith("Q"))
+                raise UsageError(f"--type {type!r}: not a GGUF type qtool writes; choose one of: {names} "
+                                 f"(llama-quantize aliases: {aliases})")
         if dtype is not None:
             by_dtype = mx.MIXTURES[DTYPE_TO_TYPE[dtype]]
             if self.requested is not None and self.requested != by_dtype:
@@ -229,6 +237,10 @@ class GGUFWriter(FormatWriter):
         if recipe.strategy == "group" or recipe.targets or recipe.ignore or not recipe.symmetric:
             raise UsageError("--format gguf: block sizes and per-tensor types come from --type; "
                              "--group-size, --asym, --target and --ignore do not apply")
+
+    def describe(self) -> str | None:
+        mixture = getattr(self, "mixture", None) or self.requested
+        return mixture.name if mixture is not None else None
 
     # -- planning --------------------------------------------------------------------------------
     def _mixture(self, recipe: QuantRecipe | None, metas: list[TensorMeta]) -> mx.Mixture:
@@ -291,10 +303,14 @@ class GGUFWriter(FormatWriter):
         experts = sum(math.prod(e.shape) for e in self.entries if "_exps." in e.name)
         n_exp = self.facts.n_expert
         params = (shared + experts, shared, experts // max(n_exp, 1), n_exp)
-        folder = source.path if source.path.is_dir() else None
-        md.write_general(w, folder, source.path.name.removesuffix(".gguf"), params)
+        from_gguf = source.path.is_file() and source.path.suffix == ".gguf"
+        if from_gguf:
+            md.write_general_from_gguf(w, source.path)
+        else:
+            folder = source.path if source.path.is_dir() else None
+            md.write_general(w, folder, source.path.name.removesuffix(".safetensors"), params)
         md.write_hparams(w, source.config, self.spec, self.mixture)
-        if source.path.is_file() and source.path.suffix == ".gguf":
+        if from_gguf:
             tk.copy_vocab_from_gguf(w, source.path)
         else:
             tk.write_vocab_from_folder(w, source.path if source.path.is_dir() else source.path.parent, source.config, self.spec)
@@ -312,11 +328,10 @@ class GGUFWriter(FormatWriter):
             if name in self.skipped:
                 return None
             raise FormatError(f"--format gguf: tensor {name} was not in the plan (or came twice)")
-        x = t.detach().to("cpu", torch.float32)
         signal = noise = 0.0
-        bits, kinds, counted = 0, [], False
+        bits, kinds, notes, counted = 0, [], [], False
         for entry, part in routes:
-            y = x if entry.rows is None else x[..., entry.rows[0]:entry.rows[1], :]
+            y = t if entry.rows is None else t[..., entry.rows[0]:entry.rows[1], :]
             y = self._transform(entry, y)
             data, recon = encode(y, entry.qtype)
             entry.data[part] = data
@@ -324,20 +339,25 @@ class GGUFWriter(FormatWriter):
                 counted = True
                 bits += data.nbytes * 8
                 kinds.append(entry.qtype.name)
-                signal += torch.linalg.vector_norm(y).item() ** 2
-                noise += torch.linalg.vector_norm(y - recon).item() ** 2
+                if entry.note:
+                    notes.append(entry.note)
+                if recon is not None:
+                    y = y.float()
+                    signal += torch.linalg.vector_norm(y).item() ** 2
+                    noise += torch.linalg.vector_norm(y - recon).item() ** 2
         self._flush()
         if not counted:
             return None
         sqnr = math.inf if noise == 0 else (-math.inf if signal == 0 else 10 * math.log10(signal / noise))
-        return TensorOutcome("+".join(dict.fromkeys(kinds)), bits, sqnr)
+        return TensorOutcome("+".join(dict.fromkeys(kinds)), bits, sqnr, "; ".join(dict.fromkeys(notes)) or None)
 
     @staticmethod
     def _transform(entry: Entry, y: torch.Tensor) -> torch.Tensor:
         if entry.transform is None:
             return y
         kind, heads = entry.transform
-        return permute_qk_rows(y, heads) if kind == "permute" else y + 1
+        # convert_hf_to_gguf adds the gemma norm offset in float32
+        return permute_qk_rows(y, heads) if kind == "permute" else y.float() + 1
 
     def _flush(self) -> None:
         """Write every entry at the head of the file order that has all its parts."""
