@@ -10,7 +10,7 @@ MODEL_DIR := $(CACHE)/SmolLM2-135M-Instruct-bf16
 DEMO_OUT := $(CACHE)/demo/SmolLM2-135M-Instruct-rtn-w4g64
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test bench clean
+.PHONY: setup model demo test bench clean llama-cpp
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,7 +38,13 @@ demo: model
 	HF_HUB_OFFLINE=1 $(BIN)/qtool quantize $(MODEL_DIR) -m rtn -b 4 -g 64 -f compressed-tensors -o $(DEMO_OUT) --overwrite
 	HF_HUB_OFFLINE=1 $(BIN)/qtool inspect $(DEMO_OUT)
 
-test: setup
+# llama.cpp, the judge of qtool's GGUF files: the `llama_cpp` binding (llama-cpp-python 0.3.36, not a
+# pyproject dependency: installed here), llama-quantize/-perplexity/-imatrix and convert_hf_to_gguf.py.
+# Compiled from the PyPI sdist once (~10 min on 2 cores) under $(CACHE)/llama.cpp/; later runs take ~1 s.
+llama-cpp: setup
+	$(BIN)/python tests/llama_cpp_tools.py --build --cache $(CACHE)
+
+test: setup llama-cpp
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q $(PYTEST_ARGS)
 
 bench: model

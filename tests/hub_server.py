@@ -1,7 +1,8 @@
 """A local stand-in for the Hugging Face Hub, for tests that must stay offline.
 
 `fake_hub({"org/tiny": folder})` serves each folder as a model repository (one commit, revision
-`main` or its sha) on 127.0.0.1 and yields the endpoint URL: a `str` that also carries the log of
+`main` or its sha); a key `"datasets/org/name"` serves a dataset repository instead (`/api/datasets/...`,
+`/datasets/{repo}/resolve/...`, what `datasets.load_dataset` and `HfFileSystem` call) on 127.0.0.1 and yields the endpoint URL: a `str` that also carries the log of
 the requests it served (`hub.requests`, `hub.resolve_requests()`, `hub.bytes_served()`...), so a
 test can assert what was downloaded. `hub_env(hub, home, monkeypatch)` points huggingface_hub at
 it: it sets `HF_ENDPOINT`, `HF_HUB_OFFLINE=0` and a private `HF_HOME`/`HF_HUB_CACHE` in
@@ -9,7 +10,8 @@ it: it sets `HF_ENDPOINT`, `HF_HUB_OFFLINE=0` and a private `HF_HOME`/`HF_HUB_CA
 `huggingface_hub.constants` at import time, patches that module too (for in-process calls).
 
 Endpoints, as huggingface_hub 2.4 calls them (see its hf_api.py, file_download.py,
-_snapshot_download.py and utils/_http.py):
+_snapshot_download.py and utils/_http.py). Dataset repositories answer the same routes under `/api/datasets/` and
+`/datasets/`:
 
 * `GET /api/models/{repo}[/revision/{rev}]`: `model_info`/`repo_info`; `sha` and `siblings`
   (with `size`/`blobId`/`lfs` when `?blobs=true`).
@@ -71,7 +73,8 @@ class _File:
 
 class _Repo:
     def __init__(self, repo_id: str, root: Path) -> None:
-        self.repo_id = repo_id
+        self.repo_id = repo_id  # the key: "org/name", or "datasets/org/name" for a dataset repository
+        self.name = repo_id.removeprefix("datasets/")
         self.files: dict[str, _File] = {}
         for p in sorted(root.rglob("*")):
             if p.is_file() and ".cache" not in p.relative_to(root).parts:
@@ -94,7 +97,7 @@ class _Repo:
                     s["lfs"] = {"sha256": f.sha256, "size": f.size, "pointerSize": 134}
             siblings.append(s)
         return {
-            "_id": self.sha[:24], "id": self.repo_id, "modelId": self.repo_id, "author": self.repo_id.split("/")[0],
+            "_id": self.sha[:24], "id": self.name, "modelId": self.name, "author": self.name.split("/")[0],
             "sha": self.sha, "lastModified": "2024-01-01T00:00:00.000Z", "createdAt": "2024-01-01T00:00:00.000Z",
             "private": False, "disabled": False, "gated": False, "downloads": 0, "likes": 0, "tags": [],
             "library_name": "transformers", "siblings": siblings,
@@ -225,6 +228,8 @@ def _make_handler(repos: dict[str, _Repo], log: list[ServedRequest], lock: threa
                 return self._json(EMPTY_AGENT_REGISTRY, head)
             if path.startswith("/api/models/"):
                 return self._api(path[len("/api/models/"):], query, head)
+            if path.startswith("/api/datasets/"):
+                return self._api("datasets/" + path[len("/api/datasets/"):], query, head)
             repo, rest = self._find_repo(path.lstrip("/"))
             if "/resolve/" in path and repo is None:
                 return self._error(401, "RepoNotFound", "Repository not found", head)
@@ -282,7 +287,8 @@ def _make_handler(repos: dict[str, _Repo], log: list[ServedRequest], lock: threa
 
 @contextmanager
 def fake_hub(repos: dict[str, Path]) -> Iterator[FakeHub]:
-    """Serve `{repo_id: folder}` as Hub model repositories; yields the endpoint URL (with its log)."""
+    """Serve `{repo_id: folder}` as Hub model repositories (`{"datasets/org/name": folder}` as a dataset
+    repository); yields the endpoint URL (with its log)."""
     log: list[ServedRequest] = []
     served = {repo_id: _Repo(repo_id, Path(folder)) for repo_id, folder in repos.items()}
     server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(served, log, threading.Lock()))

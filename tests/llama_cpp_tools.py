@@ -1,19 +1,21 @@
 """llama.cpp for tests and benchmarks, built from source once per machine and cached.
 
-Everything comes from one file: the `llama-cpp-python` sdist on PyPI, whose `vendor/llama.cpp` is
-the llama.cpp source tree. From it we make, under `<cache>/llama.cpp/<KEY>/` (KEY = version + a
-hash of the build flags, so a change of flags never reuses a stale build):
+Everything comes from one file, the `llama-cpp-python` sdist on PyPI (its `vendor/llama.cpp` is the
+llama.cpp source tree), and from ONE compile of ggml + libllama + common (~8 min on 2 cores), which
+the binding and the programs share. Under `<cache>/llama.cpp/<KEY>/` (KEY = version + a hash of the
+build flags, so other flags never reuse a stale build):
 
-* `wheel/llama_cpp_python-*.whl`: the Python binding `llama_cpp`, built once with `pip wheel`
-  and installed into the running venv from there (a re-install never recompiles);
-* `bin/llama-quantize`, `bin/llama-perplexity`, `bin/llama-imatrix`: statically linked, so the
-  cmake build tree is deleted once they are copied out;
-* `src/`: the source tree, for `convert_hf_to_gguf.py` and its `gguf-py`;
-* `venv-convert/`: a separate venv for the converter, with the package versions llama.cpp pins
-  (transformers 4.57.6, protobuf < 5, ...) and torch 2.13.0 CPU, so the project venv is untouched.
+* `src/`: the unpacked sdist (`src/vendor/llama.cpp` holds `convert_hf_to_gguf.py` and `gguf-py`);
+* `build/`: a persistent CMake build tree. `pip wheel src` builds the binding into it (scikit-build-core
+  `build-dir`); then the same tree is reconfigured with LLAMA_BUILD_TOOLS=ON and only the targets
+  llama-quantize, llama-perplexity, llama-imatrix are built: three source files and links;
+* `wheel/llama_cpp_python-*.whl`: the built binding; pip installs it from there, never recompiling;
+* `venv-convert/`: a separate venv for the converter with the versions llama.cpp pins (numpy 2.2,
+  protobuf < 5, sentencepiece), the local torch 2.13.0 CPU and the project's transformers (see
+  CONVERT_REQUIREMENTS), so the project venv is untouched.
 
-`python tests/llama_cpp_tools.py --build` (what `make llama-cpp` runs) makes all of it; a second
-run finds it all and returns in about a second. A lock file serializes concurrent builders.
+`python tests/llama_cpp_tools.py --build` (what `make llama-cpp` runs) makes all of it; once made, it
+returns in about a second. A lock file serializes concurrent builders.
 """
 
 from __future__ import annotations
@@ -37,39 +39,54 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 TOOL_TARGETS = ("llama-quantize", "llama-perplexity", "llama-imatrix")
 
-# CPU only, nothing we do not use. GGML_NATIVE=OFF: ggml then compiles for x86-64-v3 (SSE4.2, AVX,
-# AVX2, FMA, F16C, BMI2) instead of -march=native, so a cached build also runs on another machine
-# of this kind even if its CPU lacks this one's AVX-512 (the Q4/Q8 dot products use AVX2 either way).
-CPU_FLAGS = ("-DGGML_NATIVE=OFF", "-DGGML_CCACHE=OFF")
-OFF_FLAGS = (
+# CPU only, nothing we do not use. GGML_NATIVE=OFF: ggml compiles for x86-64-v3 (SSE4.2, AVX, AVX2,
+# FMA, F16C, BMI2) instead of -march=native, so a cached build also runs on another machine of this
+# kind even if its CPU lacks this one's AVX-512. LLAVA_BUILD=OFF skips libmtmd (multimodal, ~50
+# sources; `llama_cpp` loads it lazily, only for llava chat handlers). llama-cpp-python forces
+# LLAMA_BUILD_COMMON=ON (and the tools need common anyway).
+CMAKE_ARGS = (
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_CCACHE=OFF",
+    "-DLLAVA_BUILD=OFF",
     "-DLLAMA_CURL=OFF",
     "-DLLAMA_OPENSSL=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_SERVER=OFF",
 )
-# The binding: libllama + ggml only. LLAVA_BUILD=OFF skips libmtmd (multimodal; `llama_cpp` imports
-# it lazily, only for llava chat handlers), which is a third of the compile.
-WHEEL_CMAKE_ARGS = CPU_FLAGS + OFF_FLAGS + ("-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TOOLS=OFF")
-# The programs: static, so they need neither the build tree nor an LD_LIBRARY_PATH.
-TOOLS_CMAKE_ARGS = CPU_FLAGS + OFF_FLAGS + ("-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TOOLS=ON")
+# The binding's build: the default target must not include the tools.
+WHEEL_CMAKE_ARGS = CMAKE_ARGS + ("-DLLAMA_BUILD_TOOLS=OFF",)
+# Then the same tree: declare the tools (not installed, so the wheel's install step is unchanged).
+TOOLS_CMAKE_ARGS = ("-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_TOOLS_INSTALL=OFF")
 
-# The converter's own requirements (vendor/llama.cpp/requirements/requirements-convert_*.txt), with
-# the local CPU torch in place of its torch==2.11.0 from the PyTorch index (unreachable here).
-# mistral_common is left out: it is only needed for models in Mistral's native format.
+# The converter's requirements (vendor/llama.cpp/requirements/requirements-convert_*.txt) with two
+# changes: the local CPU torch instead of torch==2.11.0 from the PyTorch index (unreachable here), and
+# transformers at the project venv's version instead of 4.57.6: the folders it converts are written by
+# that transformers, whose tokenizer_config.json names classes 4.57.6 lacks ("TokenizersBackend").
+# mistral_common is left out: only models in Mistral's native format need it.
 CONVERT_REQUIREMENTS = (
     "torch==2.13.0",
     "numpy~=2.2.6",
     "sentencepiece>=0.1.98,<0.3.0",
-    "transformers==4.57.6",
     "protobuf>=4.21.0,<5.0.0",
     "tqdm>=4.27",
     "pyyaml>=5.1",
     "requests>=2.25",
 )
+CONVERT_TRANSFORMERS_FALLBACK = "4.57.6"
+
+
+def convert_requirements() -> tuple[str, ...]:
+    """CONVERT_REQUIREMENTS plus transformers pinned to this interpreter's version."""
+    try:
+        version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        version = CONVERT_TRANSFORMERS_FALLBACK
+    return CONVERT_REQUIREMENTS + (f"transformers=={version}",)
+
 
 KEY = LLAMA_CPP_PYTHON_VERSION + "-" + hashlib.sha1(
-    "\n".join(WHEEL_CMAKE_ARGS + ("|",) + TOOLS_CMAKE_ARGS + ("|",) + CONVERT_REQUIREMENTS).encode()
+    "\n".join(WHEEL_CMAKE_ARGS + TOOLS_CMAKE_ARGS).encode()
 ).hexdigest()[:8]
 
 
@@ -92,13 +109,13 @@ class LlamaCppTools:
         """Run llama.cpp's `convert_hf_to_gguf.py` on a Hugging Face folder; returns `outfile`."""
         env = {**os.environ, "PYTHONPATH": str(self.gguf_py), "HF_HUB_OFFLINE": "1"}
         cmd = [str(self.python), str(self.convert_script), str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
-        _run(cmd, f"convert_hf_to_gguf.py {model_dir.name}", outfile.with_suffix(".convert.log"), env=env)
+        _run(cmd, f"convert_hf_to_gguf.py {model_dir}", outfile.with_name(outfile.name + ".log"), env=env)
         return outfile
 
     def quantize_gguf(self, src: Path, dst: Path, qtype: str, *extra: str) -> Path:
         """Run `llama-quantize [extra...] src dst qtype` (e.g. qtype "Q8_0"); returns `dst`."""
         cmd = [str(self.quantize), *extra, str(src), str(dst), qtype]
-        _run(cmd, f"llama-quantize {qtype}", dst.with_suffix(".quantize.log"))
+        _run(cmd, f"llama-quantize {qtype}", dst.with_name(dst.name + ".log"))
         return dst
 
 
@@ -112,14 +129,15 @@ def key_dir(cache_dir: Path) -> Path:
 
 
 def ensure_llama_cpp(cache_dir: Path) -> LlamaCppTools:
-    """The llama.cpp programs and converter, building whatever is missing (first time ~5 min)."""
+    """The llama.cpp programs and converter, building whatever is missing (from nothing ~10 min:
+    the shared compile, then the tools, then the converter venv)."""
     root = key_dir(cache_dir)
     tools = _tools_at(root)
     if _tools_ready(tools):
         return tools
-    with _lock(Path(cache_dir) / "llama.cpp" / ".lock"):
-        src = _ensure_source(Path(cache_dir), root)
-        _ensure_tool_binaries(src, root / "bin")
+    with _lock(root.parent / ".lock"):
+        _ensure_wheel(Path(cache_dir), root)  # the shared compile happens here
+        _ensure_tool_binaries(root)
         _ensure_convert_venv(root / "venv-convert")
     if not _tools_ready(tools):
         raise LlamaCppBuildError(f"llama.cpp tools still missing under {root} after building")
@@ -127,22 +145,22 @@ def ensure_llama_cpp(cache_dir: Path) -> LlamaCppTools:
 
 
 def ensure_binding(cache_dir: Path) -> None:
-    """Make `import llama_cpp` work in this interpreter's environment, at version
-    LLAMA_CPP_PYTHON_VERSION: build the wheel once into the cache, then pip-install it from there."""
+    """Make `import llama_cpp` work in this interpreter's environment, at LLAMA_CPP_PYTHON_VERSION:
+    build the wheel once into the cache, then pip-install it from there (a few seconds)."""
     if _installed_binding_version() == LLAMA_CPP_PYTHON_VERSION:
         return
     root = key_dir(cache_dir)
-    with _lock(Path(cache_dir) / "llama.cpp" / ".lock"):
-        wheel = _ensure_wheel(Path(cache_dir), root / "wheel")
+    with _lock(root.parent / ".lock"):
+        wheel = _ensure_wheel(Path(cache_dir), root)
         _run([sys.executable, "-m", "pip", "install", "-q", str(wheel)], "pip install llama-cpp-python wheel", root / "install.log")
 
 
 def _tools_at(root: Path) -> LlamaCppTools:
-    src = root / "src"
+    src = root / "src" / "vendor" / "llama.cpp"
     return LlamaCppTools(
-        quantize=root / "bin" / "llama-quantize",
-        perplexity=root / "bin" / "llama-perplexity",
-        imatrix=root / "bin" / "llama-imatrix",
+        quantize=root / "build" / "bin" / "llama-quantize",
+        perplexity=root / "build" / "bin" / "llama-perplexity",
+        imatrix=root / "build" / "bin" / "llama-imatrix",
         convert_script=src / "convert_hf_to_gguf.py",
         gguf_py=src / "gguf-py",
         python=root / "venv-convert" / "bin" / "python",
@@ -150,9 +168,9 @@ def _tools_at(root: Path) -> LlamaCppTools:
 
 
 def _tools_ready(t: LlamaCppTools) -> bool:
-    return all(p.exists() for p in (t.quantize, t.perplexity, t.imatrix, t.convert_script, t.gguf_py)) and (
-        t.python.parent.parent / ".installed"
-    ).is_file()
+    marker = t.python.parents[1] / ".installed"
+    files = (t.quantize, t.perplexity, t.imatrix, t.convert_script, t.gguf_py, marker)
+    return all(p.exists() for p in files) and marker.read_text() == "\n".join(convert_requirements()) + "\n"
 
 
 def _installed_binding_version() -> str | None:
@@ -174,32 +192,15 @@ def _ensure_sdist(cache_dir: Path) -> Path:
     return sdist
 
 
-def _ensure_wheel(cache_dir: Path, wheel_dir: Path) -> Path:
-    """The binding's wheel, compiled once from the sdist with WHEEL_CMAKE_ARGS (~4 min on 2 cores)."""
-    found = sorted(wheel_dir.glob("llama_cpp_python-*.whl"))
-    if found:
-        return found[0]
-    sdist = _ensure_sdist(cache_dir)
-    tmp = wheel_dir.with_name(wheel_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    env = {**os.environ, "CMAKE_ARGS": " ".join(WHEEL_CMAKE_ARGS), "CMAKE_BUILD_PARALLEL_LEVEL": str(_jobs())}
-    t0 = time.time()
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp), str(sdist)],
-         "building the llama-cpp-python wheel", wheel_dir.with_name("wheel.log"), env=env)
-    tmp.rename(wheel_dir)
-    print(f"[llama.cpp] binding wheel built in {time.time() - t0:.0f} s", file=sys.stderr)
-    return sorted(wheel_dir.glob("llama_cpp_python-*.whl"))[0]
-
-
 def _ensure_source(cache_dir: Path, root: Path) -> Path:
-    """`vendor/llama.cpp` from the sdist, extracted to `<root>/src` (without its 110 MB of test
-    vocabularies and docs)."""
+    """The sdist unpacked to `<root>/src`, without llama.cpp's 110 MB of test vocabularies and docs.
+    It stays: the build tree refers to it and the converter runs from it."""
     src = root / "src"
-    if (src / "CMakeLists.txt").is_file() and (src / "convert_hf_to_gguf.py").is_file():
+    if (src / "pyproject.toml").is_file():
         return src
     sdist = _ensure_sdist(cache_dir)
-    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
-    skip = tuple(prefix + d for d in ("models/", "docs/", "media/"))
+    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/"
+    skip = tuple(prefix + "vendor/llama.cpp/" + d for d in ("models/", "docs/", "media/"))
     tmp = root / "src.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     with tarfile.open(sdist) as tar:
@@ -208,44 +209,66 @@ def _ensure_source(cache_dir: Path, root: Path) -> Path:
             if m.name.startswith(prefix) and not m.name.startswith(skip):
                 m.name = m.name[len(prefix):]
                 members.append(m)
-        if not members:
-            raise LlamaCppBuildError(f"{sdist} has no vendor/llama.cpp tree")
         tar.extractall(tmp, members=members, filter="tar")
+    if not (tmp / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
+        raise LlamaCppBuildError(f"{sdist} has no vendor/llama.cpp tree")
     tmp.rename(src)
     return src
 
 
-def _ensure_tool_binaries(src: Path, bin_dir: Path) -> None:
-    """cmake-build TOOL_TARGETS (static) from `src`, copy them to `bin_dir`, drop the build tree."""
-    if all((bin_dir / t).is_file() for t in TOOL_TARGETS):
+def _ensure_wheel(cache_dir: Path, root: Path) -> Path:
+    """The binding's wheel: `pip wheel` on the unpacked sdist, compiling into the persistent
+    `<root>/build` (the expensive step, once)."""
+    wheel_dir = root / "wheel"
+    found = sorted(wheel_dir.glob("llama_cpp_python-*.whl"))
+    if found:
+        return found[0]
+    src = _ensure_source(cache_dir, root)
+    tmp = root / "wheel.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    env = {**os.environ, "CMAKE_ARGS": " ".join(WHEEL_CMAKE_ARGS), "CMAKE_BUILD_PARALLEL_LEVEL": str(_jobs())}
+    cmd = [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "-w", str(tmp),
+           f"--config-settings=build-dir={root / 'build'}", str(src)]
+    t0 = time.time()
+    _run(cmd, "building the llama-cpp-python wheel (llama.cpp compile)", root / "wheel-build.log", env=env)
+    tmp.rename(wheel_dir)
+    print(f"[llama.cpp] binding wheel built in {time.time() - t0:.0f} s", file=sys.stderr)
+    return sorted(wheel_dir.glob("llama_cpp_python-*.whl"))[0]
+
+
+def _ensure_tool_binaries(root: Path) -> None:
+    """Reconfigure the wheel's build tree with the tools on and build only TOOL_TARGETS."""
+    build = root / "build"
+    if all((build / "bin" / t).is_file() for t in TOOL_TARGETS):
         return
-    build = bin_dir.with_name("build")
-    log = bin_dir.with_name("tools-build.log")
+    if not (build / "CMakeCache.txt").is_file():
+        raise LlamaCppBuildError(f"{build} has no CMake cache: delete {root / 'wheel'} and rerun to rebuild")
+    log = root / "tools-build.log"
     log.unlink(missing_ok=True)
     t0 = time.time()
-    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    _run(["cmake", "-S", str(src), "-B", str(build), *gen, "-DCMAKE_BUILD_TYPE=Release", *TOOLS_CMAKE_ARGS],
+    _run(["cmake", "-S", str(root / "src"), "-B", str(build), *TOOLS_CMAKE_ARGS],
          "cmake configure (llama.cpp tools)", log, append=True)
     _run(["cmake", "--build", str(build), "-j", str(_jobs()), "--target", *TOOL_TARGETS],
          "cmake build (llama.cpp tools)", log, append=True)
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    for t in TOOL_TARGETS:
-        shutil.copy2(build / "bin" / t, bin_dir / t)
-    shutil.rmtree(build)
     print(f"[llama.cpp] {', '.join(TOOL_TARGETS)} built in {time.time() - t0:.0f} s", file=sys.stderr)
 
 
 def _ensure_convert_venv(venv: Path) -> None:
-    """A venv with CONVERT_REQUIREMENTS for `convert_hf_to_gguf.py` (~1.5 GB, mostly torch)."""
+    """A venv with convert_requirements() for `convert_hf_to_gguf.py`; its `.installed` marker lists
+    them, and a changed list (the project upgraded transformers) updates the venv in place."""
     marker = venv / ".installed"
-    if marker.is_file():
+    reqs = "\n".join(convert_requirements()) + "\n"
+    if marker.is_file() and marker.read_text() == reqs:
         return
     log = venv.with_name("venv-convert.log")
     log.unlink(missing_ok=True)
-    _run([sys.executable, "-m", "venv", "--clear", str(venv)], "python -m venv (converter)", log, append=True)
-    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *CONVERT_REQUIREMENTS],
+    t0 = time.time()
+    if not (venv / "bin" / "python").is_file():
+        _run([sys.executable, "-m", "venv", str(venv)], "python -m venv (converter)", log, append=True)
+    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *convert_requirements()],
          "pip install (converter venv)", log, append=True)
-    marker.write_text("\n".join(CONVERT_REQUIREMENTS) + "\n")
+    marker.write_text(reqs)
+    print(f"[llama.cpp] converter venv made in {time.time() - t0:.0f} s", file=sys.stderr)
 
 
 def _jobs() -> int:
@@ -273,7 +296,7 @@ def _run(cmd: Sequence[str], what: str, log: Path, env: dict | None = None, appe
         try:
             rc = subprocess.run(list(cmd), stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
         except FileNotFoundError as e:
-            raise LlamaCppBuildError(f"{what}: {e} (is it installed? cmake and a C++ compiler are needed)") from e
+            raise LlamaCppBuildError(f"{what}: {e} (cmake, ninja or make, and a C++ compiler are needed)") from e
     if rc != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])
         raise LlamaCppBuildError(f"{what} failed (exit {rc}); full log: {log}\n--- last lines ---\n{tail}")

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from qtool import __version__
+from qtool.cli import eval as eval_cmd
 from qtool.cli import export as export_cmd
 from qtool.cli import quantize as quantize_cmd
 from qtool.cli._app import DEBUG, handle_errors, out, print_json
@@ -42,6 +43,7 @@ def _root(
 
 app.command("quantize")(quantize_cmd.quantize)
 app.command("export")(export_cmd.export)
+app.command("eval")(eval_cmd.evaluate)
 
 
 @app.command("formats")
