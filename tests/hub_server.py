@@ -1,17 +1,20 @@
 """A local stand-in for the Hugging Face Hub, for tests that must stay offline.
 
 `fake_hub({"org/tiny": folder})` serves each folder as a model repository (one commit, revision
-`main` or its sha); a key `"datasets/org/name"` serves a dataset repository instead (`/api/datasets/...`,
-`/datasets/{repo}/resolve/...`, what `datasets.load_dataset` and `HfFileSystem` call) on 127.0.0.1 and yields the endpoint URL: a `str` that also carries the log of
+`main` or its sha) on 127.0.0.1 and yields the endpoint URL: a `str` that also carries the log of
 the requests it served (`hub.requests`, `hub.resolve_requests()`, `hub.bytes_served()`...), so a
-test can assert what was downloaded. `hub_env(hub, home, monkeypatch)` points huggingface_hub at
-it: it sets `HF_ENDPOINT`, `HF_HUB_OFFLINE=0` and a private `HF_HOME`/`HF_HUB_CACHE` in
-`os.environ` (for subprocesses, the most faithful) and, because huggingface_hub copies those into
-`huggingface_hub.constants` at import time, patches that module too (for in-process calls).
+test can assert what was downloaded. A key `"datasets/org/name"` serves a dataset repository
+instead, for `datasets.load_dataset("org/name", ...)`. `hub_env(hub, home, monkeypatch)` points
+huggingface_hub (and `datasets`) at it: it sets `HF_ENDPOINT`, `HF_HUB_OFFLINE=0`,
+`HF_DATASETS_OFFLINE=0` and a private `HF_HOME`/`HF_HUB_CACHE` in `os.environ` (for subprocesses,
+the most faithful) and, because huggingface_hub and `datasets` copy those into
+`huggingface_hub.constants` and `datasets.config` at import time, patches those modules too (for
+in-process calls).
 
 Endpoints, as huggingface_hub 2.4 calls them (see its hf_api.py, file_download.py,
-_snapshot_download.py and utils/_http.py). Dataset repositories answer the same routes under `/api/datasets/` and
-`/datasets/`:
+_snapshot_download.py and utils/_http.py); a dataset repository answers the same routes under
+`/api/datasets/{repo}...` and `/datasets/{repo}/resolve/...` (what `datasets` 5.2 and
+`HfFileSystem` call):
 
 * `GET /api/models/{repo}[/revision/{rev}]`: `model_info`/`repo_info`; `sha` and `siblings`
   (with `size`/`blobId`/`lfs` when `?blobs=true`).
@@ -304,9 +307,9 @@ def fake_hub(repos: dict[str, Path]) -> Iterator[FakeHub]:
 
 
 def hub_env(endpoint: str, home: Path, monkeypatch) -> dict[str, str]:
-    """Point huggingface_hub at `endpoint` with a private cache under `home`, in this process
-    (os.environ and `huggingface_hub.constants`, via `monkeypatch`) and for subprocesses (the
-    returned environment)."""
+    """Point huggingface_hub and `datasets` at `endpoint` with a private cache under `home`, in this
+    process (os.environ, `huggingface_hub.constants` and `datasets.config`, via `monkeypatch`) and
+    for subprocesses (the returned environment)."""
     from huggingface_hub import constants
 
     home = Path(home)
@@ -315,6 +318,7 @@ def hub_env(endpoint: str, home: Path, monkeypatch) -> dict[str, str]:
         "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_XET_CACHE": str(home / "xet"),
         "HF_TOKEN_PATH": str(home / "token"), "HF_HUB_DISABLE_TELEMETRY": "1",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_XET": "1",
+        "HF_DATASETS_OFFLINE": "0", "HF_DATASETS_CACHE": str(home / "datasets"),
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -330,4 +334,25 @@ def hub_env(endpoint: str, home: Path, monkeypatch) -> dict[str, str]:
     for k, v in patches.items():
         if hasattr(constants, k):
             monkeypatch.setattr(constants, k, v)
+    _patch_datasets_config(endpoint, home, monkeypatch)
     return {**os.environ, **env}
+
+
+def _patch_datasets_config(endpoint: str, home: Path, monkeypatch) -> None:
+    """`datasets` too copies the endpoint, offline flag and caches at import time. It is imported here
+    (once per session) so that the patches are undone after the test: a first import inside the test
+    would keep the fake endpoint for the rest of the session. The fake hub has no dataset viewer
+    (datasets-server), so `datasets` is told not to ask it for Parquet exports."""
+    import datasets.config as cfg
+
+    endpoint = str(endpoint)  # a plain str: datasets copies its config, and FakeHub cannot be rebuilt from a str
+    patches = {
+        "HF_ENDPOINT": endpoint, "HUB_DATASETS_URL": endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}",
+        "HF_HUB_OFFLINE": False, "HF_DATASETS_OFFLINE": False, "USE_PARQUET_EXPORT": False,
+        "HF_CACHE_HOME": str(home), "HF_DATASETS_CACHE": home / "datasets",
+        "DOWNLOADED_DATASETS_PATH": home / "datasets" / "downloads",
+        "EXTRACTED_DATASETS_PATH": home / "datasets" / "downloads" / "extracted",
+    }
+    for k, v in patches.items():
+        if hasattr(cfg, k):
+            monkeypatch.setattr(cfg, k, v)

@@ -198,6 +198,8 @@ def open_source(
         src = _open_file(path, part)
     elif spec in (recipes := load_recipes()):
         src = _open_recipe(recipes[spec], dataset_config, split)
+    elif path.is_dir():
+        raise FormatError(f"{spec}: a folder; give a calibration file ({', '.join(FILE_SUFFIXES)})")
     elif _looks_like_path(spec):
         raise FormatError(f"{spec}: no such file (a calibration file is {', '.join(FILE_SUFFIXES)})")
     else:
@@ -210,20 +212,22 @@ def open_source(
 
 
 def _looks_like_path(spec: str) -> bool:
-    return (spec.lower().endswith(FILE_SUFFIXES) or Path(spec).expanduser().exists()
-            or spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec)
+    return (spec.lower().endswith(FILE_SUFFIXES) or spec.startswith((".", "/", "~"))
+            or spec.count("/") > 1 or "\\" in spec)
 
 
 def _open_file(path: Path, part: str) -> _Source:
     suffix = path.suffix.lower()
     if suffix not in FILE_SUFFIXES:
-        raise FormatError(f"{path}: unknown calibration file type {suffix or '(none)'!r}; use {', '.join(FILE_SUFFIXES)}")
+        kind = suffix or "(none)"
+        raise FormatError(f"{path}: unknown calibration file type {kind!r}; use {', '.join(FILE_SUFFIXES)}")
     if path.stat().st_size == 0:
         raise FormatError(f"{path}: empty file; no text to calibrate on")
     describe = {"kind": "file", "path": str(path.resolve()), "format": suffix[1:], "sha256": _sha256(path)}
     if suffix == ".txt":
         text = _text_part(path, part)
-        return _Source(f"{path} ({part} half)" if part != "all" else str(path), iter([text]), {**describe, "part": part})
+        where = f"{path} ({part} half)" if part != "all" else str(path)
+        return _Source(where, iter([text]), {**describe, "part": part})
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
     return _Source(str(path), readers[suffix](path), describe)
 
@@ -341,7 +345,8 @@ def _documents(src: _Source, tokenizer) -> tuple[dict, Iterator[str]]:
     chat = _is_messages(value) if src.chat_template is None else src.chat_template
     if chat and not _is_messages(value):
         what = f"field {name!r}" if name else "it"
-        raise UsageError(f"{src.where}: chat template asked for, but {what} holds {type(value).__name__}, not a list of messages")
+        raise UsageError(f"{src.where}: chat template asked for, but {what} holds {type(value).__name__}, "
+                         "not a list of messages")
     if chat and not getattr(tokenizer, "chat_template", None):
         raise UnsupportedError(f"{src.where}: the tokenizer has no chat template for these messages; "
                                "pass --no-chat-template to join the turns as plain text")
@@ -352,7 +357,8 @@ def _documents(src: _Source, tokenizer) -> tuple[dict, Iterator[str]]:
 
 def _pick_field(record: Any, wanted: str | None, where: str) -> str:
     if not isinstance(record, dict):
-        raise FormatError(f"{where}: records are {type(record).__name__}, expected objects with a text field or strings")
+        raise FormatError(f"{where}: records are {type(record).__name__}, "
+                          "expected objects with a text field, or strings")
     available = ", ".join(record) or "(none)"
     if wanted is not None:
         if wanted not in record:
