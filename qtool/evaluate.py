@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -182,6 +183,9 @@ def model_perplexity(
 #   predictions of tokens 2..seq_len of every window, so all three share `tokens_scored`.
 
 BACKENDS = ("auto", "llama.cpp", "torch")  # how a GGUF is run; HF folders always run in transformers
+# One window per forward pass: a window's logits are seq_len x vocab float32 (100 MB for 512 x 49152),
+# and the NLL and KL steps each make a copy or two; a larger batch costs memory, not much time on CPU.
+COMPARE_BATCH_SIZE = 1
 
 
 @dataclass(frozen=True)
@@ -297,7 +301,9 @@ def load_hf_model(folder: Path):
 
         kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     try:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw).eval()
+        with warnings.catch_warnings():  # "...already has a quantization_config...": yes, on purpose
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
+            return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw).eval()
     except (OSError, ValueError, KeyError) as e:
         raise FormatError(f"{folder}: transformers cannot load it: {_one_line(e)}") from e
 
@@ -373,7 +379,7 @@ def compare(
     scorer,
     windows: torch.Tensor,
     base_scorer=None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int = COMPARE_BATCH_SIZE,
     on_batch: Callable[[int, int], None] = lambda done, total: None,
 ) -> dict:
     """Score `windows` [n, seq_len] with `scorer` (and `base_scorer`, on the same windows).
@@ -411,7 +417,7 @@ def evaluate_checkpoint(
     seq_len: int = DEFAULT_SEQ_LEN,
     max_windows: int | None = None,
     backend: str = "auto",
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int = COMPARE_BATCH_SIZE,
     device: str = "cpu",
     on_batch: Callable[[int, int], None] = lambda done, total: None,
 ) -> EvalReport:
@@ -421,7 +427,10 @@ def evaluate_checkpoint(
     model, dataset = Path(model), Path(dataset)
     base = Path(base) if base is not None else None
     _check_args(model, dataset, base, part, seq_len, max_windows, batch_size)
-    backend = resolve_backend(backend) if any(p is not None and p.is_file() for p in (model, base)) else "torch"
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if any(p is not None and p.is_file() for p in (model, base)):  # only GGUF files have a choice
+        backend = resolve_backend(backend)
     tok_path, tokenizer = _tokenizer_for(model, base)
     windows = _windows(tokenizer, tok_path, dataset, part, seq_len, max_windows)
     scorers = [open_scorer(model, backend, seq_len, device)]

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.table import Table
 
 from qtool.cli import options as opt
 from qtool.cli._app import ProgressDisplay, handle_errors, out, print_json
-from qtool.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, EvalReport, evaluate_checkpoint
+from qtool.evaluate import COMPARE_BATCH_SIZE, DEFAULT_SEQ_LEN, EvalReport, evaluate_checkpoint
 from qtool.pipeline import Event
 
 Base = Annotated[Optional[Path], typer.Option("--base", help="The original model (folder or .gguf) to compare against: adds KL divergence and top-1 agreement.")]
@@ -18,7 +19,7 @@ Dataset = Annotated[Path, typer.Option("--dataset", help="UTF-8 text file to sco
 Part = Annotated[str, typer.Option("--part", help="Which part of the file: eval (second half), calib (first half) or all.")]
 SeqLen = Annotated[int, typer.Option("--seq-len", min=2, help="Tokens per window (windows do not overlap).")]
 Windows = Annotated[Optional[int], typer.Option("--windows", min=1, help="Score only the first N windows.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass (transformers backends).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass (transformers backends); each adds seq-len × vocab float32 logits per model.")]
 Backend = Annotated[str, typer.Option("--backend", help="How GGUF files run: llama.cpp, torch (dequantized into transformers) or auto (llama.cpp if installed).")]
 
 
@@ -30,7 +31,7 @@ def evaluate(
     part: Part = "eval",
     seq_len: SeqLen = DEFAULT_SEQ_LEN,
     windows: Windows = None,
-    batch_size: BatchSize = DEFAULT_BATCH_SIZE,
+    batch_size: BatchSize = COMPARE_BATCH_SIZE,
     backend: Backend = "auto",
     device: opt.Device = "cpu",
     json_out: opt.Json = False,
@@ -52,7 +53,7 @@ def evaluate(
 
       qtool eval ./my-model --dataset notes.txt --seq-len 1024 --windows 20
     """
-    with ProgressDisplay(not (json_out or quiet)) as progress:
+    with ProgressDisplay(not (json_out or quiet)) as progress, _quiet_transformers():
         report = evaluate_checkpoint(
             model, dataset, base=base, part=part, seq_len=seq_len, max_windows=windows, backend=backend,
             batch_size=batch_size, device=device, on_batch=lambda done, total: progress(Event("score", done, total)),
@@ -61,6 +62,21 @@ def evaluate(
         print_json(report.to_dict())
     else:
         out.print(_table(report))
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No "Loading weights" bars from transformers while loading (ours show the scoring). The bars
+    compressed-tensors draws with plain tqdm while loading its checkpoints have no switch."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _table(r: EvalReport) -> Table:
