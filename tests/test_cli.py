@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-COMMANDS = ["quantize", "export", "inspect", "formats"]
+COMMANDS = ["quantize", "export", "inspect", "eval", "formats"]
 
 
 @pytest.fixture(scope="module")
