@@ -10,7 +10,7 @@ MODEL_DIR := $(CACHE)/SmolLM2-135M-Instruct-bf16
 DEMO_OUT := $(CACHE)/demo/SmolLM2-135M-Instruct-rtn-w4g64
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test bench clean llama-cpp
+.PHONY: setup model demo test bench clean llama-cpp gptq-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -44,7 +44,18 @@ demo: model
 llama-cpp: setup
 	$(BIN)/python tests/llama_cpp_tools.py --build --cache $(CACHE)
 
-test: setup llama-cpp
+# transformers' GPTQ loading route (optimum + gptqmodel on CPU), isolated from the project venv
+# (it brings its own numpy/datasets pins): the judge of `-f gptq` outputs in tests/test_gptq_format.py.
+GPTQ_VENV := $(CACHE)/gptq-venv
+gptq-venv: $(GPTQ_VENV)/.installed
+$(GPTQ_VENV)/.installed:
+	$(PY) -m venv $(GPTQ_VENV)
+	$(GPTQ_VENV)/bin/pip install -q torch==2.13.0
+	echo torch==2.13.0 > $(CACHE)/gptq-constraints.txt
+	$(GPTQ_VENV)/bin/pip install -q -c $(CACHE)/gptq-constraints.txt transformers==5.23.0 optimum==2.3.0 gptqmodel==7.6.0
+	touch $@
+
+test: setup llama-cpp gptq-venv
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q $(PYTEST_ARGS)
 
 bench: model

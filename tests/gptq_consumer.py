@@ -1,0 +1,37 @@
+"""Runs inside the isolated GPTQ venv (.cache/gptq-venv: transformers + optimum + gptqmodel), not
+the project's: load GPTQ folders with stock transformers, save what the loaded model computes.
+
+usage: python gptq_consumer.py OUT.pt FOLDER...   (one process for all folders: imports cost ~5 s)
+OUT.pt: {folder: {"logits", "ids", "kernels", "weights"}}, computed in bfloat16."""
+
+import os
+import sys
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # 2-core machine; see /work/shared/PEERS.md
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+DTYPE = torch.bfloat16
+results = {}
+for folder in sys.argv[2:]:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPE, device_map="cpu")
+    ids = torch.arange(3, 3 + 24).reshape(1, -1) % model.config.vocab_size
+    kernels = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
+    weights = {}
+    with torch.no_grad():
+        logits = model(ids).logits[0].float()
+        # each quantized module's weight as its kernel computes with it: the module applied to the
+        # identity (every output is one weight times 1) with its bias zeroed, transposed to [out, in]
+        for n, m in model.named_modules():
+            if hasattr(m, "qweight"):
+                bias = m.bias.clone() if getattr(m, "bias", None) is not None else None
+                if bias is not None:
+                    m.bias.zero_()
+                weights[n] = m(torch.eye(m.in_features, dtype=DTYPE)).float().T.contiguous()
+                if bias is not None:
+                    m.bias.copy_(bias)
+    results[folder] = {"logits": logits, "ids": ids, "kernels": kernels, "weights": weights}
+    print(folder, kernels, flush=True)
+torch.save(results, sys.argv[1])
