@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from qtool_kernels import reference
+from . import reference  # relative: importable under any name (see pyproject's package-dir note)
 
 _DEFAULTS: dict[str, Callable] = {"qlinear": reference.qlinear}
 
