@@ -42,6 +42,12 @@ class QuantRecipe:
     ignore: list[str] = field(default_factory=list)
     strict_groups: bool = False  # refuse (instead of adapting) a group size a layer's width does not allow
     device: str = "cpu"
+    # calibration (methods with needs_calibration): where the token windows come from
+    dataset: str | None = None
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    method_params: dict = field(default_factory=dict)  # the method's own options (gptq: damp, act_order...)
 
     @property
     def weight_type(self) -> QType:
@@ -68,6 +74,11 @@ def make_recipe(
     ignore: list[str] | None = None,
     strict_groups: bool = False,
     device: str = "cpu",
+    dataset: str | None = None,
+    samples: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+    method_params: dict | None = None,
 ) -> QuantRecipe:
     """Flags -> validated recipe. Checks that need only the flags happen here (exit 2)."""
     if qtype is None:
@@ -87,6 +98,7 @@ def make_recipe(
             raise UsageError(f"--asym: {qt.name} is symmetric only")
     elif strategy == "tensor":
         raise UsageError(f"--group-size tensor: integer types use 'channel' or a group size, not one scale per tensor")
+    params = {k: v for k, v in (method_params or {}).items() if v is not None and v is not False}
     return QuantRecipe(
         method=method,
         qtype=qt.name,
@@ -98,4 +110,10 @@ def make_recipe(
         ignore=list(ignore or []),
         strict_groups=strict_groups,
         device=device,
+        dataset=dataset,
+        samples=samples,
+        seq_len=seq_len,
+        seed=seed,
+        method_params=params,
     )
+

@@ -52,6 +52,7 @@ class LayerResult:
     group_size: int | None
     sqnr_db: float
     note: str | None = None
+    gptq: dict | None = None  # calibration methods: damping used, retries, dead inputs, shared Hessian
 
 
 @dataclass
@@ -69,6 +70,7 @@ class RunReport:
     weight_bits: float = 0.0  # storage bits of the quantized layers (codes + scales + zeros)
     layers: list[LayerResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    calibration: dict | None = None  # provenance of the calibration windows (calibration methods)
 
     @property
     def bpw_quantized(self) -> float:
@@ -210,6 +212,60 @@ def _stream(
     on_event(Event("quantize" if plan.specs else "convert", len(metas), len(metas)))
 
 
+def load_calibration_for(source: CheckpointSource, recipe: QuantRecipe):
+    """The recipe's calibration windows, tokenized with the model's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    from qtool.calib.data import load_calibration
+
+    folder = source.path if source.path.is_dir() else source.path.parent
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # noqa: BLE001 - any loader failure means the same thing here
+        raise UnsupportedError(f"{source.path}: calibration needs the model's tokenizer, none loads from {folder} ({e})") from None
+    return load_calibration(recipe.dataset, tokenizer, samples=recipe.samples, seq_len=recipe.seq_len, seed=recipe.seed)
+
+
+def _calibrated(
+    source: CheckpointSource,
+    writer: FormatWriter,
+    plan: LayerPlan,
+    report: RunReport,
+    on_event: EventSink,
+    method,
+    input_ids: torch.Tensor,
+) -> None:
+    """Calibration methods: non-block tensors pass through; blocks go through the block-wise engine."""
+    from qtool.engine.blockwise import PassThrough, run_blockwise
+
+    outside = [n for n in plan.specs if block_of(n) is None]
+    if outside:
+        raise UnsupportedError(f"{outside[0]}: --method {report.recipe['method']} quantizes decoder-block linears only")
+    for m in source.tensors():
+        if block_of(m.name) is None:
+            report.params_total += m.numel
+            writer.add_tensor(m.name, source.get_tensor(m.name))
+    source.release()
+    progress = lambda stage, done, total, item: on_event(Event(stage, done, total, item))  # noqa: E731
+    for item in run_blockwise(source, plan.specs, method, input_ids, progress=progress):
+        report.params_total += item.tensor.numel() if isinstance(item, PassThrough) else item.weight.numel()
+        if isinstance(item, PassThrough):
+            writer.add_tensor(item.name, item.tensor)
+            continue
+        qw, spec = item.qw, plan.specs[item.name]
+        if not torch.isfinite(qw.scale.float()).all():
+            check_finite(item.name, item.weight, str(source.path))
+        err = sqnr_db(item.weight, qw.dequantize(torch.float32))
+        stats = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in item.stats.__dict__.items()}
+        stats["shares_hessian_with"] = item.shares_hessian_with
+        report.layers.append(
+            LayerResult(item.name, tuple(item.weight.shape), spec.strategy, spec.group_size, err, plan.notes.get(item.name), stats)
+        )
+        report.params_quantized += item.weight.numel()
+        report.weight_bits += qw.storage_bits()
+        writer.add_quantized(item.name, qw)
+
+
 def run(
     model: str,
     source: CheckpointSource,
@@ -224,17 +280,28 @@ def run(
     """Quantize (recipe given) or convert (recipe None) `source` into `out` with `writer`."""
     t0 = time.perf_counter()
     check_output_free(out, overwrite)
-    method = METHODS.get(recipe.method)() if recipe else None
+    method = METHODS.get(recipe.method)(**recipe.method_params) if recipe else None
     plan = plan_layers(source, recipe, writer) if recipe and not writer.self_quantizing else LayerPlan({}, {})
     report = RunReport(model, str(out), writer.registry_name, recipe.to_dict() if recipe else None, writer.describe())
+    calib = None
+    if method is not None and method.needs_calibration:
+        on_event(Event("calibrate", 0, 1, recipe.dataset or ""))
+        calib = load_calibration_for(source, recipe)
+        report.calibration = {"spec": calib.spec, "tokens": calib.tokens_used, **calib.source}
     report.input_bytes = sum(f.stat().st_size for f in source.input_files() if f.suffix in (".safetensors", ".gguf", ".bin", ".pt"))
     with atomic_output(out, overwrite=overwrite, is_dir=writer.output_is_dir) as tmp:
         writer.begin(tmp, source, recipe)
         try:
-            _stream(source, writer, plan, report, on_event, method)
+            if calib is not None:
+                _calibrated(source, writer, plan, report, on_event, method, calib.input_ids)
+            else:
+                _stream(source, writer, plan, report, on_event, method)
             report.notes = _summarize_notes(report.layers)
             on_event(Event("write", 0, 1, str(out)))
-            writer.finish(source.config, {**provenance(source, model, recipe, hash_inputs), "report": _brief(report)})
+            prov = provenance(source, model, recipe, hash_inputs)
+            if report.calibration is not None:
+                prov["calibration"] = report.calibration
+            writer.finish(source.config, {**prov, "report": _brief(report)})
         except BaseException:
             writer.abort()
             raise
@@ -269,5 +336,25 @@ def validate_early(recipe: QuantRecipe | None, fmt: str, **writer_options: objec
         method = METHODS.get(recipe.method)
         if recipe.weight_type.kind not in method.supported_kinds and not writer.self_quantizing:
             raise UnsupportedError(f"--method {recipe.method} cannot produce {recipe.qtype} weights")
+        check_calibration_flags(recipe, method)
+        if method.needs_calibration and writer.self_quantizing:
+            raise UnsupportedError(f"--method {recipe.method}: --format {fmt} quantizes with its own block types; use -m rtn")
         writer.check_recipe(recipe)
     return writer
+
+
+def check_calibration_flags(recipe: QuantRecipe, method_cls) -> None:
+    """Calibration flags against the method (exit 2), from the registry's `needs_calibration`."""
+    params = recipe.method_params
+    if method_cls.needs_calibration:
+        if not recipe.dataset:
+            raise UsageError(f"--method {recipe.method} needs calibration data: give --dataset FILE|RECIPE|HUB_ID (e.g. wikitext2)")
+        if recipe.samples < 1 or recipe.seq_len < 2:
+            raise UsageError(f"--samples {recipe.samples} / --seq-len {recipe.seq_len}: need >= 1 sample of >= 2 tokens")
+        method_cls(**params)  # validates the method's own options
+        return
+    if recipe.dataset:
+        raise UsageError(f"--dataset: --method {recipe.method} uses no calibration data")
+    if params:
+        flags = ", ".join("--" + k.replace("_", "-") for k in params)
+        raise UsageError(f"{flags}: not an option of --method {recipe.method}")

@@ -49,7 +49,7 @@ def float_weight(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     return {"weight": qw.codes, "weight_scale": scale}
 
 
-def weights_args(qw: QuantizedWeight) -> dict:
+def weights_args(qw: QuantizedWeight, actorder: str | None = None) -> dict:
     args = {
         "num_bits": qw.qtype.bits,
         "type": "int" if qw.qtype.is_int else "float",
@@ -57,7 +57,7 @@ def weights_args(qw: QuantizedWeight) -> dict:
         "strategy": qw.strategy,
         "group_size": qw.group_size,
         "dynamic": False,
-        "actorder": None,
+        "actorder": actorder,
         "observer": "minmax",
     }
     return args
@@ -87,6 +87,18 @@ class CompressedTensorsWriter(FormatWriter):
 
     partial_groups = False
 
+    def check_recipe(self, recipe: QuantRecipe) -> None:
+        """GPTQ act-order with dynamic groups needs a per-column group map (`actorder: group` +
+        `weight_g_idx`), which compressed-tensors 0.20 no longer accepts in a config. With
+        --static-groups the groups stay contiguous (`actorder: weight`, no g_idx): that it loads."""
+        super().check_recipe(recipe)
+        p = recipe.method_params
+        if p.get("act_order") and not p.get("static_groups") and recipe.strategy == "group":
+            raise UnsupportedError(
+                f"--act-order with --group-size {recipe.group_size}: --format {self.registry_name} cannot hold "
+                "act-order group maps (compressed-tensors 0.20 refuses `actorder: group`); add --static-groups"
+            )
+
     def check_plan(self, quantized: set[str], linears: list[str], recipe: QuantRecipe) -> None:
         """transformers (5.23, compressed-tensors 0.20) fuses MoE experts on load and, for integer
         schemes, can load them only when every expert is quantized and symmetric (its experts path
@@ -112,14 +124,18 @@ class CompressedTensorsWriter(FormatWriter):
         self.linears = [t.name[: -len(".weight")] for t in source.tensors() if t.name.endswith(".weight") and len(t.shape) == 2]
         self.schemes: dict[tuple, list[str]] = {}
         self.quantized: set[str] = set()
+        self.actorder = "weight" if recipe is not None and recipe.method_params.get("act_order") else None
         self.st = StreamingSafetensorsWriter(out / WEIGHTS_FILE, {"format": "pt"})
 
     def add_quantized(self, name: str, qw: QuantizedWeight) -> None:
         prefix = name[: -len(".weight")]
+        trivial = torch.arange(qw.shape[1]) // (qw.group_size or qw.shape[1])
+        if qw.g_idx is not None and not torch.equal(qw.g_idx.long().cpu(), trivial):
+            raise UnsupportedError(f"{name}: an act-order group map (g_idx) cannot be stored in --format {self.registry_name}")
         tensors = pack_int_weight(qw) if qw.qtype.is_int else float_weight(qw)
         for suffix, t in tensors.items():
             self.st.add(f"{prefix}.{suffix}", t)
-        key = json.dumps(weights_args(qw), sort_keys=True)
+        key = json.dumps(weights_args(qw, self.actorder if qw.qtype.is_int else None), sort_keys=True)
         self.schemes.setdefault(key, []).append(prefix)
         self.quantized.add(prefix)
 

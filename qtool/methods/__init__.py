@@ -5,3 +5,4 @@ from qtool.registry import Registry
 METHODS: Registry = Registry("method")
 
 from qtool.methods import rtn  # noqa: E402,F401  (registers "rtn")
+from qtool.methods import gptq  # noqa: E402,F401  (registers "gptq")

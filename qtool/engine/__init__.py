@@ -1,0 +1,1 @@
+"""Execution engines that need more than one tensor at a time (block-wise calibration)."""

@@ -1,0 +1,298 @@
+"""GPTQ (qtool/methods/gptq.py) and the block-wise engine (qtool/engine/blockwise.py).
+
+Pure-function tests on random layers with random positive-definite Hessians, then end to end on a
+tiny llama (bf16, byte-level tokenizer saved beside it) calibrated on a local text file: the
+compressed-tensors folder loads in transformers, predicts our dequantized reference's logits, and
+beats RTN on held-out text; the engine is sequential (block i sees the quantized block i-1).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qtool.core.affine import quantize_int
+from qtool.errors import UnsupportedError, UsageError
+from qtool.methods import METHODS
+from qtool.methods.base import LayerSpec
+from qtool.methods.gptq import GPTQParams, gptq_quantize, output_error
+from qtool.qtypes import get_qtype
+
+INT4, INT3 = get_qtype("int4"), get_qtype("int3")
+
+
+def random_layer(out_f: int, in_f: int, seed: int, tokens: int = 512):
+    """W [out, in] and H = 2/n XᵀX from correlated inputs with uneven column energy."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out_f, in_f, generator=g)
+    X = torch.randn(tokens, in_f, generator=g) @ torch.randn(in_f, in_f, generator=g) * torch.rand(in_f, generator=g) * 2
+    return W, 2 / tokens * X.T @ X
+
+
+# -- pure functions -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("group_size", [None, 32, 40], ids=["channel", "g32", "g40-partial-last"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize(
+    "params",
+    [GPTQParams(), GPTQParams(act_order=True), GPTQParams(act_order=True, static_groups=True), GPTQParams(block_size=16)],
+    ids=["default", "act-order", "act-order-static", "block16"],
+)
+def test_gptq_output_error_beats_rtn_on_the_same_grid(group_size, symmetric, params):
+    W, H = random_layer(48, 96, seed=1)
+    qw, stats = gptq_quantize(W, H, INT4, group_size=group_size, symmetric=symmetric, params=params)
+    rtn = quantize_int(W, INT4, strategy="group" if group_size else "channel", group_size=group_size, symmetric=symmetric)
+    e_gptq = output_error(W, qw.dequantize(torch.float32), H)
+    e_rtn = output_error(W, rtn.dequantize(torch.float32), H)
+    # GPTQ minimises exactly this objective column by column; on correlated inputs it roughly
+    # halves RTN's error here (measured 0.45-0.5x). 0.8 leaves room for seeds, not for a broken loop.
+    assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
+    assert stats.retries == 0 and stats.damp == params.damp
+    assert int(qw.codes.min()) >= INT4.qmin and int(qw.codes.max()) <= INT4.qmax
+
+
+@pytest.mark.parametrize("group_size", [None, 32, 40], ids=["channel", "g32", "g40"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_identity_hessian_gives_exactly_rtn(group_size, symmetric):
+    """H = I: Hinv is diagonal, no error propagates, so every column rounds as RTN does."""
+    W = torch.randn(24, 80, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    qw, _ = gptq_quantize(W, torch.eye(80), INT4, group_size=group_size, symmetric=symmetric, params=GPTQParams(block_size=32))
+    rtn = quantize_int(W, INT4, strategy="group" if group_size else "channel", group_size=group_size, symmetric=symmetric)
+    assert torch.equal(qw.codes, rtn.codes)
+    assert torch.equal(qw.scale, rtn.scale) and qw.scale.dtype == torch.bfloat16
+    assert (qw.zero_point is None) == symmetric
+    if not symmetric:
+        assert torch.equal(qw.zero_point, rtn.zero_point)
+
+
+def test_lazy_blocks_are_exactly_the_column_by_column_algorithm():
+    """block_size 1 is the plain per-column loop; other block sizes must give the same codes
+    (groups straddling a block boundary included: g40 vs blocks of 16/128)."""
+    W, H = random_layer(16, 96, seed=3)
+    ref, _ = gptq_quantize(W.double().float(), H, INT4, group_size=40, symmetric=False, params=GPTQParams(block_size=1))
+    for bs in (16, 128):
+        qw, _ = gptq_quantize(W, H, INT4, group_size=40, symmetric=False, params=GPTQParams(block_size=bs))
+        # float32 summation order differs between schedules: allow a handful of rounding ties
+        assert (qw.codes != ref.codes).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("group_size", [32, 40])
+def test_act_order_g_idx_maps_every_column_to_its_group(group_size):
+    W, H = random_layer(16, 96, seed=4)
+    qw, _ = gptq_quantize(W, H, INT4, group_size=group_size, symmetric=True, params=GPTQParams(act_order=True))
+    n_groups = -(-96 // group_size)
+    assert qw.g_idx is not None and qw.g_idx.shape == (96,) and qw.g_idx.dtype == torch.int32
+    counts = torch.bincount(qw.g_idx.long(), minlength=n_groups)
+    assert counts[:-1].eq(group_size).all() and counts[-1] == 96 - group_size * (n_groups - 1)
+    # the groups follow decreasing diag(H): group 0 holds the highest-energy columns
+    perm = torch.argsort(torch.diag(H), descending=True)
+    assert torch.equal(qw.g_idx[perm].long(), torch.arange(96) // group_size)
+    # dequantize() honours g_idx: the result is close to W
+    assert torch.nn.functional.cosine_similarity(qw.dequantize(torch.float32).flatten(), W.flatten(), dim=0) > 0.95
+    static, _ = gptq_quantize(W, H, INT4, group_size=group_size, symmetric=True, params=GPTQParams(act_order=True, static_groups=True))
+    assert static.g_idx is None  # static groups stay contiguous: no map needed
+
+
+def test_dead_columns_and_a_singular_hessian_get_more_damping():
+    W, H = random_layer(16, 64, seed=5)
+    H[:, 7] = H[7, :] = 0  # an input that never fired
+    X = torch.randn(8, 64, generator=torch.Generator().manual_seed(6))
+    singular = X.T @ X  # rank 8 of 64
+    qw, stats = gptq_quantize(W, H, INT4, group_size=None, symmetric=True)
+    assert stats.dead_columns == 1 and torch.all(qw.codes[:, 7] == 0)
+    # rank 8 of 64, shifted so that its null space has eigenvalue -1e-4 x mean(diag): damping
+    # 1e-6 and 1e-5 cannot factorise it, 1e-3 can (1e-4 is a float32 coin toss)
+    bad = singular - 1e-4 * torch.diag(singular).mean() * torch.eye(64)
+    qw, stats = gptq_quantize(W, bad, INT4, group_size=None, symmetric=True, params=GPTQParams(damp=1e-6))
+    assert stats.retries in (2, 3) and stats.damp == pytest.approx(1e-6 * 10**stats.retries)
+    assert torch.isfinite(qw.dequantize(torch.float32)).all()
+
+
+def test_method_without_a_hessian_refuses_clearly():
+    m = METHODS.get("gptq")()
+    assert m.needs_calibration
+    with pytest.raises(UsageError, match="calibration"):
+        m.quantize(torch.randn(4, 8), LayerSpec("x.weight", INT4, "channel", None, True))
+    with pytest.raises(UsageError, match="--damp"):
+        METHODS.get("gptq")(damp=-1)
+
+
+# -- end to end on a tiny llama -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    """The tiny llama of tiny_models with a 257-token byte-level tokenizer saved beside it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from tiny_models import SEED, make_config
+
+    folder = tmp_path_factory.mktemp("gptq") / "tiny-llama"
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+    cfg = make_config("llama")
+    cfg.vocab_size, cfg.eos_token_id, cfg.bos_token_id, cfg.pad_token_id = len(vocab), len(vocab) - 1, None, None
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.05 * torch.randn_like(p))
+    model.to(torch.bfloat16).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory, wikitext_path) -> tuple[Path, str]:
+    """Calibration file (first half of the shared WikiText sample, as qtool.calib uses it) and a
+    held-out passage from its second half."""
+    text = wikitext_path.read_text(encoding="utf-8")[:60_000]
+    calib = tmp_path_factory.mktemp("calib") / "calib.txt"
+    calib.write_text(text, encoding="utf-8")
+    held_out = wikitext_path.read_text(encoding="utf-8")[-4000:]
+    return calib, held_out
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_llama, texts, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from qtool.cli.main import app
+
+    root = tmp_path_factory.mktemp("runs")
+
+    def go(name: str, *args: str) -> tuple[Path, dict]:
+        out = root / name
+        res = CliRunner().invoke(app, ["quantize", str(tiny_llama), *args, "-o", str(out), "--json"])
+        assert res.exit_code == 0, res.output
+        return out, json.loads(res.stdout)
+
+    calib = str(texts[0])
+    common = ("-b", "4", "-g", "32")
+    return {
+        "gptq": go("gptq", "-m", "gptq", *common, "--dataset", calib, "--samples", "8", "--seq-len", "64"),
+        "rtn": go("rtn", "-m", "rtn", *common),
+        "gptq-ao": go("gptq-ao", "-m", "gptq", *common, "--act-order", "--static-groups",
+                      "--dataset", calib, "--samples", "8", "--seq-len", "64"),
+    }
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits[0].float()
+
+
+def _reference_logits(model_dir: Path, out: Path, ids):
+    from transformers import AutoModelForCausalLM
+
+    from qtool.formats.compressed_tensors import read_dequantized
+
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    result = ref.load_state_dict(read_dequantized(out), strict=False)
+    assert not result.unexpected_keys and not result.missing_keys
+    return _logits(ref, ids)
+
+
+def _held_out_ids(model_dir: Path, held_out: str) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)(held_out, return_tensors="pt").input_ids[:, :192]
+
+
+@pytest.mark.parametrize("run", ["gptq", "gptq-ao"])
+def test_transformers_loads_gptq_output_and_predicts_our_logits(run, runs, tiny_llama, texts):
+    from transformers import AutoModelForCausalLM
+
+    out, report = runs[run]
+    ids = _held_out_ids(tiny_llama, texts[1])
+    got = _logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), ids)
+    want = _reference_logits(tiny_llama, out, ids)
+    # same weights, float32 both sides; only matmul summation order may differ
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    actorder = {g["weights"]["actorder"] for g in qcfg["config_groups"].values()}
+    assert actorder == ({"weight"} if run == "gptq-ao" else {None})
+    assert len(report["layers"]) == 14 and all(layer["gptq"]["damp"] == 0.01 for layer in report["layers"])
+    shared = {layer["name"].rsplit(".", 2)[-2]: layer["gptq"]["shares_hessian_with"] for layer in report["layers"][:7]}
+    assert shared["k_proj"] == shared["v_proj"] == "model.layers.0.self_attn.q_proj.weight"
+    assert shared["up_proj"] == "model.layers.0.mlp.gate_proj.weight" and shared["o_proj"] is None
+    assert report["calibration"]["samples"] == 8 and report["calibration"]["seq_len"] == 64
+    assert json.loads((out / "qtool.json").read_text())["calibration"]["spec"].endswith("calib.txt")
+
+
+def test_gptq_beats_rtn_on_held_out_text(runs, tiny_llama, texts):
+    """KL(original || quantized) of next-token distributions on text calibration never saw."""
+    from transformers import AutoModelForCausalLM
+
+    ids = _held_out_ids(tiny_llama, texts[1])
+    p = torch.log_softmax(_logits(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32), ids), -1)
+
+    def kl(out: Path) -> float:
+        q = torch.log_softmax(_logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), ids), -1)
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    k_gptq, k_rtn = kl(runs["gptq"][0]), kl(runs["rtn"][0])
+    # a random tiny model is no language model, but its layers' inputs still have structure that
+    # GPTQ exploits; measured 0.0033 vs 0.0188 (~0.17x) here. Asserting "lower" only, the claim made.
+    assert k_gptq < k_rtn, (k_gptq, k_rtn)
+
+
+def test_blocks_are_calibrated_sequentially(tiny_llama, texts, monkeypatch):
+    """Block 1's Hessian comes from the *quantized* block 0's outputs (GPTQ's sequential mode): it
+    equals the Hessian of a float model whose block-0 q_proj holds our 2-bit weight, and differs
+    from the float model's own."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qtool.calib.data import load_calibration
+    from qtool.engine import blockwise
+    from qtool.model.resolve import open_source
+
+    seen: list[torch.Tensor] = []
+    real = blockwise.HessianCollector.hessian
+    monkeypatch.setattr(blockwise.HessianCollector, "hessian", lambda self, n: seen.append(real(self, n)) or seen[-1])
+    ids = load_calibration(str(texts[0]), AutoTokenizer.from_pretrained(tiny_llama), samples=2, seq_len=32).input_ids
+    names = [f"model.layers.{b}.self_attn.q_proj.weight" for b in (0, 1)]
+    with open_source(str(tiny_llama)) as src:
+        specs = {n: LayerSpec(n, get_qtype("int2"), "channel", None, True) for n in names}
+        items = list(blockwise.run_blockwise(src, specs, METHODS.get("gptq")(), ids))
+    q0 = next(it.qw for it in items if getattr(it, "name", None) == names[0] and hasattr(it, "qw"))
+    assert len(seen) == 2 and sum(hasattr(it, "qw") for it in items) == 2
+
+    def hessians(model) -> list[torch.Tensor]:
+        xs: list[list[torch.Tensor]] = [[], []]
+        hooks = [model.model.layers[b].self_attn.q_proj.register_forward_pre_hook(
+            lambda m, a, b=b: xs[b].append(a[0].reshape(-1, a[0].shape[-1]))) for b in (0, 1)]
+        with torch.no_grad():
+            for row in ids:
+                model(row.unsqueeze(0))
+        for h in hooks:
+            h.remove()
+        return [2 / torch.cat(x).shape[0] * torch.cat(x).T @ torch.cat(x) for x in xs]
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    h_float = hessians(model)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.copy_(q0.dequantize(torch.float32))
+    h_seq = hessians(model)
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    # float32 both sides, same modules: agreement to summation-order noise
+    assert rel(seen[0], h_float[0]) < 1e-5
+    assert rel(seen[1], h_seq[1]) < 1e-5
+    # and a 2-bit q_proj moves block 1's inputs measurably (so the check above has teeth)
+    assert rel(h_seq[1], h_float[1]) > 1e-3
+
+
+def test_cli_refuses_bad_gptq_combinations(tiny_llama, tmp_path, cli):
+    r = cli("quantize", tiny_llama, "-m", "gptq", "-b", "4", "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "--dataset" in r.output
+    r = cli("quantize", tiny_llama, "-m", "rtn", "--damp", "0.1", "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "--damp" in r.output
+    r = cli("quantize", tiny_llama, "-m", "gptq", "-g", "32", "--act-order", "--dataset", "x.txt", "-o", tmp_path / "x")
+    assert r.exit_code == 3 and "--static-groups" in r.output
+    assert not (tmp_path / "x").exists()
