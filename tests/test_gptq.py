@@ -123,29 +123,9 @@ def test_method_without_a_hessian_refuses_clearly():
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
     """The tiny llama of tiny_models with a 257-token byte-level tokenizer saved beside it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from tiny_models import build_tiny_with_byte_tokenizer
 
-    from tiny_models import SEED, make_config
-
-    folder = tmp_path_factory.mktemp("gptq") / "tiny-llama"
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<eos>"] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
-    cfg = make_config("llama")
-    cfg.vocab_size, cfg.eos_token_id, cfg.bos_token_id, cfg.pad_token_id = len(vocab), len(vocab) - 1, None, None
-    torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.05 * torch.randn_like(p))
-    model.to(torch.bfloat16).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return build_tiny_with_byte_tokenizer(tmp_path_factory.mktemp("gptq") / "tiny-llama")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import torch
 from qtool.core.affine import quantize_int
 from qtool.formats.gptq import pack_gptq, read_dequantized, read_quantized, unpack_gptq
 from qtool.qtypes import get_qtype
-from tiny_models import build_tiny
+from tiny_models import build_tiny, build_tiny_with_byte_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 GPTQ_PY = Path(os.environ.get("QTOOL_CACHE", ROOT / ".cache")) / "gptq-venv" / "bin" / "python"
@@ -33,7 +33,9 @@ def _run_cli(*args: object) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("gptq_src")
-    return {arch: build_tiny(arch, root / arch) for arch in ("llama", "qwen2")}
+    models = {arch: build_tiny(arch, root / arch) for arch in ("llama", "qwen2")}
+    models["llama-bytes"] = build_tiny_with_byte_tokenizer(root / "llama-bytes")
+    return models
 
 
 # -- the layout, in the project venv ---------------------------------------------------------------
@@ -104,6 +106,12 @@ CASES = {
     "int8-channel": ("llama", ["-b", "8"], "TorchLinear"),
     "int3-g32": ("llama", ["-b", "3", "-g", "32", "--ignore", "*k_proj", "--ignore", "*v_proj"], "TorchLinear"),
     "int2-g32-asym-bias": ("qwen2", ["-b", "2", "-g", "32", "--asym"], "TorchLinear"),
+    # the GPTQ method itself, act-order with dynamic groups: a real g_idx through GPTQModel
+    "gptq-int4-g32-act-order": (
+        "llama-bytes",
+        ["-m", "gptq", "-b", "4", "-g", "32", "--act-order", "--dataset", "{text}", "--samples", "4", "--seq-len", "32"],
+        None,
+    ),
 }
 
 
@@ -113,10 +121,14 @@ def consumed(tiny, tmp_path_factory):
     if not GPTQ_PY.exists():
         pytest.skip(f"{GPTQ_PY} missing: `make gptq-venv` installs transformers + optimum + gptqmodel there")
     root = tmp_path_factory.mktemp("gptq_out")
+    text = root / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     outs = {}
     for case, (arch, args, _) in CASES.items():
         out = root / case
-        p = _run_cli("quantize", tiny[arch], "-m", "rtn", *args, "-f", "gptq", "-o", out, "-q")
+        method = [] if "-m" in args else ["-m", "rtn"]
+        args = [a.replace("{text}", str(text)) for a in args]
+        p = _run_cli("quantize", tiny[arch], *method, *args, "-f", "gptq", "-o", out, "-q")
         assert p.returncode == 0, p.stderr
         outs[case] = out
     result = root / "consumer.pt"
@@ -138,7 +150,12 @@ def test_transformers_gptqmodel_loads_our_output(consumed, tiny, case):
     out, got = consumed[case]
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["checkpoint_format"] == ("gptq_v2" if "--asym" in args else "gptq")
-    assert got["kernels"] == [kernel]
+    if kernel is not None:
+        assert got["kernels"] == [kernel]
+    if "--act-order" in args:
+        assert qcfg["desc_act"] is True
+        qws, _ = read_quantized(out)
+        assert any(not torch.equal(q.g_idx, torch.arange(q.shape[1]) // 32) for q in qws.values() if q.g_idx is not None)
     qws, _ = read_quantized(out)
     assert set(got["weights"]) == set(qws)
     # 1. the weight each kernel computes with is our reference dequantization ((q - z) * s from the

@@ -87,3 +87,28 @@ def build_tiny(arch: str, folder: Path | str) -> Path:
     folder = Path(folder)
     make_model(arch).save_pretrained(folder)
     return folder
+
+
+def build_tiny_with_byte_tokenizer(folder: Path) -> Path:
+    """A tiny llama with a 257-token byte-level tokenizer saved beside it, for methods that need
+    calibration text (norm weights nudged off 1 so that they matter)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+    cfg = make_config("llama")
+    cfg.vocab_size, cfg.eos_token_id, cfg.bos_token_id, cfg.pad_token_id = len(vocab), len(vocab) - 1, None, None
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.05 * torch.randn_like(p))
+    model.to(torch.bfloat16).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
