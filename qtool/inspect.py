@@ -115,6 +115,7 @@ class InspectReport:
     kv_cache: KVCache | None
     provenance: dict | None = None
     notes: list[str] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)  # GGUF: model and tokenizer summary
 
     @property
     def params(self) -> int:
@@ -179,6 +180,7 @@ class InspectReport:
                 "kv_cache": {k: v for k, v in asdict(kv).items() if k not in ("ctx", "batch")} if kv else None,
             },
             "provenance": self.provenance,
+            "metadata": self.metadata,
             "notes": self.notes,
             "tensors": [t.to_dict() for t in self.tensors],
         }
@@ -617,7 +619,49 @@ def _gguf_report(path: Path, ctx: int, batch: int) -> InspectReport:
     if kv is None:
         notes.append("KV cache size unknown: GGUF metadata lacks the attention keys")
     return InspectReport(str(path), "gguf", file_type, method, {path.name: path.stat().st_size}, rows,
-                         ctx, batch, kv, prov, notes)
+                         ctx, batch, kv, prov, notes, gguf_summary(reader, arch if isinstance(arch, str) else None))
+
+
+def gguf_summary(reader, arch: str | None) -> dict:
+    """The metadata a user checks first: model hyper-parameters and what the tokenizer is."""
+    fields = reader.fields
+
+    def get(key: str):
+        f = fields.get(key)
+        if f is None or not f.types:
+            return None
+        try:
+            return f.contents()
+        except Exception:  # a value gguf-py cannot decode: leave it out of a summary
+            return None
+
+    def count(key: str) -> int | None:
+        f = fields.get(key)
+        return len(f.data) if f is not None else None
+
+    out = {
+        "architecture": arch,
+        "name": get("general.name"),
+        "quantization_version": get("general.quantization_version"),
+        "file_type": get("general.file_type"),
+    }
+    if arch:
+        for k in ("context_length", "embedding_length", "block_count", "feed_forward_length",
+                  "attention.head_count", "attention.head_count_kv", "rope.freq_base", "expert_count"):
+            out[k] = get(f"{arch}.{k}")
+    template = get("tokenizer.chat_template")
+    out["tokenizer"] = {
+        "model": get("tokenizer.ggml.model"),
+        "pre": get("tokenizer.ggml.pre"),
+        "vocab_size": count("tokenizer.ggml.tokens"),
+        "merges": count("tokenizer.ggml.merges"),
+        "scores": count("tokenizer.ggml.scores"),
+        "bos_token_id": get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": get("tokenizer.ggml.eos_token_id"),
+        "add_bos_token": get("tokenizer.ggml.add_bos_token"),
+        "chat_template": f"{len(template)} characters" if isinstance(template, str) else None,
+    }
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _gguf_value(reader, key: str, path: Path):

@@ -182,6 +182,12 @@ def write_gguf(path: Path) -> dict[str, tuple[str, int]]:
     w.add_head_count(4)
     w.add_head_count_kv(2)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(["<a>", "<b>", "c"])
+    w.add_token_merges(["c c"])
+    w.add_bos_token_id(0)
+    w.add_chat_template("{{ messages }}")
     spec = {"token_embd.weight": ((128, 64), "Q8_0"), "blk.0.attn_q.weight": ((64, 64), "Q8_0"),
             "blk.0.ffn_up.weight": ((128, 64), "Q8_0"), "blk.0.attn_norm.weight": ((64,), "F32"),
             "output_norm.weight": ((64,), "F32"), "output.weight": ((128, 64), "F32")}
@@ -217,6 +223,13 @@ def test_gguf_types_bits_and_memory(tmp_path):
     res = CliRunner().invoke(app, ["inspect", str(path), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["totals"]["bpw_quantized"] == 8.5
+    # the metadata summary: hyper-parameters and what the tokenizer is
+    meta = json.loads(res.stdout)["metadata"]
+    assert (meta["architecture"], meta["block_count"], meta["attention.head_count_kv"]) == ("llama", 2, 2)
+    assert meta["tokenizer"] == {"model": "gpt2", "pre": "smollm", "vocab_size": 3, "merges": 1, "scores": None,
+                                 "bos_token_id": 0, "eos_token_id": None, "add_bos_token": None,
+                                 "chat_template": "14 characters"}
+    assert "tokenizer" in CliRunner().invoke(app, ["inspect", str(path)]).stdout
 
 
 # -- bad input ------------------------------------------------------------------------------------

@@ -79,6 +79,12 @@ def _totals_table(r: InspectReport) -> Table:
     else:
         t.add_row("memory", f"{human_bytes(r.memory_bytes or 0)} = {human_bytes(r.tensor_bytes)} weights + "
                   f"{human_bytes(r.kv_cache.bytes)} KV cache (ctx {r.ctx}, batch {r.batch}, 16-bit)")
+    if r.metadata:
+        tok = r.metadata.get("tokenizer", {})
+        model = {k: v for k, v in r.metadata.items() if k != "tokenizer"}
+        t.add_row("model", ", ".join(f"{k} {v}" for k, v in model.items()))
+        if tok:
+            t.add_row("tokenizer", ", ".join(f"{k} {v}" for k, v in tok.items() if v is not None))
     for n in r.notes:
         t.add_row("[yellow]note[/]", n)
     return t
