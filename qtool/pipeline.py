@@ -201,15 +201,30 @@ def _stream(
             continue
         w = t.to(device)
         qw = method.quantize(w, spec)  # scales come back in the checkpoint dtype
-        if not torch.isfinite(qw.scale.float()).all():  # NaN/Inf in a weight reach its scales: a free check
-            check_finite(m.name, t, str(source.path))
-        err = sqnr_db(w, qw.dequantize(torch.float32))
-        report.layers.append(LayerResult(m.name, m.shape, spec.strategy, spec.group_size, err, plan.notes.get(m.name)))
-        report.params_quantized += m.numel
-        report.weight_bits += qw.storage_bits()
-        writer.add_quantized(m.name, qw)  # writers move to CPU as they serialise
+        _write_quantized(m.name, w, qw, spec, plan, report, writer, str(source.path))
         del t, w, qw
     on_event(Event("quantize" if plan.specs else "convert", len(metas), len(metas)))
+
+
+def _write_quantized(
+    name: str,
+    w: torch.Tensor,
+    qw,
+    spec: LayerSpec,
+    plan: LayerPlan,
+    report: RunReport,
+    writer: FormatWriter,
+    where: str,
+    stats: dict | None = None,
+) -> None:
+    """One quantized layer: finiteness check, error, report entry, then the writer."""
+    if not torch.isfinite(qw.scale.float()).all():  # NaN/Inf in a weight reach its scales: a free check
+        check_finite(name, w, where)
+    err = sqnr_db(w, qw.dequantize(torch.float32))
+    report.layers.append(LayerResult(name, tuple(w.shape), spec.strategy, spec.group_size, err, plan.notes.get(name), stats))
+    report.params_quantized += w.numel()
+    report.weight_bits += qw.storage_bits()
+    writer.add_quantized(name, qw)  # writers move to CPU as they serialise
 
 
 def load_calibration_for(source: CheckpointSource, recipe: QuantRecipe):
@@ -252,18 +267,9 @@ def _calibrated(
         if isinstance(item, PassThrough):
             writer.add_tensor(item.name, item.tensor)
             continue
-        qw, spec = item.qw, plan.specs[item.name]
-        if not torch.isfinite(qw.scale.float()).all():
-            check_finite(item.name, item.weight, str(source.path))
-        err = sqnr_db(item.weight, qw.dequantize(torch.float32))
         stats = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in item.stats.__dict__.items()}
         stats["shares_hessian_with"] = item.shares_hessian_with
-        report.layers.append(
-            LayerResult(item.name, tuple(item.weight.shape), spec.strategy, spec.group_size, err, plan.notes.get(item.name), stats)
-        )
-        report.params_quantized += item.weight.numel()
-        report.weight_bits += qw.storage_bits()
-        writer.add_quantized(item.name, qw)
+        _write_quantized(item.name, item.weight, item.qw, plan.specs[item.name], plan, report, writer, str(source.path), stats)
 
 
 def run(
