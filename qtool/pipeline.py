@@ -16,7 +16,7 @@ import torch
 from qtool import __version__
 from qtool.config import QuantRecipe
 from qtool.core.metrics import sqnr_db
-from qtool.errors import NumericalError, UnsupportedError, UsageError
+from qtool.errors import FormatError, NumericalError, UnsupportedError, UsageError
 from qtool.formats import FORMATS
 from qtool.formats.base import FormatWriter
 from qtool.io import atomic_output, check_output_free, sha256_file
@@ -308,6 +308,9 @@ def run(
             if report.calibration is not None:
                 prov["calibration"] = report.calibration
             writer.finish(source.config, {**prov, "report": _brief(report)})
+        except OSError as e:  # disk full, quota, a vanished folder: the user's problem to fix, said in one line
+            writer.abort()
+            raise FormatError(f"{out}: cannot write: {e.strerror or e}") from None
         except BaseException:
             writer.abort()
             raise
