@@ -41,6 +41,7 @@ from qtool.formats import FORMATS
 from qtool.formats.base import FormatWriter, TensorOutcome
 from qtool.formats.gguf import metadata as md
 from qtool.formats.gguf import mixtures as mx
+from qtool.formats.gguf import quants
 from qtool.formats.gguf import tokenizer as tk
 from qtool.model.source import CheckpointSource, TensorMeta, block_of
 
@@ -67,38 +68,48 @@ def permute_qk_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
 # -- encoding one tensor ---------------------------------------------------------------------------
 
 
-def _quantize_rows(rows: torch.Tensor, qtype: T) -> np.ndarray:
-    """[rows, cols] float32 -> uint8 [rows, bytes_per_row], llama.cpp's block bytes."""
-    try:
-        from qtool.formats.gguf import quants  # the torch implementation (K types included)
-    except ImportError:
-        quants = None
-    if quants is not None and qtype in quants.SUPPORTED:
-        return np.ascontiguousarray(quants.quantize_tensor(rows, qtype))
-    try:
-        return gguf.quants.quantize(rows.numpy(), qtype)
-    except NotImplementedError:
-        raise UnsupportedError(f"--format gguf: no quantizer for {qtype.name} is available") from None
-
-
+# Rows are encoded in chunks of about this many elements, so that the float32 copy, the block
+# bytes and their reconstruction (for the error figure) never exist for a whole large tensor at
+# once: a 49152 x 2048 embedding would otherwise need ~1.2 GB of temporaries.
+CHUNK_ELEMENTS = 1 << 22
 _TORCH_FLOATS = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
 
 
-def encode(x: torch.Tensor, qtype: T) -> tuple[np.ndarray, torch.Tensor | None]:
-    """Tensor -> (the array written to the file, its reconstruction in float32, or None when the
-    bytes hold `x` exactly)."""
-    x = x.detach().to("cpu").contiguous()
+def _quantize_rows(rows: torch.Tensor, qtype: T) -> np.ndarray:
+    """[rows, cols] float32 -> uint8 [rows, bytes_per_row], llama.cpp's block bytes."""
+    if qtype in quants.SUPPORTED:
+        return np.ascontiguousarray(quants.quantize_tensor(rows, qtype))
+    raise UnsupportedError(f"--format gguf: no quantizer for {qtype.name} is available")
+
+
+def _encode_chunk(xf: torch.Tensor, qtype: T) -> tuple[np.ndarray, torch.Tensor]:
+    """float32 rows -> (bytes for the file, their reconstruction in float32)."""
     if qtype in _TORCH_FLOATS:  # float casts round to nearest even, as ggml's converters do
-        target = _TORCH_FLOATS[qtype]
-        if x.dtype == target:
-            return (x if qtype == T.F32 else x.view(torch.int16)).numpy(), None
-        h = x.float().to(target)
-        exact = x.dtype in (torch.float16, torch.bfloat16) and qtype == T.F32
-        return (h if qtype == T.F32 else h.view(torch.int16)).numpy(), None if exact else h.float()
-    x = x.float()
-    data = _quantize_rows(x.reshape(-1, x.shape[-1]), qtype)
-    recon = torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(x.shape))
-    return data.reshape(*x.shape[:-1], -1), recon
+        h = xf.to(_TORCH_FLOATS[qtype])
+        return (h if qtype == T.F32 else h.view(torch.int16)).numpy(), h.float()
+    data = _quantize_rows(xf, qtype)
+    return data, torch.from_numpy(gguf.quants.dequantize(data, qtype)).reshape(xf.shape)
+
+
+def encode(x: torch.Tensor, qtype: T) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Tensor -> (the array written to the file, (|x|^2, |x - reconstruction|^2), or None when the
+    bytes hold `x` exactly). Works through the rows in chunks (see CHUNK_ELEMENTS)."""
+    x = x.detach().to("cpu").contiguous()
+    if qtype in _TORCH_FLOATS and x.dtype == _TORCH_FLOATS[qtype]:
+        return (x if qtype == T.F32 else x.view(torch.int16)).numpy(), None
+    exact = qtype == T.F32 and x.dtype in (torch.float16, torch.bfloat16)
+    rows = x.reshape(-1, x.shape[-1])
+    step = max(1, CHUNK_ELEMENTS // max(1, rows.shape[1]))
+    parts, signal, noise = [], 0.0, 0.0
+    for i in range(0, rows.shape[0], step):
+        xf = rows[i : i + step].float()
+        data, recon = _encode_chunk(xf, qtype)
+        parts.append(np.ascontiguousarray(data))
+        if not exact:
+            signal += torch.linalg.vector_norm(xf).item() ** 2
+            noise += torch.linalg.vector_norm(xf - recon).item() ** 2
+    data = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    return data.reshape(*x.shape[:-1], -1), None if exact else (signal, noise)
 
 
 # -- the plan --------------------------------------------------------------------------------------
@@ -333,7 +344,7 @@ class GGUFWriter(FormatWriter):
         for entry, part in routes:
             y = t if entry.rows is None else t[..., entry.rows[0]:entry.rows[1], :]
             y = self._transform(entry, y)
-            data, recon = encode(y, entry.qtype)
+            data, err = encode(y, entry.qtype)
             entry.data[part] = data
             if mx.allows_quantization(entry.name, entry.ne):
                 counted = True
@@ -341,10 +352,9 @@ class GGUFWriter(FormatWriter):
                 kinds.append(entry.qtype.name)
                 if entry.note:
                     notes.append(entry.note)
-                if recon is not None:
-                    y = y.float()
-                    signal += torch.linalg.vector_norm(y).item() ** 2
-                    noise += torch.linalg.vector_norm(y - recon).item() ** 2
+                if err is not None:
+                    signal += err[0]
+                    noise += err[1]
         self._flush()
         if not counted:
             return None
