@@ -144,8 +144,8 @@ def plan_layers(source: CheckpointSource, recipe: QuantRecipe, writer: FormatWri
 
 
 def check_finite(name: str, w: torch.Tensor, where: str = "") -> None:
-    # amax propagates NaN and keeps Inf: one reduction instead of an elementwise isfinite pass
-    if w.is_floating_point() and not torch.isfinite(w.abs().amax()):
+    # min/max propagate NaN and keep Inf: one fused reduction instead of an elementwise isfinite pass
+    if w.is_floating_point() and w.numel() and not torch.isfinite(torch.stack(torch.aminmax(w))).all():
         bad = (~torch.isfinite(w)).sum().item()
         raise NumericalError(f"{where + ': ' if where else ''}tensor {name}: {bad} NaN/Inf value(s); the checkpoint is damaged")
 
