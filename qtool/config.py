@@ -97,7 +97,7 @@ def make_recipe(
         if asym:
             raise UsageError(f"--asym: {qt.name} is symmetric only")
     elif strategy == "tensor":
-        raise UsageError(f"--group-size tensor: integer types use 'channel' or a group size, not one scale per tensor")
+        raise UsageError("--group-size tensor: integer types use 'channel' or a group size, not one scale per tensor")
     params = {k: v for k, v in (method_params or {}).items() if v is not None and v is not False}
     return QuantRecipe(
         method=method,

@@ -3,16 +3,8 @@ formats that cannot hold one say so (see formats/base.py)."""
 
 from __future__ import annotations
 
-import math
 
 import torch
-
-
-def n_groups(in_features: int, strategy: str, group_size: int | None) -> int:
-    if strategy == "group":
-        assert group_size and group_size > 0
-        return math.ceil(in_features / group_size)
-    return 1
 
 
 def column_groups(

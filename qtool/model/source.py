@@ -11,8 +11,6 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
-
 import torch
 
 
@@ -85,10 +83,6 @@ class CheckpointSource(ABC):
             if m:
                 seen.setdefault(m.group("block"), int(m.group("index")))
         return sorted(seen, key=seen.__getitem__)
-
-    def iter_tensors(self) -> Iterator[tuple[TensorMeta, torch.Tensor]]:
-        for t in self.tensors():
-            yield t, self.get_tensor(t.name)
 
     def __enter__(self) -> "CheckpointSource":
         return self
