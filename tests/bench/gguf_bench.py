@@ -13,8 +13,9 @@ Rows (llama.cpp = the build cached by tests/llama_cpp_tools.py):
   B. Peak RSS of a random ~1.1 B Llama -> Q4_K_M: qtool (budget 1.5 GiB) and llama.cpp's two steps,
      on the same folder. llama.cpp's converter needs `architectures` in config.json and a tokenizer,
      which the bench's random Llama (random_llama.py, vocab 32000, no tokenizer) lacks, so both tools
-     read `random-llama-1b-tok`: the same random Llama with SmolLM2's vocabulary size (49152), its
-     tokenizer files and `architectures` (built once, cached). The two Q4_K_M files are compared too.
+     read `$QTOOL_CACHE/bench/random-llama-1b-tok`: the same random Llama with SmolLM2's vocabulary
+     size (49152), its tokenizer files and `architectures` (built once, cached). qtool also runs on
+     the plain random-llama-1b (the bench's 1.1 B input). The two Q4_K_M files are compared too.
   C. Held-out perplexity of each mixture on SmolLM2: qtool's file beside llama-quantize's file of the
      same type (from llama.cpp's bf16 GGUF of row A), both scored by the same program,
      `llama-perplexity -m FILE -f TEXT -c 512 --chunks N -t 2`, TEXT = the second half of
@@ -27,6 +28,7 @@ A step that cannot run leaves its error in the row; the table prints it instead 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -48,7 +50,10 @@ GIB = 1 << 30
 MIB = 1 << 20
 RSS_BUDGET_BYTES = int(1.5 * GIB)
 PPL_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K", "Q4_0")
-DEFAULT_CHUNKS = 4  # x 512 tokens; see run_bench --gguf-chunks
+# x 512 tokens (run_bench --gguf-chunks). 8: on a quiet 2-core machine one llama-perplexity run of
+# SmolLM2 takes ~1 s a chunk, 18 runs ~2.5 min, and the whole section ~8 min; under load (other
+# jobs on the 2 cores) everything here takes 3-6x longer.
+DEFAULT_CHUNKS = 8
 CTX = 512
 THREADS = 2
 TOK_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
@@ -78,11 +83,27 @@ def _measure(cmd: list, env: dict, what: str) -> dict:
     return out
 
 
-def gguf_stats(path: Path) -> dict:
-    """File size, tensor count and bpw (tensor data bits / tensor elements) of a GGUF file."""
+_READERS: dict = {}
+
+
+def reader(path: Path):
+    """gguf.GGUFReader of `path`, opened once (parsing the 49k-token vocabulary costs ~2 s)."""
     import gguf
 
-    r = gguf.GGUFReader(path)
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _READERS:
+        _READERS[key] = gguf.GGUFReader(path)
+    return _READERS[key]
+
+
+def forget_readers() -> None:
+    _READERS.clear()
+
+
+def gguf_stats(path: Path) -> dict:
+    """File size, tensor count and bpw (tensor data bits / tensor elements) of a GGUF file."""
+    r = reader(path)
     nbytes = sum(int(t.n_bytes) for t in r.tensors)
     nel = sum(int(t.n_elements) for t in r.tensors)
     return {"size_bytes": path.stat().st_size, "tensors": len(r.tensors), "tensor_bytes": nbytes,
@@ -91,10 +112,9 @@ def gguf_stats(path: Path) -> dict:
 
 def compare_tensors(a: Path, b: Path) -> dict:
     """Tensor-by-tensor comparison of two GGUF files: names, types, shapes and data bytes."""
-    import gguf
     import numpy as np
 
-    ra, rb = gguf.GGUFReader(a), gguf.GGUFReader(b)
+    ra, rb = reader(a), reader(b)
     ta, tb = {t.name: t for t in ra.tensors}, {t.name: t for t in rb.tensors}
     common = [n for n in ta if n in tb]
     type_diff, shape_diff, byte_diff = [], [], []
@@ -123,11 +143,8 @@ def compare_tensors(a: Path, b: Path) -> dict:
 
 def _tokenizer_fields(path: Path) -> dict:
     """The tokenizer.ggml.* fields of a GGUF file, as comparable Python values."""
-    import gguf
-
-    r = gguf.GGUFReader(path)
     out = {}
-    for name, f in r.fields.items():
+    for name, f in reader(path).fields.items():
         if name.startswith("tokenizer.ggml."):
             try:
                 out[name] = f.contents()
@@ -209,18 +226,19 @@ def end_to_end(tools, qtool: str, env: dict, model: Path, work: Path) -> dict:
             row["compare"] = compare_tensors(q_out, l_out)
         except Exception as e:  # noqa: BLE001
             row["compare"] = {"error": _err(e)}
+    forget_readers()
     return row
 
 
 # -- row B: 1.1 B peak RSS -------------------------------------------------------------------------
-def random_llama_with_tokenizer(work: Path, model: Path) -> tuple[Path, str]:
+def random_llama_with_tokenizer(bench: Path, model: Path) -> tuple[Path, str]:
     """The bench's random 1.1 B Llama in a form llama.cpp's converter accepts: `architectures` in
     config.json and SmolLM2's tokenizer files. Reuses random-llama-1b's shards (symlinks) when its
     vocabulary size equals SmolLM2's; otherwise builds the same model with SmolLM2's vocabulary size
     (seeded, cached). Returns (folder, how it was made)."""
     import random_llama
 
-    out = work / "random-llama-1b-tok"
+    out = bench / "random-llama-1b-tok"
     smol_vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     base_cfg = random_llama.PRESETS["1b"]
     if base_cfg["vocab_size"] == smol_vocab:
@@ -231,7 +249,7 @@ def random_llama_with_tokenizer(work: Path, model: Path) -> tuple[Path, str]:
     if (out / TOK_MARK).is_file():
         return out, how
     if base_cfg["vocab_size"] == smol_vocab:
-        base = random_llama.build(work / "random-llama-1b", "1b")
+        base = random_llama.build(bench / "random-llama-1b", "1b")
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         for f in base.iterdir():
@@ -254,10 +272,22 @@ def random_llama_with_tokenizer(work: Path, model: Path) -> tuple[Path, str]:
 
 
 def big_rss(tools, qtool: str, env: dict, model: Path, work: Path) -> dict:
+    import random_llama
+
     row: dict = {"row": "random Llama ~1.1B (bf16) -> Q4_K_M", "qtype": "Q4_K_M", "rss_budget_bytes": RSS_BUDGET_BYTES}
+    # qtool on the bench's own random Llama (vocab 32000, no tokenizer: qtool writes tokenizer model "none")
+    plain_out = work / "big-plain.qtool.Q4_K_M.gguf"
+    try:
+        plain = random_llama.build(work.parent / "random-llama-1b", "1b")
+        row["qtool_plain"] = {"input": str(plain), **qtool_quantize(qtool, env, plain, plain_out, "Q4_K_M"), **gguf_stats(plain_out)}
+        row["qtool_plain"]["rss_pass"] = row["qtool_plain"]["peak_rss_bytes"] < RSS_BUDGET_BYTES
+    except Exception as e:  # noqa: BLE001
+        row["qtool_plain"] = {"error": _err(e)}
+    forget_readers()
+    plain_out.unlink(missing_ok=True)
     try:
         t0 = time.perf_counter()
-        src, how = random_llama_with_tokenizer(work, model)
+        src, how = random_llama_with_tokenizer(work.parent, model)
         row.update(input=str(src), input_how=how, input_prepare_s=round(time.perf_counter() - t0, 1))
     except Exception as e:  # noqa: BLE001
         row["error"] = _err(e)
@@ -265,7 +295,7 @@ def big_rss(tools, qtool: str, env: dict, model: Path, work: Path) -> dict:
     q_out, l_bf16, l_out = work / "big.qtool.Q4_K_M.gguf", work / "big.llama.bf16.gguf", work / "big.llama.Q4_K_M.gguf"
     try:
         row["qtool"] = {**qtool_quantize(qtool, env, src, q_out, "Q4_K_M"), **gguf_stats(q_out)}
-        row["rss_pass"] = row["qtool"]["peak_rss_bytes"] < RSS_BUDGET_BYTES
+        row["qtool"]["rss_pass"] = row["qtool"]["peak_rss_bytes"] < RSS_BUDGET_BYTES
         row["params_total"] = row["qtool"]["params"]
     except Exception as e:  # noqa: BLE001
         row["qtool"] = {"error": _err(e)}
@@ -282,8 +312,10 @@ def big_rss(tools, qtool: str, env: dict, model: Path, work: Path) -> dict:
             row["compare"] = compare_tensors(q_out, l_out)
         except Exception as e:  # noqa: BLE001
             row["compare"] = {"error": _err(e)}
+    forget_readers()
     for p in (q_out, l_bf16, l_out):  # 3 GB that nothing reuses
         p.unlink(missing_ok=True)
+    row["rss_pass"] = all(row.get(k, {}).get("rss_pass", False) for k in ("qtool_plain", "qtool"))
     return row
 
 
@@ -327,6 +359,7 @@ def perplexity_rows(tools, qtool: str, env: dict, model: Path, text_src: Path, w
                         row["tokenizer_fields_differing"] = tokenizer_diff(q_out, l_out)
                 except Exception as e:  # noqa: BLE001
                     row["compare"] = {"error": _err(e)}
+            forget_readers()
             rows.append(row)
             print(f"[gguf bench] {qtype}: qtool {row['qtool'].get('ppl', row['qtool'].get('error'))}, "
                   f"llama.cpp {row['llama_cpp'].get('ppl', row['llama_cpp'].get('error'))}", file=sys.stderr, flush=True)
@@ -344,7 +377,8 @@ def run_gguf_section(model: Path, text: Path, work: Path, qtool: str, env: dict,
         stale.unlink()
     sec: dict = {"config": {"model": str(model), "text": str(text), "part": "eval (second half, qtool.evaluate.split_text)",
                             "ctx": CTX, "chunks": chunks, "threads": THREADS, "types": list(PPL_TYPES)},
-                 "load_average_at_start": os.getloadavg()}
+                 "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                 "load_average_at_start": os.getloadavg(), "qtool_code_at_start": qtool_state()}
     try:
         from llama_cpp_tools import ensure_llama_cpp
 
@@ -372,11 +406,26 @@ def run_gguf_section(model: Path, text: Path, work: Path, qtool: str, env: dict,
     ppl = stage("perplexity", lambda: perplexity_rows(tools, qtool, env, model, text, work, chunks, sec["end_to_end"]))
     sec["perplexity"] = ppl if isinstance(ppl, list) else [ppl]
     if skip_1b:
-        sec["big_rss"] = {"row": "random Llama ~1.1B (bf16) -> Q4_K_M", "error": "not run (--skip-1b)"}
+        sec["big_rss"] = {"row": "random Llama ~1.1B (bf16) -> Q4_K_M", "error": "--skip-1b"}
     else:
         sec["big_rss"] = stage("big_rss", lambda: big_rss(tools, qtool, env, model, work))
     sec["seconds"] = round(time.perf_counter() - t0, 1)
+    sec["qtool_code_at_end"] = qtool_state()
+    sec["qtool_code_changed_during_run"] = sec["qtool_code_at_end"] != sec["qtool_code_at_start"]
     return sec
+
+
+def qtool_state() -> dict:
+    """HEAD and a hash of the uncommitted changes under qtool/: the code every qtool command here ran."""
+    import hashlib
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout
+
+    try:
+        return {"commit": git("rev-parse", "HEAD").strip(), "qtool_diff_sha1": hashlib.sha1(git("diff", "HEAD", "--", "qtool").encode()).hexdigest()[:12]}
+    except OSError:
+        return {}
 
 
 def _pkg_version(name: str) -> str | None:
@@ -419,7 +468,7 @@ def _same(c: dict | None) -> str:
 
 
 def _step_rows(label: str, d: dict, extra_cols: int = 0) -> list[str]:
-    pad = " | –" * extra_cols
+    pad = " – |" * extra_cols
     if "error" in d:
         return [f"| {label} | not run: {d['error']} | | |{pad}"]
     return [f"| {label} | {_s(d['wall_s'])} | {_b(d['peak_rss_bytes'])} | {_b(d.get('size_bytes'))} |{pad}"]
@@ -431,7 +480,12 @@ def markdown(sec: dict) -> str:
     if "error" in sec:
         return "\n".join(lines + [f"Not run: {sec['error']}", ""])
     la = sec.get("load_average_at_start", [0])[0]
-    lines += [f"One run, {sec.get('seconds', 0):.0f} s for the whole section (load average at its start {la:.2f}). "
+    code = sec.get("qtool_code_at_start", {})
+    if code:
+        lines += [f"qtool at {code.get('commit', '')[:8]} (uncommitted qtool/ diff {code.get('qtool_diff_sha1')})."
+                  + (" **qtool's code changed while this section ran: its rows may mix two versions.**"
+                     if sec.get("qtool_code_changed_during_run") else ""), ""]
+    lines += [f"{sec.get('date_utc', '')}: one run, {sec.get('seconds', 0):.0f} s for the whole section (load average at its start {la:.2f}). "
               "Wall time and peak RSS are each command's own, measured alone (kernel ru_maxrss); "
               "llama.cpp's pipeline time is the sum of its two steps, its peak RSS the larger of the two.", ""]
 
@@ -459,23 +513,27 @@ def markdown(sec: dict) -> str:
     lines += ["**B. random Llama ~1.1B (bf16) -> Q4_K_M GGUF, peak RSS**", "",
               "| tool / step | wall | peak RSS | output size | peak RSS < 1.5 GiB |", "|---|---:|---:|---:|---|"]
     if "error" in b:
-        lines.append(f"| – | not run: {b['error']} | | | |")
+        lines += [f"| – | not run: {b['error']} | | | |", ""]
     else:
-        q = b.get("qtool", {})
-        passed = "–" if "rss_pass" not in b else ("**pass**" if b["rss_pass"] else "**FAIL**")
-        if "error" in q:
-            lines.append(f"| qtool `quantize -f gguf -t Q4_K_M` | not run: {q['error']} | | | **FAIL** |")
-        else:
-            lines.append(f"| qtool `quantize -f gguf -t Q4_K_M` | {_s(q['wall_s'])} | {_b(q['peak_rss_bytes'])} | {_b(q['size_bytes'])} | {passed} |")
+        tok = Path(b.get("input", "")).name
+        for key, label in (("qtool_plain", "qtool `quantize -f gguf -t Q4_K_M`, random-llama-1b (the bench's 1.1B: vocab 32000, no tokenizer)"),
+                           ("qtool", f"qtool `quantize -f gguf -t Q4_K_M`, {tok}")):
+            q = b.get(key, {})
+            if "error" in q:
+                lines.append(f"| {label} | not run: {q['error']} | | | **FAIL** |")
+            else:
+                passed = "**pass**" if q["rss_pass"] else "**FAIL**"
+                lines.append(f"| {label} | {_s(q['wall_s'])} | {_b(q['peak_rss_bytes'])} | {_b(q['size_bytes'])} | {passed} |")
         l = b.get("llama_cpp", {})
         if "error" in l:
             lines += _step_rows("llama.cpp", l, 1)
         else:
             for name, st in l["steps"].items():
-                lines += _step_rows(f"llama.cpp {name}", st, 1)
+                lines += _step_rows(f"llama.cpp {name}, {tok}", st, 1)
             lines.append(f"| llama.cpp total (sum of wall, max of RSS) | {_s(l['wall_s'])} | {_b(l['peak_rss_bytes'])} | | – |")
-        lines += ["", f"Input: `{Path(b.get('input', '')).name}` ({b.get('input_how', '')}; {b.get('params_total') or 0:,} parameters). "
-                  f"Q4_K_M files, qtool vs llama.cpp: {_same(b.get('compare'))}.", ""]
+        lines += ["", f"`{tok}`: {b.get('input_how', '')} ({b.get('params_total') or 0:,} parameters), the same input for both tools "
+                  "(llama.cpp's converter refuses random-llama-1b: no `architectures` in config.json, no tokenizer). "
+                  f"Q4_K_M files of {tok}, qtool vs llama.cpp: {_same(b.get('compare'))}.", ""]
 
     # C
     rows = sec.get("perplexity", [])

@@ -13,6 +13,10 @@ Rows (one protocol for every row: no calibration; perplexity on the same non-ove
   4. peak RSS of quantizing a random ~1.1 B-parameter Llama (bf16, ~2.2 GB, built once under
      $QTOOL_CACHE/bench/) to RTN int4 g128 compressed-tensors, against the 1.5 GiB budget.
 
+GGUF section (gguf_bench.py; skip with --no-gguf, run alone with --gguf-only): qtool's GGUF files
+against llama.cpp's convert_hf_to_gguf.py + llama-quantize: end-to-end time and peak RSS, 1.1 B
+peak RSS, and llama-perplexity of each mixture (Q8_0 ... Q2_K, Q4_0) for both tools' files.
+
 Writes results.json (everything, with machine info) and results.md (the table) to --out, and
 prints the markdown.
 """
@@ -34,6 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gguf_bench  # noqa: E402
 from measure import Measured, run_measured  # noqa: E402
 from random_llama import build as build_random_llama  # noqa: E402
 
@@ -308,6 +313,8 @@ def markdown(results: dict) -> str:
     notes = results.get("notes", [])
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
+    if results.get("gguf"):
+        lines += ["", gguf_bench.markdown(results["gguf"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -326,6 +333,9 @@ def notes_for(results: dict) -> list[str]:
         diff = (r.get("eval") or {}).get("max_abs_diff_vs_qtool_dequant")
         if diff is not None:
             notes.append(f"{r['row']}: max |W| difference, transformers' decompression vs qtool's reference dequantization: {diff:.3g}.")
+    if results.get("gguf_merged_from_earlier_run"):
+        notes.append("The rows above come from an earlier run (see the date at the top); the GGUF section below was run "
+                     f"alone with --gguf-only on {results['gguf_run_date_utc']}.")
     notes.append(f"Bench wall time: {results['bench_seconds']:.0f} s; load average at start {results['machine']['load_average_at_start'][0]:.2f} "
                  "(other jobs on the machine inflate wall times).")
     if any(r.get("peer_quanto") for r in results["rows"]):
@@ -347,6 +357,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     ap.add_argument("--skip-1b", action="store_true", help="leave out the 1.1B peak-RSS row")
     ap.add_argument("--no-peers", action="store_true", help="leave out the optimum-quanto comparison")
+    ap.add_argument("--no-gguf", action="store_true", help="leave out the GGUF vs llama.cpp section")
+    ap.add_argument("--gguf-only", action="store_true",
+                    help="run only the GGUF section; merge it into --out/results.json of an earlier run if there is one")
+    ap.add_argument("--gguf-chunks", type=int, default=gguf_bench.DEFAULT_CHUNKS,
+                    help=f"llama-perplexity chunks of 512 tokens per GGUF file (default {gguf_bench.DEFAULT_CHUNKS})")
     return ap.parse_args(argv)
 
 
@@ -361,6 +376,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     work = cache_dir() / "bench"
     work.mkdir(parents=True, exist_ok=True)
+    if args.no_gguf and args.gguf_only:
+        print("run_bench: --no-gguf and --gguf-only exclude each other", file=sys.stderr)
+        return 2
+    if args.gguf_only:
+        return gguf_only(args, model, text, work, t0)
     torch.manual_seed(0)
     results: dict = {
         "machine": machine_info(),
@@ -380,14 +400,41 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_peers:
         add_peers(results, model, text, work)
         results["peers_run"] = True
+    if not args.no_gguf:
+        results["gguf"] = run_gguf(args, model, text, work)
     results["bench_seconds"] = time.perf_counter() - t0
+    return write_results(args.out, results)
+
+
+def run_gguf(args: argparse.Namespace, model: Path, text: Path, work: Path) -> dict:
+    gc.collect()
+    return gguf_bench.run_gguf_section(model, text, work, qtool_exe(), child_env(), chunks=args.gguf_chunks, skip_1b=args.skip_1b)
+
+
+def write_results(out: Path, results: dict) -> int:
     results["notes"] = notes_for(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     md = markdown(results)
-    (args.out / "results.md").write_text(md)
+    (out / "results.md").write_text(md)
     print(md)
     return 0
+
+
+def gguf_only(args: argparse.Namespace, model: Path, text: Path, work: Path, t0: float) -> int:
+    """The GGUF section alone, put into the earlier run's results.json (its other rows kept as they were)."""
+    previous = args.out / "results.json"
+    results = json.loads(previous.read_text()) if previous.is_file() else None
+    if not results or "rows" not in results:
+        results = {"machine": machine_info(), "config": {"model": str(model), "text": str(text), "text_name": TEXT_FILE,
+                   "part": "eval (second half)", "windows": 0, "seq_len": args.seq_len, "batch_size": args.batch_size},
+                   "rows": [], "bench_seconds": 0.0}
+    else:
+        results["gguf_merged_from_earlier_run"] = True
+    results["gguf_run_date_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    results["gguf"] = run_gguf(args, model, text, work)
+    results["gguf"]["run_seconds_with_setup"] = round(time.perf_counter() - t0, 1)
+    return write_results(args.out, results)
 
 
 if __name__ == "__main__":
