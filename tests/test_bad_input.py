@@ -263,8 +263,13 @@ def test_pickle_only_folder(llama, tmp_path):
 
 
 # -- interrupted in the middle of writing (in-process) ------------------------------------------
-@pytest.mark.parametrize("exc", [OSError("No space left on device"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
-def test_interrupted_write_leaves_nothing(exc, llama, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "exc, expected",
+    [(OSError(28, "No space left on device"), "FormatError"), (RuntimeError("bug"), "RuntimeError"), (KeyboardInterrupt(), "KeyboardInterrupt")],
+    ids=["disk-full", "error", "ctrl-c"],
+)
+def test_interrupted_write_leaves_nothing(exc, expected, llama, tmp_path, monkeypatch):
+    """A failed write (an OSError becomes a one-line FormatError), a bug or Ctrl-C: nothing left behind."""
     from qtool.config import make_recipe
     from qtool.formats.compressed_tensors import CompressedTensorsWriter
     from qtool.model.resolve import open_source
@@ -283,7 +288,8 @@ def test_interrupted_write_leaves_nothing(exc, llama, tmp_path, monkeypatch):
     recipe = make_recipe(method="rtn", bits=4, qtype=None, group_size="32", asym=False, fmt="compressed-tensors")
     writer = validate_early(recipe, "compressed-tensors")
     out = tmp_path / "out"
-    with open_source(str(llama)) as source, pytest.raises(type(exc)):
+    with open_source(str(llama)) as source, pytest.raises(BaseException) as info:
         run(str(llama), source, out, writer, recipe)
+    assert type(info.value).__name__ == expected
     assert calls["n"] == 4
     assert_nothing_left(out)
