@@ -237,18 +237,11 @@ def spm_variant(arch: str, folder: Path, spm_folder: Path) -> Path:
     """A tiny `arch` model with a 400-token vocabulary and the SentencePiece tokenizer.model."""
     import shutil
 
-    from transformers import AutoModelForCausalLM
-    from tiny_models import make_config
+    from tiny_models import make_config, save_random
 
     cfg = make_config(arch)
     cfg.vocab_size = 400
-    torch.manual_seed(3)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.05 * torch.randn_like(p))
-    model.to(torch.bfloat16).save_pretrained(folder)
+    save_random(cfg, folder, 3)
     shutil.copy(spm_folder / "tokenizer.model", folder / "tokenizer.model")
     return folder
 

@@ -93,7 +93,7 @@ def build_tiny_with_byte_tokenizer(folder: Path) -> Path:
     """A tiny llama with a 257-token byte-level tokenizer saved beside it, for methods that need
     calibration text (norm weights nudged off 1 so that they matter)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab["<eos>"] = len(vocab)
@@ -103,12 +103,20 @@ def build_tiny_with_byte_tokenizer(folder: Path) -> Path:
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
     cfg = make_config("llama")
     cfg.vocab_size, cfg.eos_token_id, cfg.bos_token_id, cfg.pad_token_id = len(vocab), len(vocab) - 1, None, None
-    torch.manual_seed(SEED)
+    save_random(cfg, folder, SEED)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def save_random(cfg, folder: Path, seed: int) -> Path:
+    """A seeded random model from `cfg`, norm weights nudged off 1 so that they matter, saved bf16."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 1:
                 p.add_(0.05 * torch.randn_like(p))
     model.to(torch.bfloat16).save_pretrained(folder)
-    tok.save_pretrained(folder)
     return folder
