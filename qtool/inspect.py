@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from qtool.errors import FormatError, UnsupportedError, UsageError
+from qtool.model.gguf_source import open_gguf, read_field
 from qtool.model.safetensors_header import MAX_HEADER, ST_DTYPES, SafetensorsHeader, parse_header, read_header
 
 KV_BYTES_PER_ELEMENT = 2  # a 16-bit KV cache
@@ -604,11 +605,10 @@ def kv_cache_from_config(config: dict, ctx: int, batch: int) -> KVCache | None:
 def _gguf_report(path: Path, ctx: int, batch: int) -> InspectReport:
     import gguf
 
-    from qtool.model.gguf_source import open_gguf
 
     reader = open_gguf(path)
     rows = [_gguf_row(t) for t in reader.tensors]
-    arch = _gguf_value(reader, gguf.Keys.General.ARCHITECTURE, path)
+    arch = read_field(reader, gguf.Keys.General.ARCHITECTURE, path)
     file_type = _gguf_file_type(reader, rows, path)
     prov = _gguf_provenance(reader, path)
     quantized = any(r.quantized for r in rows)
@@ -664,16 +664,6 @@ def gguf_summary(reader, arch: str | None) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _gguf_value(reader, key: str, path: Path):
-    f = reader.get_field(key)
-    if f is None:
-        return None
-    try:
-        return f.contents()
-    except (UnicodeDecodeError, ValueError, IndexError) as e:
-        raise FormatError(f"{path}: corrupt GGUF metadata value {key!r}: {e}") from None
-
-
 def _gguf_row(t) -> TensorReport:
     import gguf
 
@@ -688,7 +678,7 @@ def _gguf_file_type(reader, rows: list[TensorReport], path: Path) -> str | None:
     holds the most parameters."""
     import gguf
 
-    ft = _gguf_value(reader, gguf.Keys.General.FILE_TYPE, path)
+    ft = read_field(reader, gguf.Keys.General.FILE_TYPE, path)
     if isinstance(ft, int):
         try:
             return gguf.LlamaFileType(ft).name.removeprefix("MOSTLY_").removeprefix("ALL_")
@@ -703,7 +693,7 @@ def _gguf_file_type(reader, rows: list[TensorReport], path: Path) -> str | None:
 def _gguf_provenance(reader, path: Path) -> dict | None:
     for key in reader.fields:
         if key.startswith("qtool"):
-            v = _gguf_value(reader, key, path)
+            v = read_field(reader, key, path)
             if isinstance(v, str):
                 prov = _provenance({"qtool": v})
                 if prov:
@@ -717,7 +707,7 @@ def _gguf_kv_cache(reader, arch: str, ctx: int, batch: int, path: Path) -> KVCac
     keys = gguf.Keys
 
     def get(key: str):
-        return _gguf_value(reader, key.format(arch=arch), path)
+        return read_field(reader, key.format(arch=arch), path)
 
     layers, heads, hidden = get(keys.LLM.BLOCK_COUNT), get(keys.Attention.HEAD_COUNT), get(keys.LLM.EMBEDDING_LENGTH)
     kv_heads = get(keys.Attention.HEAD_COUNT_KV)

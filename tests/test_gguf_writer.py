@@ -45,14 +45,9 @@ def build_tiny_mixtral(folder: Path) -> Path:
         intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
         initializer_range=0.08, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
     )
-    torch.manual_seed(1234)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.05 * torch.randn_like(p))
-    model.to(torch.bfloat16).save_pretrained(folder)
-    return folder
+    from tiny_models import save_random
+
+    return save_random(cfg, folder, 1234)
 
 
 def build_spm_llama(folder: Path) -> Path:

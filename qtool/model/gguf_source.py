@@ -145,7 +145,8 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
         raise FormatError(f"{path}: corrupt GGUF file: {_one_line(e)}") from e
 
 
-def _field(reader: gguf.GGUFReader, key: str, path: Path):
+def read_field(reader: gguf.GGUFReader, key: str, path: Path):
+    """One metadata value (None when absent); an undecodable value is a FormatError naming it."""
     field = reader.get_field(key)
     if field is None:
         return None
@@ -159,7 +160,7 @@ def _field(reader: gguf.GGUFReader, key: str, path: Path):
 
 
 def _architecture(reader: gguf.GGUFReader, path: Path) -> tuple[str, gguf.MODEL_ARCH]:
-    arch = _field(reader, gguf.Keys.General.ARCHITECTURE, path)
+    arch = read_field(reader, gguf.Keys.General.ARCHITECTURE, path)
     if not isinstance(arch, str):
         raise FormatError(f"{path}: GGUF metadata lacks {gguf.Keys.General.ARCHITECTURE!r}")
     for enum, name in gguf.MODEL_ARCH_NAMES.items():
@@ -174,7 +175,7 @@ def _check_convertible(reader: gguf.GGUFReader, arch: str, path: Path) -> None:
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS, LlamaTensorProcessor, TensorProcessor)
 
-    splits = _field(reader, gguf.Keys.Split.LLM_KV_SPLIT_COUNT, path)
+    splits = read_field(reader, gguf.Keys.Split.LLM_KV_SPLIT_COUNT, path)
     if isinstance(splits, int) and splits > 1:
         raise UnsupportedError(f"{path}: split GGUF ({splits} shards); merge it first "
                                "(llama-gguf-split --merge)")
@@ -360,7 +361,7 @@ class GGUFSource(CheckpointSource):
         try:
             return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
         except (ValueError, KeyError, NotImplementedError) as e:
-            model = _field(self._reader, gguf.Keys.Tokenizer.MODEL, self.path)
+            model = read_field(self._reader, gguf.Keys.Tokenizer.MODEL, self.path)
             raise UnsupportedError(f"{self.path}: transformers cannot build a tokenizer from this "
                                    f"GGUF (tokenizer.ggml.model={model!r}): {_one_line(e)}") from e
 
@@ -370,7 +371,7 @@ class GGUFSource(CheckpointSource):
         from transformers import GenerationConfig
 
         keys = gguf.Keys.Tokenizer
-        ids = {k: _field(self._reader, k, self.path)
+        ids = {k: read_field(self._reader, k, self.path)
                for k in (keys.BOS_ID, keys.EOS_ID, keys.EOT_ID, keys.EOM_ID, keys.PAD_ID)}
         eos = list(dict.fromkeys(i for k in (keys.EOS_ID, keys.EOT_ID, keys.EOM_ID)
                                  if (i := ids[k]) is not None))
