@@ -44,9 +44,13 @@ class QuantRecipe:
     device: str = "cpu"
     # calibration (methods with needs_calibration): where the token windows come from
     dataset: str | None = None
+    dataset_config: str | None = None  # Hub datasets: config name, split and text field overrides
+    split: str | None = None
+    text_field: str | None = None
     samples: int = 128
     seq_len: int = 512
     seed: int = 0
+    stats: str | None = None  # a `qtool calibrate` file whose statistics replace a calibration run
     method_params: dict = field(default_factory=dict)  # the method's own options (gptq: damp, act_order...)
 
     @property
@@ -75,9 +79,13 @@ def make_recipe(
     strict_groups: bool = False,
     device: str = "cpu",
     dataset: str | None = None,
+    dataset_config: str | None = None,
+    split: str | None = None,
+    text_field: str | None = None,
     samples: int = 128,
     seq_len: int = 512,
     seed: int = 0,
+    stats: str | None = None,
     method_params: dict | None = None,
 ) -> QuantRecipe:
     """Flags -> validated recipe. Checks that need only the flags happen here (exit 2)."""
@@ -111,9 +119,13 @@ def make_recipe(
         strict_groups=strict_groups,
         device=device,
         dataset=dataset,
+        dataset_config=dataset_config,
+        split=split,
+        text_field=text_field,
         samples=samples,
         seq_len=seq_len,
         seed=seed,
+        stats=stats,
         method_params=params,
     )
 

@@ -71,6 +71,7 @@ class RunReport:
     layers: list[LayerResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     calibration: dict | None = None  # provenance of the calibration windows (calibration methods)
+    notes_extra: list[str] = field(default_factory=list, repr=False)  # run-level notes, ahead of per-layer ones
 
     @property
     def bpw_quantized(self) -> float:
@@ -78,7 +79,7 @@ class RunReport:
         return self.weight_bits / self.params_quantized if self.params_quantized else 0.0
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "layers"}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("layers", "notes_extra")}
         d["bpw_quantized"] = round(self.bpw_quantized, 4)
         finite = [r.sqnr_db for r in self.layers if math.isfinite(r.sqnr_db)]
         d["sqnr_db_mean"] = round(sum(finite) / len(finite), 3) if finite else None
@@ -178,7 +179,10 @@ def _stream(
     report: RunReport,
     on_event: EventSink,
     method,
+    stats=None,
 ) -> None:
+    """Tensor by tensor, in block order. `stats` (a CalibStats) gives calibration methods their
+    per-layer Hessians from a `qtool calibrate` file instead of a calibration run."""
     metas = ordered_tensors(source)
     device = torch.device(report.recipe["device"]) if report.recipe else torch.device("cpu")
     current_block = None
@@ -200,8 +204,13 @@ def _stream(
                 report.weight_bits += outcome.storage_bits
             continue
         w = t.to(device)
-        qw = method.quantize(w, spec)  # scales come back in the checkpoint dtype
-        _write_quantized(m.name, w, qw, spec, plan, report, writer, str(source.path))
+        layer_stats = None
+        if stats is not None:
+            qw, st = method.quantize_with_stats(w, spec, stats.hessian(module_of(m.name)).to(device))
+            layer_stats = _layer_stats(st, stats.modules[module_of(m.name)].owner + ".weight", m.name)
+        else:
+            qw = method.quantize(w, spec)  # scales come back in the checkpoint dtype
+        _write_quantized(m.name, w, qw, spec, plan, report, writer, str(source.path), layer_stats)
         del t, w, qw
     on_event(Event("quantize" if plan.specs else "convert", len(metas), len(metas)))
 
@@ -238,7 +247,8 @@ def load_calibration_for(source: CheckpointSource, recipe: QuantRecipe):
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:  # noqa: BLE001 - any loader failure means the same thing here
         raise UnsupportedError(f"{source.path}: calibration needs the model's tokenizer, none loads from {folder} ({e})") from None
-    return load_calibration(recipe.dataset, tokenizer, samples=recipe.samples, seq_len=recipe.seq_len, seed=recipe.seed)
+    return load_calibration(recipe.dataset, tokenizer, samples=recipe.samples, seq_len=recipe.seq_len, seed=recipe.seed,
+                            dataset_config=recipe.dataset_config, split=recipe.split, text_field=recipe.text_field)
 
 
 def _calibrated(
@@ -267,9 +277,29 @@ def _calibrated(
         if isinstance(item, PassThrough):
             writer.add_tensor(item.name, item.tensor)
             continue
-        stats = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in item.stats.__dict__.items()}
-        stats["shares_hessian_with"] = item.shares_hessian_with
+        stats = _layer_stats(item.stats, item.shares_hessian_with, None)
         _write_quantized(item.name, item.weight, item.qw, plan.specs[item.name], plan, report, writer, str(source.path), stats)
+
+
+def _layer_stats(st, owner: str | None, me: str | None) -> dict:
+    """A calibration method's per-layer figures for the report; `owner` names the layer whose
+    Hessian this one shares (None, or equal to `me`, when its own)."""
+    d = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in st.__dict__.items()}
+    d["shares_hessian_with"] = None if owner == me else owner
+    return d
+
+
+def open_stats(recipe: QuantRecipe, source: CheckpointSource, plan: LayerPlan):
+    """`--stats FILE`, checked against the layers this run quantizes."""
+    from qtool.calib.stats import CalibStats
+
+    stats = CalibStats(Path(recipe.stats))
+    outside = [n for n in plan.specs if block_of(n) is None]
+    if outside:
+        raise UnsupportedError(f"{outside[0]}: --method {recipe.method} quantizes decoder-block linears only")
+    shapes = {m.name: m.shape for m in source.tensors()}
+    stats.check_model(source.config, {n: shapes[n] for n in plan.specs})
+    return stats
 
 
 def run(
@@ -289,8 +319,12 @@ def run(
     method = METHODS.get(recipe.method)(**recipe.method_params) if recipe else None
     plan = plan_layers(source, recipe, writer) if recipe and not writer.self_quantizing else LayerPlan({}, {})
     report = RunReport(model, str(out), writer.registry_name, recipe.to_dict() if recipe else None, writer.describe())
-    calib = None
-    if method is not None and method.needs_calibration:
+    calib = stats = None
+    if method is not None and method.needs_calibration and recipe.stats:
+        stats = open_stats(recipe, source, plan)
+        report.calibration = {**stats.calibration, "stats_file": str(recipe.stats), "sequential": False}
+        report.notes_extra = [f"Hessians from {recipe.stats}: activations of the unquantized model (not sequential)"]
+    elif method is not None and method.needs_calibration:
         on_event(Event("calibrate", 0, 1, recipe.dataset or ""))
         calib = load_calibration_for(source, recipe)
         report.calibration = {"spec": calib.spec, "tokens": calib.tokens_used, **calib.source}
@@ -301,8 +335,8 @@ def run(
             if calib is not None:
                 _calibrated(source, writer, plan, report, on_event, method, calib.input_ids)
             else:
-                _stream(source, writer, plan, report, on_event, method)
-            report.notes = _summarize_notes(report.layers)
+                _stream(source, writer, plan, report, on_event, method, stats)
+            report.notes = report.notes_extra + _summarize_notes(report.layers)
             on_event(Event("write", 0, 1, str(out)))
             prov = provenance(source, model, recipe, hash_inputs)
             if report.calibration is not None:
@@ -355,9 +389,17 @@ def validate_early(recipe: QuantRecipe | None, fmt: str, **writer_options: objec
 def check_calibration_flags(recipe: QuantRecipe, method_cls) -> None:
     """Calibration flags against the method (exit 2), from the registry's `needs_calibration`."""
     params = recipe.method_params
+    if recipe.stats and not method_cls.needs_calibration:
+        raise UsageError(f"--stats: --method {recipe.method} uses no calibration statistics")
+    if recipe.stats and recipe.dataset:
+        raise UsageError("--stats and --dataset: give one (--stats reuses the statistics of a `qtool calibrate` run)")
     if method_cls.needs_calibration:
+        if recipe.stats:
+            method_cls(**params)
+            return
         if not recipe.dataset:
-            raise UsageError(f"--method {recipe.method} needs calibration data: give --dataset FILE|RECIPE|HUB_ID (e.g. wikitext2)")
+            raise UsageError(f"--method {recipe.method} needs calibration data: give --dataset FILE|RECIPE|HUB_ID (e.g. wikitext2) "
+                             "or --stats FILE from `qtool calibrate`")
         if recipe.samples < 1 or recipe.seq_len < 2:
             raise UsageError(f"--samples {recipe.samples} / --seq-len {recipe.seq_len}: need >= 1 sample of >= 2 tokens")
         method_cls(**params)  # validates the method's own options
@@ -367,3 +409,89 @@ def check_calibration_flags(recipe: QuantRecipe, method_cls) -> None:
     if params:
         flags = ", ".join("--" + k.replace("_", "-") for k in params)
         raise UsageError(f"{flags}: not an option of --method {recipe.method}")
+
+
+# -- qtool calibrate ---------------------------------------------------------------------------------
+@dataclass
+class CalibrationReport:
+    model: str
+    output: str
+    seconds: float = 0.0
+    output_bytes: int = 0
+    modules: int = 0  # linears with statistics
+    distinct_inputs: int = 0  # statistics sets stored (linears fed the same input share one)
+    tokens: int = 0
+    hessians: bool = True
+    calibration: dict | None = None
+    imatrix: str | None = None  # llama.cpp importance-matrix file written beside the stats, if asked
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def calibrate(
+    model: str,
+    source: CheckpointSource,
+    out: Path,
+    recipe: QuantRecipe,
+    *,
+    hessians: bool = True,
+    imatrix_out: Path | None = None,
+    overwrite: bool = False,
+    on_event: EventSink = lambda e: None,
+) -> CalibrationReport:
+    """Run the recipe's calibration windows through the unquantized model, block by block, and
+    save every decoder-block Linear's input statistics (qtool/calib/stats.py) to `out`."""
+    from qtool.calib.stats import block_tensors, header_metadata
+    from qtool.engine.blockwise import collect_stats
+    from qtool.formats.st_stream import StreamingSafetensorsWriter
+
+    t0 = time.perf_counter()
+    check_output_free(out, overwrite)
+    if imatrix_out is not None:
+        check_output_free(imatrix_out, overwrite)
+    wanted = {m.name for m in select_layers(source.tensors(), recipe)}
+    if not wanted:
+        raise UsageError(f"{model}: no decoder-block linear to collect statistics for")
+    on_event(Event("calibrate", 0, 1, recipe.dataset or ""))
+    calib = load_calibration_for(source, recipe)
+    report = CalibrationReport(model, str(out), hessians=hessians, tokens=calib.tokens_used,
+                               calibration={"spec": calib.spec, "tokens": calib.tokens_used, **calib.source})
+    modules: dict[str, dict] = {}
+    importance: dict[str, tuple[torch.Tensor, int]] = {}
+    progress = lambda stage, done, total, item: on_event(Event(stage, done, total, item))  # noqa: E731
+    with atomic_output(out, overwrite=overwrite, is_dir=False) as tmp:
+        writer = StreamingSafetensorsWriter(tmp)
+        try:
+            for bs in collect_stats(source, wanted, calib.input_ids, hessians=hessians, progress=progress):
+                entries, tensors = block_tensors(bs)
+                modules.update(entries)
+                for k, t in tensors.items():
+                    writer.add(k, t)
+                for m, e in entries.items():
+                    importance[m] = (tensors[f"{e['owner']}.sum_x2"], int(tensors[f"{e['owner']}.tokens"][0]))
+            writer.metadata = header_metadata(source.config, modules, report.calibration, hessians)
+            on_event(Event("write", 0, 1, str(out)))
+            writer.close()
+        except OSError as e:
+            writer.abort()
+            raise FormatError(f"{out}: cannot write: {e.strerror or e}") from None
+        except BaseException:
+            writer.abort()
+            raise
+        if imatrix_out is not None:
+            write_imatrix_file(imatrix_out, importance, source.config, calib, overwrite)
+            report.imatrix = str(imatrix_out)
+    report.modules = len(modules)
+    report.distinct_inputs = len({e["owner"] for e in modules.values()})
+    report.output_bytes = _size(out)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def write_imatrix_file(path: Path, importance: dict, config: dict, calib, overwrite: bool) -> None:
+    """The importance matrix in llama.cpp's imatrix file format (qtool/formats/gguf/imatrix.py)."""
+    from qtool.formats.gguf.imatrix import write_imatrix
+
+    with atomic_output(path, overwrite=overwrite, is_dir=False) as tmp:
+        write_imatrix(tmp, importance, config=config, datasets=[calib.spec], chunks=calib.samples)

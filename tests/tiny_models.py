@@ -89,9 +89,9 @@ def build_tiny(arch: str, folder: Path | str) -> Path:
     return folder
 
 
-def build_tiny_with_byte_tokenizer(folder: Path) -> Path:
+def build_tiny_with_byte_tokenizer(folder: Path, **config: object) -> Path:
     """A tiny llama with a 257-token byte-level tokenizer saved beside it, for methods that need
-    calibration text (norm weights nudged off 1 so that they matter)."""
+    calibration text (norm weights nudged off 1 so that they matter). `config` overrides fields."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -103,6 +103,8 @@ def build_tiny_with_byte_tokenizer(folder: Path) -> Path:
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
     cfg = make_config("llama")
     cfg.vocab_size, cfg.eos_token_id, cfg.bos_token_id, cfg.pad_token_id = len(vocab), len(vocab) - 1, None, None
+    for k, v in config.items():
+        setattr(cfg, k, v)
     save_random(cfg, folder, SEED)
     tok.save_pretrained(folder)
     return folder

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from qtool import __version__
+from qtool.cli import calibrate as calibrate_cmd
 from qtool.cli import eval as eval_cmd
 from qtool.cli import export as export_cmd
 from qtool.cli import quantize as quantize_cmd
@@ -42,6 +43,7 @@ def _root(
 
 
 app.command("quantize")(quantize_cmd.quantize)
+app.command("calibrate")(calibrate_cmd.calibrate)
 app.command("export")(export_cmd.export)
 app.command("eval")(eval_cmd.evaluate)
 

@@ -26,3 +26,14 @@ GGUFType = Annotated[
     Optional[str],
     typer.Option("--type", "-t", help="GGUF tensor type or llama.cpp mixture: Q4_K_M, Q8_0, Q6_K, F16... (with -f gguf)."),
 ]
+# calibration data, shared by `calibrate` and `quantize`
+Dataset = Annotated[
+    Optional[str],
+    typer.Option("--dataset", help="Calibration data: a .txt/.jsonl/.json/.parquet file, a recipe (wikitext2, c4, pile-10k, ultrachat) or a Hub dataset id."),
+]
+DatasetConfig = Annotated[Optional[str], typer.Option("--dataset-config", help="Hub dataset: config name (e.g. wikitext-2-raw-v1).")]
+Split = Annotated[Optional[str], typer.Option("--split", help="Hub dataset: split to read [default: the recipe's, else train].")]
+TextField = Annotated[Optional[str], typer.Option("--text-field", help="Record field holding the text or chat messages [default: auto].")]
+Samples = Annotated[int, typer.Option("--samples", help="Calibration windows.")]
+SeqLen = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration window.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of the calibration window offsets.")]

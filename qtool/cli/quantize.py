@@ -38,10 +38,14 @@ def quantize(
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Leave modules matching this glob unquantized (repeatable).")] = None,
     strict_groups: Annotated[bool, typer.Option("--strict-groups", help="Fail instead of using a smaller group size where a layer's width needs one.")] = False,
     device: opt.Device = "cpu",
-    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Calibration data (gptq): a .txt/.jsonl/.json/.parquet file, a recipe (wikitext2, c4...) or a Hub dataset id.")] = None,
-    samples: Annotated[int, typer.Option("--samples", help="Calibration windows (gptq).")] = 128,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration window (gptq).")] = 512,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration window offsets.")] = 0,
+    dataset: opt.Dataset = None,
+    dataset_config: opt.DatasetConfig = None,
+    split: opt.Split = None,
+    text_field: opt.TextField = None,
+    samples: opt.Samples = 128,
+    seq_len: opt.SeqLen = 512,
+    seed: opt.Seed = 0,
+    stats: Annotated[Optional[Path], typer.Option("--stats", help="gptq: reuse the Hessians of a `qtool calibrate` file instead of running calibration data.")] = None,
     damp: Annotated[Optional[float], typer.Option("--damp", help="gptq: damping, a fraction of mean(diag H) [default: 0.01].")] = None,
     act_order: Annotated[bool, typer.Option("--act-order", help="gptq: quantize columns by decreasing activation energy (diag H).")] = False,
     static_groups: Annotated[bool, typer.Option("--static-groups", help="gptq: group scales from the original weights, before error updates (keeps groups contiguous with --act-order).")] = False,
@@ -66,11 +70,15 @@ def quantize(
       qtool quantize ./my-model -b 4 -g 128 --asym --ignore '*down_proj' --json
 
       qtool quantize ./my-model -m gptq -b 4 -g 128 --dataset wikitext2 --samples 128 --seq-len 512
+
+      qtool calibrate ./my-model --dataset wikitext2 -o stats.safetensors
+      qtool quantize ./my-model -m gptq -b 4 -g 128 --stats stats.safetensors
     """
     recipe = make_recipe(
         method=method, bits=bits, qtype=qtype, group_size=group_size, asym=asym, fmt=fmt,
         targets=target, ignore=ignore, strict_groups=strict_groups, device=device,
-        dataset=dataset, samples=samples, seq_len=seq_len, seed=seed,
+        dataset=dataset, dataset_config=dataset_config, split=split, text_field=text_field,
+        samples=samples, seq_len=seq_len, seed=seed, stats=str(stats) if stats else None,
         method_params={"damp": damp, "act_order": act_order, "static_groups": static_groups, "block_size": block_size},
     )
     writer = validate_early(recipe, fmt, type=gguf_type)  # exit 2/3 here, before anything is loaded or downloaded
@@ -100,7 +108,8 @@ def print_summary(r: RunReport) -> None:
     t.add_row("SQNR", f"mean {d['sqnr_db_mean']} dB, worst {d['sqnr_db_min']} dB")
     if r.calibration:
         c = r.calibration
-        t.add_row("calibration", f"{c['spec']}: {c['samples']} x {c['seq_len']} tokens, seed {c['seed']}")
+        src = f" (from {c['stats_file']})" if c.get("stats_file") else ""
+        t.add_row("calibration", f"{c['spec']}: {c['samples']} x {c['seq_len']} tokens, seed {c['seed']}{src}")
         damps = sorted({layer.gptq["damp"] for layer in r.layers if layer.gptq})
         if damps:
             t.add_row("damping", ", ".join(f"{d:g}" for d in damps) + " x mean(diag H)")

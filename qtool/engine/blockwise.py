@@ -132,12 +132,19 @@ def _run_block(block: torch.nn.Module, hidden: list[torch.Tensor], call: tuple[t
 
 
 class HessianCollector:
-    """Forward-pre-hooks accumulating Σ XᵀX per distinct input; linears fed the same tensor share."""
+    """Forward-pre-hooks accumulating, per distinct Linear input X [tokens, in]: Σ XᵀX (when
+    `hessians`), and the per-channel Σ x², Σ |x|, max |x| that `qtool calibrate` saves (importance
+    matrix, activation magnitudes). Linears fed the very same input tensor (q/k/v, gate/up) share
+    one accumulator: `owner[name]` is the linear whose accumulator `name` uses."""
 
-    def __init__(self, linears: dict[str, torch.nn.Linear]) -> None:
+    def __init__(self, linears: dict[str, torch.nn.Linear], *, hessians: bool = True, vectors: bool = False) -> None:
+        self.hessians, self.vectors = hessians, vectors
         self.sum: dict[str, torch.Tensor] = {}
+        self.sum_x2: dict[str, torch.Tensor] = {}
+        self.sum_abs: dict[str, torch.Tensor] = {}
+        self.max_abs: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
-        self.owner: dict[str, str] = {}  # linear name -> name of the linear whose accumulator it uses
+        self.owner: dict[str, str] = {}
         self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
         self._handles = [lin.register_forward_pre_hook(self._hook(n)) for n, lin in linears.items()]
 
@@ -155,12 +162,21 @@ class HessianCollector:
             self.owner.setdefault(name, name)
             if self.owner[name] != name:
                 return  # shared on an earlier pass
-            X = x.reshape(-1, x.shape[-1]).to(torch.float32)
-            acc = self.sum.get(name)
-            self.sum[name] = X.T @ X if acc is None else acc.addmm_(X.T, X)
-            self.tokens[name] = self.tokens.get(name, 0) + X.shape[0]
+            self._accumulate(name, x.reshape(-1, x.shape[-1]).to(torch.float32))
 
         return hook
+
+    def _accumulate(self, name: str, X: torch.Tensor) -> None:
+        if self.hessians:
+            acc = self.sum.get(name)
+            self.sum[name] = X.T @ X if acc is None else acc.addmm_(X.T, X)
+        if self.vectors:
+            a = X.abs()
+            for store, v in ((self.sum_x2, (X * X).sum(0)), (self.sum_abs, a.sum(0))):
+                store[name] = v if name not in store else store[name].add_(v)
+            m = a.amax(0)
+            self.max_abs[name] = m if name not in self.max_abs else torch.maximum(self.max_abs[name], m)
+        self.tokens[name] = self.tokens.get(name, 0) + X.shape[0]
 
     def hessian(self, name: str) -> torch.Tensor:
         o = self.owner[name]
@@ -170,6 +186,56 @@ class HessianCollector:
         for h in self._handles:
             h.remove()
         self._seen = {}
+
+
+class BlockRunner:
+    """The model skeleton, the captured inputs of block 0, and a walk over the decoder blocks that
+    materialises one block at a time. The caller runs each block (`run`), may change its weights,
+    and hands the next block its inputs (`advance`)."""
+
+    def __init__(self, source: CheckpointSource, input_ids: torch.Tensor, progress: Progress = lambda *a: None) -> None:
+        self.source = source
+        model = build_skeleton(source.config)
+        self.layers = model.model.layers
+        self.prefixes = source.blocks()
+        if len(self.prefixes) != len(self.layers):
+            raise UnsupportedError(f"{source.path}: {len(self.prefixes)} decoder blocks in the checkpoint, {len(self.layers)} in the config")
+        embed_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+        materialize(model.get_input_embeddings(), embed_name, source)
+        progress("calibrate", 0, 1, "capture block 0 inputs")
+        self.hidden, self.calls = capture_layer_inputs(model, self.layers, input_ids)
+        model.get_input_embeddings().to("meta")
+        source.release()
+        self.model = model
+
+    def blocks(self) -> Iterator[tuple[int, str, torch.nn.Module]]:
+        for b, prefix in enumerate(self.prefixes):
+            block = self.model.get_submodule(prefix)
+            materialize(block, prefix, self.source)
+            try:
+                yield b, prefix, block
+            finally:
+                block.to("meta")
+                self.source.release()
+
+    def linears(self, prefix: str, block: torch.nn.Module, wanted) -> dict[str, str]:
+        """{module name inside the block: tensor name} for the block's weights in `wanted`; each must be an nn.Linear."""
+        names = {n: f"{prefix}.{n}.weight" for n, _ in block.named_modules() if f"{prefix}.{n}.weight" in wanted}
+        for n in names:
+            if not isinstance(block.get_submodule(n), torch.nn.Linear):
+                raise UnsupportedError(f"{names[n]}: not an nn.Linear in transformers' module ({type(block.get_submodule(n)).__name__})")
+        return names
+
+    def run(self, b: int, block: torch.nn.Module, collector: HessianCollector | None = None) -> list[torch.Tensor]:
+        """Block `b` on the current inputs -> its outputs; `collector`'s hooks see every sample."""
+        try:
+            return _run_block(block, self.hidden, self.calls[b], before_each=collector.new_pass if collector else None)
+        finally:
+            if collector is not None:
+                collector.remove()
+
+    def advance(self, outputs: list[torch.Tensor]) -> None:
+        self.hidden = outputs
 
 
 def run_blockwise(
@@ -182,46 +248,66 @@ def run_blockwise(
 ) -> Iterator[QuantizedLinear | PassThrough]:
     """Yields, block by block, every tensor of every decoder block: quantized linears as
     QuantizedLinear, everything else unchanged as PassThrough. Non-block tensors are the caller's."""
-    model = build_skeleton(source.config)
-    layers = model.model.layers
-    blocks = source.blocks()
-    if len(blocks) != len(layers):
-        raise UnsupportedError(f"{source.path}: {len(blocks)} decoder blocks in the checkpoint, {len(layers)} in the config")
-    embed_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
-    materialize(model.get_input_embeddings(), embed_name, source)
-    progress("calibrate", 0, 1, "capture block 0 inputs")
-    hidden, calls = capture_layer_inputs(model, layers, input_ids)
-    model.get_input_embeddings().to("meta")
-    source.release()
-
-    for b, prefix in enumerate(blocks):
-        progress("quantize", b, len(blocks), prefix)
-        block = model.get_submodule(prefix)
-        materialize(block, prefix, source)
-        names = {n: f"{prefix}.{n}.weight" for n, _ in block.named_modules() if f"{prefix}.{n}.weight" in specs}
-        linears = {n: block.get_submodule(n) for n in names}
-        for n, lin in linears.items():
-            if not isinstance(lin, torch.nn.Linear):
-                raise UnsupportedError(f"{names[n]}: not an nn.Linear in transformers' module ({type(lin).__name__})")
-        collector = HessianCollector(linears)
-        try:
-            _run_block(block, hidden, calls[b], before_each=collector.new_pass)
-        finally:
-            collector.remove()
+    runner = BlockRunner(source, input_ids, progress)
+    n = len(runner.prefixes)
+    for b, prefix, block in runner.blocks():
+        progress("quantize", b, n, prefix)
+        names = runner.linears(prefix, block, specs)
+        collector = HessianCollector({m: block.get_submodule(m) for m in names})
+        runner.run(b, block, collector)
         done: set[str] = set()
-        for n, lin in linears.items():
-            w = source.get_tensor(names[n])  # the checkpoint dtype: scales are stored in it
-            qw, stats = method.quantize_with_stats(w, specs[names[n]], collector.hessian(n))
+        for m, name in names.items():
+            w = source.get_tensor(name)  # the checkpoint dtype: scales are stored in it
+            qw, stats = method.quantize_with_stats(w, specs[name], collector.hessian(m))
             with torch.no_grad():
-                lin.weight.copy_(qw.dequantize(torch.float32))
-            owner = collector.owner[n]
-            yield QuantizedLinear(names[n], w, qw, stats, None if owner == n else names[owner])
-            done.add(f"{n}.weight")
+                block.get_submodule(m).weight.copy_(qw.dequantize(torch.float32))
+            owner = collector.owner[m]
+            yield QuantizedLinear(name, w, qw, stats, None if owner == m else names[owner])
+            done.add(f"{m}.weight")
         del collector
         for k in block.state_dict().keys():
             if k not in done:
                 yield PassThrough(f"{prefix}.{k}", source.get_tensor(f"{prefix}.{k}"))
-        hidden = _run_block(block, hidden, calls[b])  # sequential: next inputs from the quantized block
-        block.to("meta")
-        source.release()
-    progress("quantize", len(blocks), len(blocks), "")
+        runner.advance(runner.run(b, block))  # sequential: next inputs from the quantized block
+    progress("quantize", n, n, "")
+
+
+@dataclass
+class BlockStats:
+    """One block's input statistics, per Linear (tensor names); shared inputs are stored once."""
+
+    prefix: str
+    owner: dict[str, str]  # tensor name -> tensor name of the linear whose statistics it shares
+    in_features: dict[str, int]
+    xtx: dict[str, torch.Tensor]  # owners only: Σ XᵀX [in, in] float32 (empty without hessians)
+    sum_x2: dict[str, torch.Tensor]  # owners only: Σ x² per input channel
+    sum_abs: dict[str, torch.Tensor]
+    max_abs: dict[str, torch.Tensor]
+    tokens: dict[str, int]  # owners only
+
+
+def collect_stats(
+    source: CheckpointSource,
+    wanted: set[str],
+    input_ids: torch.Tensor,
+    *,
+    hessians: bool = True,
+    progress: Progress = lambda *a: None,
+) -> Iterator[BlockStats]:
+    """The unquantized model's input statistics of every Linear in `wanted` (tensor names), block
+    by block: one pass per block, whose outputs are the next block's inputs."""
+    runner = BlockRunner(source, input_ids, progress)
+    n = len(runner.prefixes)
+    for b, prefix, block in runner.blocks():
+        progress("calibrate", b, n, prefix)
+        names = runner.linears(prefix, block, wanted)
+        c = HessianCollector({m: block.get_submodule(m) for m in names}, hessians=hessians, vectors=True)
+        runner.advance(runner.run(b, block, c))
+        owner = {names[m]: names[c.owner[m]] for m in names if m in c.owner}
+        never = sorted(set(names.values()) - set(owner))
+        if never:
+            raise UnsupportedError(f"{never[0]}: the model's forward never called this layer (an MoE expert no token reached?)")
+        in_f = {names[m]: block.get_submodule(m).in_features for m in names}
+        by_t = lambda d: {names[m]: v for m, v in d.items()}  # noqa: E731
+        yield BlockStats(prefix, owner, in_f, by_t(c.sum), by_t(c.sum_x2), by_t(c.sum_abs), by_t(c.max_abs), by_t(c.tokens))
+    progress("calibrate", n, n, "")
