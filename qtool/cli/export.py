@@ -22,6 +22,7 @@ def export(
     model: Annotated[str, typer.Argument(help="Checkpoint to convert: folder, .safetensors/.gguf file, or Hub id.")],
     fmt: opt.Format = "safetensors",
     gguf_type: opt.GGUFType = None,
+    imatrix: opt.Imatrix = None,
     out_path: opt.Out = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Float dtype of the written tensors: bf16, f16, f32 (default: bf16 from GGUF, else unchanged).")] = None,
     revision: opt.Revision = None,
@@ -38,6 +39,8 @@ def export(
       qtool export SmolLM2-135M-Instruct.Q4_1.gguf -f safetensors -o smollm2-bf16
 
       qtool export ./model-fp32 -f safetensors --dtype bf16 -o model-bf16
+
+      qtool export ./my-model -f gguf -t Q4_K_M --imatrix imatrix.gguf -o my-model-Q4_K_M.gguf
     """
     writer_cls = FORMATS.get(fmt)
     if writer_cls.quantizes and not writer_cls.self_quantizing:
@@ -47,12 +50,15 @@ def export(
         raise UsageError(f"--dtype {dtype!r}: choose one of bf16, f16, f32")
     if out_path is None:
         raise UsageError("--out/-o is required for export")
-    writer = writer_cls(dtype=DTYPES[dtype.lower()] if dtype else None, type=gguf_type)
+    writer = writer_cls(dtype=DTYPES[dtype.lower()] if dtype else None, type=gguf_type, imatrix=imatrix)
     with open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as source:
         with ProgressDisplay(not (json_out or quiet)) as progress:
             report = run(model, source, out_path, writer, None, overwrite=overwrite, on_event=progress)
     d = {k: v for k, v in report.to_dict().items() if k in ("model", "output", "format", "seconds", "input_bytes", "output_bytes", "params_total")}
+    notes = [n for n in [getattr(writer, "imatrix_note", None)] if n]
     if json_out:
-        print_json(d)
+        print_json({**d, "notes": notes} if notes else d)
     else:
         out.print(f"wrote {report.output} ({report.format}, {report.params_total:,} parameters, {human_bytes(report.output_bytes)}) in {report.seconds:.1f} s")
+        for n in notes:
+            out.print(f"note: {n}")

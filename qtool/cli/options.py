@@ -26,6 +26,10 @@ GGUFType = Annotated[
     Optional[str],
     typer.Option("--type", "-t", help="GGUF tensor type or llama.cpp mixture: Q4_K_M, Q8_0, Q6_K, F16... (with -f gguf)."),
 ]
+Imatrix = Annotated[
+    Optional[Path],
+    typer.Option("--imatrix", help="llama.cpp importance matrix (llama-imatrix's .gguf or .dat) weighting the GGUF rounding, as llama-quantize --imatrix (with -f gguf)."),
+]
 # calibration data, shared by `calibrate` and `quantize`
 Dataset = Annotated[
     Optional[str],

@@ -33,6 +33,7 @@ def quantize(
     asym: Annotated[bool, typer.Option("--asym", help="Asymmetric grid (with zero points).")] = False,
     fmt: opt.Format = "compressed-tensors",
     gguf_type: opt.GGUFType = None,
+    imatrix: opt.Imatrix = None,
     out_path: opt.Out = None,
     target: Annotated[Optional[list[str]], typer.Option("--target", help="Quantize only modules matching this glob (repeatable).")] = None,
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Leave modules matching this glob unquantized (repeatable).")] = None,
@@ -71,6 +72,8 @@ def quantize(
 
       qtool quantize ./my-model -m gptq -b 4 -g 128 --dataset wikitext2 --samples 128 --seq-len 512
 
+      qtool quantize ./my-model -f gguf -t Q4_K_M --imatrix imatrix.gguf -o my-model-Q4_K_M.gguf
+
       qtool calibrate ./my-model --dataset wikitext2 -o stats.safetensors
       qtool quantize ./my-model -m gptq -b 4 -g 128 --stats stats.safetensors
     """
@@ -81,12 +84,14 @@ def quantize(
         samples=samples, seq_len=seq_len, seed=seed, stats=str(stats) if stats else None,
         method_params={"damp": damp, "act_order": act_order, "static_groups": static_groups, "block_size": block_size},
     )
-    writer = validate_early(recipe, fmt, type=gguf_type)  # exit 2/3 here, before anything is loaded or downloaded
+    writer = validate_early(recipe, fmt, type=gguf_type, imatrix=imatrix)  # exit 2/3 here, before anything is loaded or downloaded
     dest = out_path or default_out(model, recipe)
     with open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as source:
         check_architecture(source.config, model)
         with ProgressDisplay(not (json_out or quiet)) as progress:
             report = run(model, source, dest, writer, recipe, overwrite=overwrite, on_event=progress)
+    if note := getattr(writer, "imatrix_note", None):
+        report.notes.append(note)
     if json_out:
         print_json(report.to_dict())
     else:

@@ -6,9 +6,11 @@ falls back to a 32-wide type where a row length is no multiple of the 256-wide K
 This module restates those rules (llama.cpp `src/llama-quant.cpp`, the revision vendored in
 llama-cpp-python 0.3.36: `llama_ftype_get_default_type`, `tensor_allows_quantization`,
 `tensor_get_category`, `llama_tensor_get_type_impl`, `tensor_type_fallback`) as data plus one
-small function, for the mixtures qtool writes. IQ mixtures and imatrix-only rules are left out
-(qtool has no importance matrix yet), so a rule that only fires with an imatrix never fires here,
-exactly as in llama-quantize run without `--imatrix`.
+small function, for the mixtures qtool writes. IQ mixtures are left out. With an importance matrix
+(`--imatrix`, see imatrix.py) llama-quantize changes one rule for these mixtures: Q4_0 / Q5_0 give
+ffn_down of the first eighth of the layers Q4_1 / Q5_1 (FFN_DOWN_IMATRIX_RULES, `has_imatrix`);
+its other imatrix-dependent rules concern IQ mixtures only, and its refusal to quantize without an
+imatrix concerns IQ types and Q2_K_S, none of which qtool writes.
 
 The layer position of the attn_v rules is a running counter over tensors in the order
 llama.cpp's loader holds them (`weight_name_comparer`: block number, then name), which is what
@@ -162,6 +164,12 @@ FFN_DOWN_RULES = {
     "Q5_K_M": Rule("more_bits", T.Q6_K),
     "Q4_K_S": Rule("below", T.Q5_K, bound=8, per_layers=True),
 }
+# ffn_down, only when an imatrix is given (llama.cpp: "guard against craziness in the first few
+# ffn_down layers ... for Q4_0/Q5_0"; without an imatrix the file stays as it always was).
+FFN_DOWN_IMATRIX_RULES = {
+    "Q4_0": Rule("below", T.Q4_1, bound=8, per_layers=True),
+    "Q5_0": Rule("below", T.Q5_1, bound=8, per_layers=True),
+}
 ATTN_OUTPUT_RULES = {
     "Q2_K": Rule("always", T.Q3_K),
     "Q3_K_M": Rule("always", T.Q4_K),
@@ -227,7 +235,8 @@ def _fallback(t: T, ncols: int) -> TypeChoice:
     return TypeChoice(to, f"{ncols} columns not a multiple of {block}: {t.name} -> {to.name}")
 
 
-def _choose(mix: Mixture, cat: Category, ncols: int, i: int, n: int, facts: ModelFacts, tied: bool) -> T:
+def _choose(mix: Mixture, cat: Category, ncols: int, i: int, n: int, facts: ModelFacts, tied: bool,
+            has_imatrix: bool = False) -> T:
     """llama_tensor_get_type_impl for the non-IQ mixtures."""
     t, name = mix.default, mix.name
     n_gqa = facts.n_head / max(facts.n_head_kv, 1)
@@ -245,7 +254,8 @@ def _choose(mix: Mixture, cat: Category, ncols: int, i: int, n: int, facts: Mode
     if cat == Category.ATTN_K:
         return T.Q8_0 if facts.n_expert == 8 else t
     if cat == Category.FFN_DOWN:
-        return _apply(FFN_DOWN_RULES.get(name), t, i, n, n_gqa)
+        rule = FFN_DOWN_RULES.get(name) or (FFN_DOWN_IMATRIX_RULES.get(name) if has_imatrix else None)
+        return _apply(rule, t, i, n, n_gqa)
     if cat == Category.ATTN_OUTPUT:
         if facts.n_expert == 8:
             return T.Q5_K if name in ATTN_OUTPUT_8_EXPERTS else t
@@ -254,11 +264,13 @@ def _choose(mix: Mixture, cat: Category, ncols: int, i: int, n: int, facts: Mode
 
 
 def plan_types(
-    tensors: dict[str, tuple[int, ...]], mix: Mixture, facts: ModelFacts, converted: dict[str, T]
+    tensors: dict[str, tuple[int, ...]], mix: Mixture, facts: ModelFacts, converted: dict[str, T],
+    has_imatrix: bool = False,
 ) -> dict[str, TypeChoice]:
     """GGUF name -> type, for every tensor. `tensors` maps GGUF names to GGML shapes (ne, fastest
     dimension first); `converted` holds the type each would have in convert_hf_to_gguf's output
-    (what llama-quantize keeps for tensors it does not quantize)."""
+    (what llama-quantize keeps for tensors it does not quantize); `has_imatrix`: an importance
+    matrix with at least one entry is given (llama-quantize's `qs.has_imatrix`)."""
     tied = "output.weight" not in tensors
     order = sorted(tensors, key=lambda s: (_layer(s), s))  # llama_model_loader's weights_map order
     n_attn_v = sum(category(s) == Category.ATTN_V for s in order)
@@ -281,5 +293,5 @@ def plan_types(
             i_ffn_down += 1
         else:
             i, n = 0, facts.n_layer
-        out[name] = _fallback(_choose(mix, cat, ne[0], i, n, facts, tied), ne[0])
+        out[name] = _fallback(_choose(mix, cat, ne[0], i, n, facts, tied, has_imatrix), ne[0])
     return out

@@ -39,6 +39,7 @@ from qtool.core.qweight import QuantizedWeight
 from qtool.errors import FormatError, UnsupportedError, UsageError
 from qtool.formats import FORMATS
 from qtool.formats.base import FormatWriter, TensorOutcome
+from qtool.formats.gguf import imatrix as imx
 from qtool.formats.gguf import metadata as md
 from qtool.formats.gguf import mixtures as mx
 from qtool.formats.gguf import quants
@@ -75,26 +76,33 @@ CHUNK_ELEMENTS = 1 << 22
 _TORCH_FLOATS = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
 
 
-def _quantize_rows(rows: torch.Tensor, qtype: T) -> np.ndarray:
+def _quantize_rows(rows: torch.Tensor, qtype: T, importance: torch.Tensor | None = None) -> np.ndarray:
     """[rows, cols] float32 -> uint8 [rows, bytes_per_row], llama.cpp's block bytes."""
     if qtype in quants.SUPPORTED:
-        return np.ascontiguousarray(quants.quantize_tensor(rows, qtype))
+        return np.ascontiguousarray(quants.quantize_tensor(rows, qtype, imatrix=importance))
     raise UnsupportedError(f"--format gguf: no quantizer for {qtype.name} is available")
 
 
-def _encode_chunk(xf: torch.Tensor, qtype: T) -> tuple[np.ndarray, torch.Tensor]:
+def _encode_chunk(xf: torch.Tensor, qtype: T, importance: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """float32 rows -> (bytes for the file, their reconstruction in float32)."""
     if qtype in _TORCH_FLOATS:  # float casts round to nearest even, as ggml's converters do
         h = xf.to(_TORCH_FLOATS[qtype])
         return (h if qtype == T.F32 else h.view(torch.int16)).numpy(), h.float()
-    data = _quantize_rows(xf, qtype)
+    data = _quantize_rows(xf, qtype, importance)
     return data, torch.from_numpy(gguf.quants.dequantize(data, qtype)).reshape(xf.shape)
 
 
-def encode(x: torch.Tensor, qtype: T) -> tuple[np.ndarray, tuple[float, float] | None]:
+def encode(x: torch.Tensor, qtype: T, importance: torch.Tensor | None = None) -> tuple[np.ndarray, tuple[float, float] | None]:
     """Tensor -> (the array written to the file, (|x|^2, |x - reconstruction|^2), or None when the
-    bytes hold `x` exactly). Works through the rows in chunks (see CHUNK_ELEMENTS)."""
+    bytes hold `x` exactly). Works through the rows in chunks (see CHUNK_ELEMENTS). `importance`:
+    an imatrix's column weights [n_mat, cols], one row per matrix of `x` (experts of a 3-D tensor)."""
     x = x.detach().to("cpu").contiguous()
+    if importance is not None and x.dim() == 3:  # per expert, each with its own row of weights
+        done = [encode(x[i], qtype, importance[i:i + 1]) for i in range(x.shape[0])]
+        errs = [err for _, err in done if err is not None]
+        total = (sum(e[0] for e in errs), sum(e[1] for e in errs)) if errs else None
+        return np.stack([data for data, _ in done]), total
+    importance = None if importance is None else importance.reshape(-1)
     if qtype in _TORCH_FLOATS and x.dtype == _TORCH_FLOATS[qtype]:
         return (x if qtype == T.F32 else x.view(torch.int16)).numpy(), None
     exact = qtype == T.F32 and x.dtype in (torch.float16, torch.bfloat16)
@@ -103,7 +111,7 @@ def encode(x: torch.Tensor, qtype: T) -> tuple[np.ndarray, tuple[float, float] |
     parts, signal, noise = [], 0.0, 0.0
     for i in range(0, rows.shape[0], step):
         xf = rows[i : i + step].float()
-        data, recon = _encode_chunk(xf, qtype)
+        data, recon = _encode_chunk(xf, qtype, importance)
         parts.append(np.ascontiguousarray(data))
         if not exact:
             signal += torch.linalg.vector_norm(xf).item() ** 2
@@ -129,6 +137,7 @@ class Entry:
     converted: T = T.F32  # its type in convert_hf_to_gguf's 16-bit output
     data: dict[int, np.ndarray] = field(default_factory=dict)
     const: torch.Tensor | None = None  # generated tensors (rope_freqs)
+    importance: torch.Tensor | None = None  # the imatrix's column weights [n_mat, cols], if it has them
 
     @property
     def ne(self) -> tuple[int, ...]:
@@ -222,8 +231,11 @@ class GGUFWriter(FormatWriter):
     self_quantizing = True
     qtype_kinds = ("int",)
 
-    def __init__(self, type: str | None = None, dtype: torch.dtype | None = None, **options: object) -> None:
+    def __init__(self, type: str | None = None, dtype: torch.dtype | None = None,
+                 imatrix: str | Path | None = None, **options: object) -> None:
         super().__init__(**options)
+        # read now, so that a bad file fails (exit 5) before the model is opened
+        self.imatrix, self.imatrix_given = (imx.read_imatrix(imatrix), str(imatrix)) if imatrix is not None else (None, None)
         self.requested = None
         if type is not None:
             self.requested = mx.resolve(type)
@@ -276,7 +288,12 @@ class GGUFWriter(FormatWriter):
         if (factors := md.llama3_rope_factors(config)) is not None:
             entries.insert(0, Entry("rope_freqs.weight", tuple(factors.shape), [], const=factors))
         self.facts = md.model_facts(config, self.spec)
-        choices = mx.plan_types({e.name: e.ne for e in entries}, self.mixture, self.facts, {e.name: e.converted for e in entries})
+        choices = mx.plan_types({e.name: e.ne for e in entries}, self.mixture, self.facts, {e.name: e.converted for e in entries},
+                                has_imatrix=self.imatrix is not None)
+        if self.imatrix is not None:
+            by_name = {e.name: e for e in entries}
+            for name, weights in imx.check_against_model(self.imatrix, {n: e.ne for n, e in by_name.items()}).items():
+                by_name[name].importance = weights
         for e in entries:
             e.qtype, e.note = choices[e.name].qtype, choices[e.name].note
         # file order = completion order under the pipeline's delivery order
@@ -325,6 +342,9 @@ class GGUFWriter(FormatWriter):
             tk.copy_vocab_from_gguf(w, source.path)
         else:
             tk.write_vocab_from_folder(w, source.path if source.path.is_dir() else source.path.parent, source.config, self.spec)
+        if self.imatrix is not None:  # the keys llama-quantize --imatrix adds
+            for key, value in imx.metadata(self.imatrix, self.imatrix_given):
+                (w.add_string if isinstance(value, str) else w.add_uint32)(key, value)
         w.add_quantized_by(f"qtool {__version__}")
         w.add_string("qtool.type", self.mixture.name)
         w.add_string(PROVENANCE_KEY, " " * PROVENANCE_BYTES)  # filled in by finish(); must stay last
@@ -344,7 +364,7 @@ class GGUFWriter(FormatWriter):
         for entry, part in routes:
             y = t if entry.rows is None else t[..., entry.rows[0]:entry.rows[1], :]
             y = self._transform(entry, y)
-            data, err = encode(y, entry.qtype)
+            data, err = encode(y, entry.qtype, self._importance(entry, part))
             entry.data[part] = data
             if mx.allows_quantization(entry.name, entry.ne):
                 counted = True
@@ -360,6 +380,21 @@ class GGUFWriter(FormatWriter):
             return None
         sqnr = math.inf if noise == 0 else (-math.inf if signal == 0 else 10 * math.log10(signal / noise))
         return TensorOutcome("+".join(dict.fromkeys(kinds)), bits, sqnr, "; ".join(dict.fromkeys(notes)) or None)
+
+    @staticmethod
+    def _importance(entry: Entry, part: int) -> torch.Tensor | None:
+        """The imatrix weights for one arriving part: expert `part` of a stack, else all of them."""
+        if entry.importance is None or entry.qtype not in quants.IMATRIX_SUPPORTED:
+            return None
+        return entry.importance[part:part + 1] if len(entry.sources) > 1 else entry.importance
+
+    @property
+    def imatrix_note(self) -> str | None:
+        """For the run's notes: which imatrix was used, and on how many tensors it acted."""
+        if self.imatrix is None:
+            return None
+        used = sum(e.importance is not None and e.qtype in quants.IMATRIX_SUPPORTED for e in getattr(self, "entries", []))
+        return f"{self.imatrix.describe()}; weighted the rounding of {used} tensors"
 
     @staticmethod
     def _transform(entry: Entry, y: torch.Tensor) -> torch.Tensor:
@@ -389,6 +424,9 @@ class GGUFWriter(FormatWriter):
         if self._next < len(self.entries):
             raise FormatError(f"--format gguf: {len(self.entries) - self._next} tensor(s) never arrived, "
                               f"first {self.entries[self._next].name}")
+        if self.imatrix is not None:
+            provenance = {**provenance, "imatrix": {"file": self.imatrix_given, "entries": len(self.imatrix.entries),
+                                                    "chunks": self.imatrix.chunk_count, "datasets": self.imatrix.datasets}}
         record = json.dumps({"qtool_version": __version__, "gguf_type": self.mixture.name, **provenance},
                             sort_keys=True, ensure_ascii=True)
         if len(record) > PROVENANCE_BYTES:  # very many input shards: keep the recipe, drop the file list
