@@ -295,6 +295,8 @@ def load_hf_model(folder: Path):
     from transformers import AutoModelForCausalLM
 
     config = json.loads((folder / "config.json").read_text())
+    if (config.get("quantization_config") or {}).get("quant_method") == "gptq" and not _has_gptq_runtime():
+        return load_gptq_dequantized(folder, config)
     kw = {}
     if _asymmetric_compressed_tensors(config.get("quantization_config") or {}):
         from transformers import CompressedTensorsConfig
@@ -308,6 +310,12 @@ def load_hf_model(folder: Path):
         raise FormatError(f"{folder}: transformers cannot load it: {_one_line(e)}") from e
 
 
+def _has_gptq_runtime() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("optimum", "gptqmodel"))
+
+
 def _asymmetric_compressed_tensors(qconfig: dict) -> bool:
     if qconfig.get("quant_method") != "compressed-tensors":
         return False
@@ -318,25 +326,40 @@ def _asymmetric_compressed_tensors(qconfig: dict) -> bool:
 def load_gguf_torch(path: Path):
     """A GGUF dequantized (qtool's GGUFSource) into a transformers model built from its config,
     in float32, in memory: nothing is written."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
     from qtool.model.gguf_source import GGUFSource
 
     source = GGUFSource(path, dtype=torch.float32)
     try:
         config = dict(source.config)
-        config = AutoConfig.for_model(config.pop("model_type"), **config)
-        with no_init_weights():  # every weight is overwritten below; buffers are still built
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         state = {m.name: source.get_tensor(m.name) for m in source.tensors()}
     finally:
         source.close()
+    return model_from_state(config, state, path)
+
+
+def model_from_state(config: dict, state: dict[str, torch.Tensor], where: Path):
+    """A float32 transformers model built from a config.json dict and filled from `state`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    config = AutoConfig.for_model(config.pop("model_type"), **config)
+    with no_init_weights():  # every weight is overwritten below; buffers are still built
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
-        raise FormatError(f"{path}: tensors the model has no place for: {', '.join(result.unexpected_keys[:4])}")
-    model.tie_weights()  # the missing keys are tied aliases (lm_head of tied models): GGUFSource checks the rest
+        raise FormatError(f"{where}: tensors the model has no place for: {', '.join(result.unexpected_keys[:4])}")
+    model.tie_weights()  # the missing keys are tied aliases (lm_head of tied models): the readers check the rest
     return model.eval()
+
+
+def load_gptq_dequantized(folder: Path, config: dict):
+    """A GPTQ folder without its runtime (optimum + gptqmodel): dequantized by qtool's reader,
+    the very math its loader test (tests/test_gptq_format.py) matches against gptqmodel."""
+    from qtool.formats.gptq import read_dequantized
+
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in read_dequantized(folder).items()}
+    return model_from_state(config, state, folder)
 
 
 def load_tokenizer(path: Path):

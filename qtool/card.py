@@ -1,0 +1,71 @@
+"""The model card (`README.md`) written into every quantized output folder: what was done, how to
+load it, and, after `qtool quantize --eval`, what it cost in quality. Pure: report in, text out."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from qtool import __version__
+
+LOADERS = {
+    "compressed-tensors": ("transformers (with `compressed-tensors` installed), vLLM", ""),
+    "gptq": ("transformers with `optimum` and `gptqmodel` installed (GPTQModel kernels)", ""),
+    "safetensors": ("transformers", ""),
+}
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def _recipe_line(r: dict) -> str:
+    g = f"group {r['group_size']}" if r.get("group_size") else f"per {r.get('strategy')}"
+    return f"{r['method']} · {r['qtype']} · {g} · {'symmetric' if r.get('symmetric') else 'asymmetric'}"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def model_card(report: dict, base_model: str) -> str:
+    """`report`: RunReport.to_dict() (output_bytes may still be 0: sizes come from input/bpw)."""
+    r = report.get("recipe") or {}
+    name = report["output"].rstrip("/").rsplit("/", 1)[-1]
+    fmt = report["format"]
+    tags = ["qtool", "quantized", r.get("method", ""), fmt]
+    front = ["---", f"base_model: {base_model}", "tags:"] + [f"- {t}" for t in tags if t] + ["---", ""]
+    lines = [f"# {name}", "", f"`{base_model}` quantized with qtool {__version__}: {_recipe_line(r) if r else fmt}.", ""]
+    rows = [("format", fmt + (f" ({report['format_type']})" if report.get("format_type") else "")),
+            ("quantized", f"{len(report.get('layers', []))} layers, {report['params_quantized']:,} of {report['params_total']:,} parameters"),
+            ("bits per weight", f"{report['bpw_quantized']:.3f} (quantized layers, scales and zero points included)"),
+            ("weight error (SQNR)", f"mean {_fmt(report.get('sqnr_db_mean'), 2)} dB, worst {_fmt(report.get('sqnr_db_min'), 2)} dB"),
+            ("input size", _size(report.get("input_bytes", 0)))]
+    c = report.get("calibration")
+    if c:
+        src = f", statistics from `{c['stats_file']}`" if c.get("stats_file") else ""
+        rows.append(("calibration", f"{c.get('spec')}: {c.get('samples')} × {c.get('seq_len')} tokens, seed {c.get('seed')}{src}"))
+    lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
+    e = report.get("eval")
+    if e:
+        lines += ["## Quality", "",
+                  f"`qtool eval` on `{e['dataset']}` ({e['part']} part, {e['windows']} windows × {e['seq_len']} tokens, "
+                  f"{e['tokens_scored']:,} predictions), against `{base_model}`:", "",
+                  "| perplexity | base perplexity | ratio | KL(base ‖ quantized), nats/token | top-1 agreement |",
+                  "|---|---|---|---|---|",
+                  f"| {_fmt(e['perplexity'])} | {_fmt(e.get('base_perplexity'))} | {_fmt(e.get('ppl_ratio'))} | "
+                  f"{_fmt(e.get('kld_mean'), 6)} | {_fmt(100 * e['top1_agreement'], 2) + ' %' if e.get('top1_agreement') is not None else '—'} |", ""]
+    loader, _ = LOADERS.get(fmt, ("transformers", ""))
+    lines += ["## Use", "", f"Loads with {loader}:", "", "```python",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+              f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```", ""]
+    if report.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
+    if r:
+        lines += ["## Recipe", "", "```json", json.dumps(r, indent=2, sort_keys=True), "```", ""]
+    return "\n".join(front + lines)
