@@ -230,3 +230,24 @@ def test_calibrate_bad_input(tiny_llama, calib_txt, tmp_path, stats_file):
     before = stats_file[0].read_bytes()
     r = _cli("calibrate", tiny_llama, "--dataset", calib_txt, "--samples", SAMPLES, "--seq-len", SEQ, "-o", stats_file[0])
     assert r.exit_code == 5 and "--overwrite" in r.output and stats_file[0].read_bytes() == before
+
+
+def test_calibrate_writes_a_llama_cpp_imatrix(tiny_llama, calib_txt, tmp_path):
+    """--imatrix: the same Σx² and token counts as the stats file, under GGUF tensor names, in the
+    layout llama-quantize reads (tests/test_imatrix.py proves llama.cpp accepts write_imatrix's files)."""
+    from qtool.calib.stats import CalibStats
+    from qtool.formats.gguf.imatrix import read_imatrix
+
+    out, imx_path = tmp_path / "s.safetensors", tmp_path / "tiny.imatrix.gguf"
+    r = _cli("calibrate", tiny_llama, "--dataset", calib_txt, "--samples", SAMPLES, "--seq-len", SEQ, "-o", out,
+             "--imatrix", imx_path, "--no-hessian", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["imatrix"] == str(imx_path)
+    imx, stats = read_imatrix(imx_path), CalibStats(out)
+    assert imx.chunk_count == SAMPLES and imx.chunk_size == SEQ and imx.datasets == [str(calib_txt)]
+    names = {"blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj", "blk.0.attn_k.weight": "model.layers.0.self_attn.k_proj",
+             "blk.1.ffn_down.weight": "model.layers.1.mlp.down_proj", "blk.1.ffn_up.weight": "model.layers.1.mlp.up_proj"}
+    assert len(imx.entries) == len(stats.modules)
+    for g, hf in names.items():
+        want = (stats.vector(hf, "sum_x2") / stats.tokens(hf)).numpy()
+        assert imx.importance(g) == pytest.approx(want, rel=1e-6), g
