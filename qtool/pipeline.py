@@ -71,6 +71,7 @@ class RunReport:
     layers: list[LayerResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     calibration: dict | None = None  # provenance of the calibration windows (calibration methods)
+    eval: dict | None = None  # `--eval`: qtool eval's figures for the output against the input model
     notes_extra: list[str] = field(default_factory=list, repr=False)  # run-level notes, ahead of per-layer ones
 
     @property
@@ -230,10 +231,13 @@ def _write_quantized(
     if not torch.isfinite(qw.scale.float()).all():  # NaN/Inf in a weight reach its scales: a free check
         check_finite(name, w, where)
     err = sqnr_db(w, qw.dequantize(torch.float32))
-    report.layers.append(LayerResult(name, tuple(w.shape), spec.strategy, spec.group_size, err, plan.notes.get(name), stats))
+    outcome = writer.add_quantized(name, qw)  # writers move to CPU as they serialise
+    strategy, group, note, bits = spec.strategy, spec.group_size, plan.notes.get(name), qw.storage_bits()
+    if outcome is not None:  # a self-quantizing writer (GGUF) says which type holds it and what that changed
+        strategy, group, note, bits = outcome.qtype, None, outcome.note, outcome.storage_bits
+    report.layers.append(LayerResult(name, tuple(w.shape), strategy, group, err, note, stats))
     report.params_quantized += w.numel()
-    report.weight_bits += qw.storage_bits()
-    writer.add_quantized(name, qw)  # writers move to CPU as they serialise
+    report.weight_bits += bits
 
 
 def load_calibration_for(source: CheckpointSource, recipe: QuantRecipe):
@@ -269,16 +273,25 @@ def _calibrated(
     for m in source.tensors():
         if block_of(m.name) is None:
             report.params_total += m.numel
-            writer.add_tensor(m.name, source.get_tensor(m.name))
+            _add_tensor(m.name, source.get_tensor(m.name), report, writer)
     source.release()
     progress = lambda stage, done, total, item: on_event(Event(stage, done, total, item))  # noqa: E731
     for item in run_blockwise(source, plan.specs, method, input_ids, progress=progress):
         report.params_total += item.tensor.numel() if isinstance(item, PassThrough) else item.weight.numel()
         if isinstance(item, PassThrough):
-            writer.add_tensor(item.name, item.tensor)
+            _add_tensor(item.name, item.tensor, report, writer)
             continue
         stats = _layer_stats(item.stats, item.shares_hessian_with, None)
         _write_quantized(item.name, item.weight, item.qw, plan.specs[item.name], plan, report, writer, str(source.path), stats)
+
+
+def _add_tensor(name: str, t: torch.Tensor, report: RunReport, writer: FormatWriter) -> None:
+    """A tensor the method left alone; a self-quantizing writer may quantize it (reported then)."""
+    outcome = writer.add_tensor(name, t)
+    if outcome is not None:
+        report.layers.append(LayerResult(name, tuple(t.shape), outcome.qtype, None, outcome.sqnr_db, outcome.note))
+        report.params_quantized += t.numel()
+        report.weight_bits += outcome.storage_bits
 
 
 def _layer_stats(st, owner: str | None, me: str | None) -> dict:
@@ -311,13 +324,19 @@ def run(
     *,
     overwrite: bool = False,
     hash_inputs: bool = True,
+    evaluation: EvalRequest | None = None,
     on_event: EventSink = lambda e: None,
 ) -> RunReport:
-    """Quantize (recipe given) or convert (recipe None) `source` into `out` with `writer`."""
+    """Quantize (recipe given) or convert (recipe None) `source` into `out` with `writer`. With
+    `evaluation`, the finished output is scored against the input before it is renamed into place;
+    folder outputs get a model card (README.md) with the recipe and those figures."""
     t0 = time.perf_counter()
     check_output_free(out, overwrite)
     method = METHODS.get(recipe.method)(**recipe.method_params) if recipe else None
-    plan = plan_layers(source, recipe, writer) if recipe and not writer.self_quantizing else LayerPlan({}, {})
+    if recipe and writer.self_quantizing and method.needs_calibration:  # GGUF: each tensor's type decides its grid
+        plan = LayerPlan(writer.calibration_specs(source, recipe), {})
+    else:
+        plan = plan_layers(source, recipe, writer) if recipe and not writer.self_quantizing else LayerPlan({}, {})
     report = RunReport(model, str(out), writer.registry_name, recipe.to_dict() if recipe else None, writer.describe())
     calib = stats = None
     if method is not None and method.needs_calibration and recipe.stats:
@@ -342,6 +361,14 @@ def run(
             if report.calibration is not None:
                 prov["calibration"] = report.calibration
             writer.finish(source.config, {**prov, "report": _brief(report)})
+            if evaluation is not None:
+                on_event(Event("evaluate", 0, 1, str(out)))
+                report.eval = {**evaluate_output(tmp, source, evaluation, on_event), "model": str(out)}
+            if writer.output_is_dir and recipe is not None:
+                from qtool.card import model_card
+
+                report.output_bytes = _size(tmp)
+                (tmp / "README.md").write_text(model_card(report.to_dict() | {"output": str(out)}, model), encoding="utf-8")
         except OSError as e:  # disk full, quota, a vanished folder: the user's problem to fix, said in one line
             writer.abort()
             raise FormatError(f"{out}: cannot write: {e.strerror or e}") from None
@@ -351,6 +378,32 @@ def run(
     report.output_bytes = _size(out)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """`quantize --eval`: score the output against the input model on held-out text."""
+
+    dataset: Path  # a UTF-8 text file
+    part: str = "eval"  # its second half: the half calibration never reads (qtool.evaluate.split_text)
+    windows: int | None = 32
+    seq_len: int = 512
+    backend: str = "auto"
+
+    def check(self) -> None:
+        if not self.dataset.is_file():
+            raise UsageError(f"--eval-dataset {self.dataset}: no such file (a UTF-8 text file of held-out text)")
+        if self.dataset.suffix not in (".txt", ".md", ".text", ""):
+            raise UsageError(f"--eval-dataset {self.dataset}: expected a plain text file (.txt)")
+
+
+def evaluate_output(path: Path, source: CheckpointSource, req: EvalRequest, on_event: EventSink) -> dict:
+    from qtool.evaluate import evaluate_checkpoint
+
+    rep = evaluate_checkpoint(path, req.dataset, base=source.path, part=req.part, seq_len=req.seq_len,
+                              max_windows=req.windows, backend=req.backend,
+                              on_batch=lambda done, total: on_event(Event("evaluate", done, total, "")))
+    return rep.to_dict()
 
 
 def _summarize_notes(layers: list[LayerResult]) -> list[str]:
@@ -380,7 +433,7 @@ def validate_early(recipe: QuantRecipe | None, fmt: str, **writer_options: objec
         if recipe.weight_type.kind not in method.supported_kinds and not writer.self_quantizing:
             raise UnsupportedError(f"--method {recipe.method} cannot produce {recipe.qtype} weights")
         check_calibration_flags(recipe, method)
-        if method.needs_calibration and writer.self_quantizing:
+        if method.needs_calibration and writer.self_quantizing and not hasattr(writer, "calibration_specs"):
             raise UnsupportedError(f"--method {recipe.method}: --format {fmt} quantizes with its own block types; use -m rtn")
         writer.check_recipe(recipe)
     return writer
@@ -479,19 +532,14 @@ def calibrate(
         except BaseException:
             writer.abort()
             raise
-        if imatrix_out is not None:
-            write_imatrix_file(imatrix_out, importance, source.config, calib, overwrite)
-            report.imatrix = str(imatrix_out)
+    if imatrix_out is not None:  # after the stats file is in place: each output is complete or absent
+        from qtool.formats.gguf.imatrix import write_imatrix
+
+        write_imatrix(imatrix_out, importance, config=source.config, datasets=[calib.spec], chunks=calib.samples,
+                      chunk_size=calib.seq_len, overwrite=overwrite)
+        report.imatrix = str(imatrix_out)
     report.modules = len(modules)
     report.distinct_inputs = len({e["owner"] for e in modules.values()})
     report.output_bytes = _size(out)
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def write_imatrix_file(path: Path, importance: dict, config: dict, calib, overwrite: bool) -> None:
-    """The importance matrix in llama.cpp's imatrix file format (qtool/formats/gguf/imatrix.py)."""
-    from qtool.formats.gguf.imatrix import write_imatrix
-
-    with atomic_output(path, overwrite=overwrite, is_dir=False) as tmp:
-        write_imatrix(tmp, importance, config=config, datasets=[calib.spec], chunks=calib.samples)

@@ -14,7 +14,8 @@ from qtool.cli import options as opt
 from qtool.cli._app import ProgressDisplay, handle_errors, human_bytes, out, print_json
 from qtool.config import make_recipe
 from qtool.model.resolve import open_source
-from qtool.pipeline import RunReport, check_architecture, run, validate_early
+from qtool.errors import UsageError
+from qtool.pipeline import EvalRequest, RunReport, check_architecture, run, validate_early
 
 
 def default_out(model: str, recipe) -> Path:
@@ -51,6 +52,10 @@ def quantize(
     act_order: Annotated[bool, typer.Option("--act-order", help="gptq: quantize columns by decreasing activation energy (diag H).")] = False,
     static_groups: Annotated[bool, typer.Option("--static-groups", help="gptq: group scales from the original weights, before error updates (keeps groups contiguous with --act-order).")] = False,
     block_size: Annotated[Optional[int], typer.Option("--block-size", help="gptq: columns per lazy batch update [default: 128].")] = None,
+    run_eval: Annotated[bool, typer.Option("--eval", help="After writing, score the output against the input model (perplexity, KL divergence, top-1 agreement); the figures go into --json and the model card.")] = False,
+    eval_dataset: Annotated[Optional[Path], typer.Option("--eval-dataset", help="Text file for --eval [default: the --dataset file, its second half, which calibration never reads].")] = None,
+    eval_windows: Annotated[int, typer.Option("--eval-windows", min=1, help="Windows of --eval-seq-len tokens scored by --eval.")] = 32,
+    eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", min=2, help="Tokens per --eval window.")] = 512,
     revision: opt.Revision = None,
     token: opt.Token = None,
     allow_pickle: opt.AllowPickle = False,
@@ -74,6 +79,8 @@ def quantize(
 
       qtool quantize ./my-model -f gguf -t Q4_K_M --imatrix imatrix.gguf -o my-model-Q4_K_M.gguf
 
+      qtool quantize ./my-model -m gptq -b 4 --dataset calib.txt --eval -o my-model-gptq
+
       qtool calibrate ./my-model --dataset wikitext2 -o stats.safetensors
       qtool quantize ./my-model -m gptq -b 4 -g 128 --stats stats.safetensors
     """
@@ -85,17 +92,32 @@ def quantize(
         method_params={"damp": damp, "act_order": act_order, "static_groups": static_groups, "block_size": block_size},
     )
     writer = validate_early(recipe, fmt, type=gguf_type, imatrix=imatrix)  # exit 2/3 here, before anything is loaded or downloaded
+    evaluation = eval_request(run_eval, eval_dataset, dataset, eval_windows, eval_seq_len)
     dest = out_path or default_out(model, recipe)
     with open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as source:
         check_architecture(source.config, model)
         with ProgressDisplay(not (json_out or quiet)) as progress:
-            report = run(model, source, dest, writer, recipe, overwrite=overwrite, on_event=progress)
+            report = run(model, source, dest, writer, recipe, overwrite=overwrite, evaluation=evaluation, on_event=progress)
     if note := getattr(writer, "imatrix_note", None):
         report.notes.append(note)
     if json_out:
         print_json(report.to_dict())
     else:
         print_summary(report)
+
+
+def eval_request(run_eval: bool, eval_dataset: Path | None, dataset: str | None, windows: int, seq_len: int) -> EvalRequest | None:
+    if not run_eval:
+        if eval_dataset is not None:
+            raise UsageError("--eval-dataset: given without --eval")
+        return None
+    if eval_dataset is None:
+        if dataset is None or Path(dataset).suffix != ".txt" or not Path(dataset).is_file():
+            raise UsageError("--eval needs held-out text: give --eval-dataset FILE.txt (its second half is scored)")
+        eval_dataset = Path(dataset)
+    req = EvalRequest(eval_dataset, windows=windows, seq_len=seq_len)
+    req.check()
+    return req
 
 
 def print_summary(r: RunReport) -> None:
@@ -118,6 +140,11 @@ def print_summary(r: RunReport) -> None:
         damps = sorted({layer.gptq["damp"] for layer in r.layers if layer.gptq})
         if damps:
             t.add_row("damping", ", ".join(f"{d:g}" for d in damps) + " x mean(diag H)")
+    if r.eval:
+        e = r.eval
+        t.add_row("eval", f"ppl {e['perplexity']:.4f} (base {e['base_perplexity']:.4f}, x{e['ppl_ratio']:.4f}), "
+                          f"KLD {e['kld_mean']:.5f}, top-1 {100 * e['top1_agreement']:.2f} % "
+                          f"({e['windows']} x {e['seq_len']} tokens of {Path(e['dataset']).name}, {e['part']} part)")
     for n in r.notes:
         t.add_row("[yellow]note[/]", n)
     out.print(t)
