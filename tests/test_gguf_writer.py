@@ -444,11 +444,11 @@ def test_failure_leaves_no_partial_file(tiny, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = wmod.encode
 
-    def failing(x, qtype):
+    def failing(x, qtype, *rest):
         calls["n"] += 1
         if calls["n"] == 6:
             raise RuntimeError("disk on fire")
-        return real(x, qtype)
+        return real(x, qtype, *rest)
 
     monkeypatch.setattr(wmod, "encode", failing)
     out = tmp_path / "m.gguf"

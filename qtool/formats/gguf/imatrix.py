@@ -165,7 +165,7 @@ class _Cursor:
 
     def take(self, n: int, what: str) -> bytes:
         if n < 0 or self.left() < n:
-            raise FormatError(f"{self.path}: truncated imatrix file: {what} needs {n} bytes at offset "
+            raise FormatError(f"{self.path}: truncated imatrix file: reading {what} takes {n} bytes at offset "
                               f"{self.at}, {max(self.left(), 0)} left")
         self.at += n
         return self.raw[self.at - n:self.at]
