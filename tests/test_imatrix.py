@@ -29,7 +29,8 @@ from conftest import CACHE
 from qtool.errors import FormatError
 from qtool.formats.gguf import mixtures as mx
 from qtool.formats.gguf import quants
-from qtool.formats.gguf.imatrix import Imatrix, ImatrixEntry, build_imatrix, read_imatrix, save_imatrix, write_imatrix
+from qtool.formats.gguf.imatrix import (Imatrix, ImatrixEntry, build_imatrix, read_imatrix, save_imatrix, to_legacy,
+                                        write_imatrix)
 from qtool.formats.gguf.writer import GGUFWriter
 from qtool.model.resolve import open_source
 from qtool.pipeline import run
@@ -95,6 +96,12 @@ def test_round_trip_maps_hf_names_to_gguf(tiny, tmp_path):
     again = tmp_path / "again.gguf"
     save_imatrix(again, imx)
     assert again.read_bytes() == path.read_bytes()
+    # a .dat path gets the legacy layout: mean x² times ncall (here ceil(most tokens / 128) = 1)
+    dat = read_imatrix(write_imatrix(tmp_path / "i.dat", stats, config=config_of(folder), datasets=["wiki.txt"], chunks=4,
+                                     chunk_size=128).path)
+    assert dat.legacy and set(dat.entries) == expect and dat.chunk_count == 4 and dat.datasets == ["wiki.txt"]
+    for name in expect:
+        np.testing.assert_allclose(dat.importance(name), imx.importance(name), rtol=1e-6)
 
 
 def test_round_trip_moe_experts_stacked(tiny, tmp_path):
@@ -378,10 +385,15 @@ def test_reads_llama_imatrix_files(llama_runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["gguf", "dat"])
+@pytest.mark.parametrize("fmt", ["gguf", "dat", "gguf-as-dat"])
 def test_rewrites_llama_imatrix_byte_for_byte(llama_runs, tmp_path, fmt):
-    src = llama_runs[fmt]
-    out = save_imatrix(tmp_path / f"again.{fmt}", read_imatrix(src))
+    """Read and written back, each file is unchanged; and the GGUF statistics converted to the .dat
+    layout are llama-imatrix's own .dat file of the same run."""
+    src = llama_runs[fmt.split("-")[0]]
+    imx = read_imatrix(src)
+    if fmt == "gguf-as-dat":
+        imx, src = to_legacy(imx), llama_runs["dat"]
+    out = save_imatrix(tmp_path / "again", imx)
     assert out.read_bytes() == src.read_bytes()
 
 

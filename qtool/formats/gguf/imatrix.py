@@ -21,8 +21,9 @@ common/imatrix-loader, tools/quantize) knows:
 
 `read_imatrix` accepts either (GGUF magic first, as llama.cpp tries). `write_imatrix` takes what
 `qtool calibrate` collects, keyed by Hugging Face module names, maps them to GGUF names with the
-GGUF writer's own planner and writes the GGUF layout byte for byte as llama-imatrix does
-(`save_imatrix` writes an `Imatrix` back in whichever layout it came from).
+GGUF writer's own planner and writes the GGUF layout byte for byte as llama-imatrix does (the
+legacy layout for a `.dat` path, converted as llama-imatrix `--output-format dat` converts;
+`save_imatrix` writes an `Imatrix` back in whichever layout it holds).
 """
 
 from __future__ import annotations
@@ -262,6 +263,26 @@ def _legacy_bytes(imx: Imatrix) -> bytes:
     return b"".join(parts)
 
 
+def to_legacy(imx: Imatrix) -> Imatrix:
+    """GGUF statistics -> the .dat layout, as llama-imatrix's save_imatrix_legacy computes it: per
+    entry ncall = ceil(most tokens / chunk_size), values (Σx² / count) * ncall in float32 (1 * ncall
+    for a matrix that saw no token); entries that saw no token at all are left out."""
+    if imx.legacy:
+        return imx
+    if imx.chunk_size < 1:
+        raise UsageError(f"{imx.path}: the .dat layout needs a chunk size (tokens per chunk) >= 1")
+    entries = {}
+    for name, e in imx.entries.items():
+        if not (e.counts > 0).any():
+            continue
+        ncall = np.float32((int(e.counts.max()) + imx.chunk_size - 1) // imx.chunk_size)
+        count = e.counts.astype(np.float32)[:, None]
+        seen = count > 0
+        values = np.where(seen, e.sums / np.where(seen, count, np.float32(1)), np.float32(1)) * ncall
+        entries[name] = ImatrixEntry(values.astype(np.float32).reshape(1, -1), np.array([int(ncall)], dtype=np.int64))
+    return Imatrix(imx.path, entries, imx.datasets, imx.chunk_count, 0, legacy=True)
+
+
 def save_imatrix(path: str | Path, imx: Imatrix, *, overwrite: bool = False) -> Path:
     """Write `imx` in its own layout (GGUF unless it was read from a legacy file), atomically."""
     path = Path(path)
@@ -293,8 +314,11 @@ def write_imatrix(
     experts that are absent get count 0 (llama-quantize then weighs their columns equally).
     `chunks`: calibration windows; `chunk_size`: tokens per window (default: most tokens / chunks).
     An `lm_head` entry is dropped when the embeddings are tied: such a model has no output.weight.
+    A path ending in `.dat` gets the legacy layout (`to_legacy`), any other the GGUF one.
     """
     imx = build_imatrix(path, entries, config=config, datasets=datasets, chunks=chunks, chunk_size=chunk_size)
+    if Path(path).suffix == ".dat":
+        imx = to_legacy(imx)
     save_imatrix(path, imx, overwrite=overwrite)
     return imx
 
@@ -381,5 +405,5 @@ def _cut(s: str) -> str:
     return b.decode("utf-8", errors="ignore")
 
 
-__all__ = ["Imatrix", "ImatrixEntry", "read_imatrix", "write_imatrix", "save_imatrix", "build_imatrix",
+__all__ = ["Imatrix", "ImatrixEntry", "read_imatrix", "write_imatrix", "save_imatrix", "build_imatrix", "to_legacy",
            "check_against_model", "metadata"]
