@@ -37,7 +37,7 @@ import gguf
 import numpy as np
 import torch
 
-from qtool.errors import FormatError, NumericalError, UsageError
+from qtool.errors import FormatError, NumericalError, UnsupportedError, UsageError
 from qtool.io import atomic_output
 
 T = gguf.GGMLQuantizationType
@@ -345,7 +345,10 @@ def build_imatrix(path, entries, *, config, datasets, chunks, chunk_size=None) -
             raise UsageError(f"imatrix entry {hf}: negative sum of squares or token count")
         stats[weight] = (s.reshape(-1, s.shape[-1]), c)
         shape = (s.shape[0], 1, s.shape[-1]) if s.ndim == 2 else (1, s.shape[-1])
-        planner.add(TensorMeta(weight, shape, torch.float32))
+        try:
+            planner.add(TensorMeta(weight, shape, torch.float32))
+        except UnsupportedError:
+            raise UnsupportedError(f"imatrix entry {hf}: no llama.cpp tensor of {config.get('model_type')} takes this input") from None
     tied = bool(config.get("tie_word_embeddings", False))
     out: dict[str, ImatrixEntry] = {}
     for e in planner.entries.values():
