@@ -251,3 +251,32 @@ def test_calibrate_writes_a_llama_cpp_imatrix(tiny_llama, calib_txt, tmp_path):
     for g, hf in names.items():
         want = (stats.vector(hf, "sum_x2") / stats.tokens(hf)).numpy()
         assert imx.importance(g) == pytest.approx(want, rel=1e-6), g
+
+
+def test_gguf_imatrix_from_a_stats_file(smollm2_dir, calib_txt, tmp_path):
+    """`-f gguf --imatrix stats.safetensors` weighs the rounding exactly as the llama.cpp imatrix that
+    `calibrate --imatrix` wrote from the same run does: identical tensor bytes; and not as no imatrix."""
+    import gguf
+    from tiny_models import build_tiny_with_tokenizer_of
+
+    tiny_llama = build_tiny_with_tokenizer_of(tmp_path / "tiny", smollm2_dir)
+
+    stats, imx = tmp_path / "s.safetensors", tmp_path / "i.gguf"
+    r = _cli("calibrate", tiny_llama, "--dataset", calib_txt, "--samples", SAMPLES, "--seq-len", SEQ, "-o", stats,
+             "--imatrix", imx, "--no-hessian")
+    assert r.exit_code == 0, r.output
+    outs = {}
+    for label, extra in (("stats", ["--imatrix", stats]), ("imatrix", ["--imatrix", imx]), ("none", [])):
+        outs[label] = tmp_path / f"{label}.gguf"
+        r = _cli("quantize", tiny_llama, "-f", "gguf", "-t", "Q4_0", *extra, "-o", outs[label])
+        assert r.exit_code == 0, r.output
+
+    def data(p):
+        return {t.name: bytes(t.data.tobytes()) for t in gguf.GGUFReader(p).tensors}
+
+    a, b, c = data(outs["stats"]), data(outs["imatrix"]), data(outs["none"])
+    assert a == b
+    assert any(a[n] != c[n] for n in a if n.startswith("blk."))
+    other = build_tiny_with_tokenizer_of(tmp_path / "other", smollm2_dir, hidden_size=64)
+    r = _cli("quantize", other, "-f", "gguf", "-t", "Q4_0", "--imatrix", stats, "-o", tmp_path / "x.gguf")
+    _assert_clean_failure(r, 2, "--imatrix", "another model", absent=tmp_path / "x.gguf")

@@ -122,3 +122,21 @@ def save_random(cfg, folder: Path, seed: int) -> Path:
                 p.add_(0.05 * torch.randn_like(p))
     model.to(torch.bfloat16).save_pretrained(folder)
     return folder
+
+
+def build_tiny_with_tokenizer_of(folder: Path, tokenizer_dir: Path, **config: object) -> Path:
+    """The tiny llama (seeded random weights) with another model's vocabulary size and tokenizer
+    files (SmolLM2's: a tokenizer llama.cpp's pre-tokenizer table knows, so GGUF can hold it)."""
+    import json
+    import shutil
+
+    folder = Path(folder)
+    src = json.loads((Path(tokenizer_dir) / "config.json").read_text())
+    cfg = make_config("llama")
+    cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = src["vocab_size"], src.get("bos_token_id"), src.get("eos_token_id"), None
+    for k, v in config.items():
+        setattr(cfg, k, v)
+    save_random(cfg, folder, SEED)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tokenizer_dir) / f, folder / f)
+    return folder

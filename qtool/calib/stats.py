@@ -79,12 +79,12 @@ class ModuleEntry:
 class CalibStats:
     """A stats file opened lazily: the header is checked on open, tensors are read on demand."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, flag: str = "--stats") -> None:
         from safetensors import safe_open
 
-        self.path = Path(path)
+        self.path, self.flag = Path(path), flag
         if not self.path.is_file():
-            raise UsageError(f"--stats {self.path}: no such file (make one with `qtool calibrate MODEL --dataset ... -o {self.path.name}`)")
+            raise UsageError(f"{flag} {self.path}: no such file (make one with `qtool calibrate MODEL --dataset ... -o {self.path.name}`)")
         try:
             self._f = safe_open(str(self.path), framework="pt")
             meta = self._f.metadata() or {}
@@ -117,16 +117,16 @@ class CalibStats:
         diff = [k for k in FINGERPRINT_KEYS if k in mine and k in self.model and mine[k] != self.model[k]]
         if diff:
             k = diff[0]
-            raise UsageError(f"--stats {self.path}: made for another model ({k} {self.model[k]} there, {mine[k]} here); "
+            raise UsageError(f"{self.flag} {self.path}: made for another model ({k} {self.model[k]} there, {mine[k]} here); "
                              "run `qtool calibrate` on this model")
         for name, shape in weights.items():
             m = module_of(name)
             e = self.modules.get(m)
             if e is None:
-                raise UsageError(f"--stats {self.path}: no statistics for {m} (made for another model, or with other "
+                raise UsageError(f"{self.flag} {self.path}: no statistics for {m} (made for another model, or with other "
                                  "--target/--ignore?); run `qtool calibrate` on this model")
             if e.in_features != shape[-1]:
-                raise UsageError(f"--stats {self.path}: {m} has {shape[-1]} inputs here, {e.in_features} in the stats file "
+                raise UsageError(f"{self.flag} {self.path}: {m} has {shape[-1]} inputs here, {e.in_features} in the stats file "
                                  "(made for another model); run `qtool calibrate` on this model")
 
     # -- reading -----------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ class CalibStats:
     def hessian(self, module: str) -> torch.Tensor:
         """GPTQ's H = 2/n Σ XᵀX for `module` (its owner's, when the input is shared)."""
         if not self.has_hessians:
-            raise UsageError(f"--stats {self.path}: saved without Hessians (--no-hessian); GPTQ needs them")
+            raise UsageError(f"{self.flag} {self.path}: saved without Hessians (--no-hessian); GPTQ needs them")
         e = self.modules[module]
         return self._tensor(f"{e.owner}.xtx", (e.in_features, e.in_features)) * (2.0 / self.tokens(module))
 

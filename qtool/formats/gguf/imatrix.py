@@ -410,3 +410,13 @@ def _cut(s: str) -> str:
 
 __all__ = ["Imatrix", "ImatrixEntry", "read_imatrix", "write_imatrix", "save_imatrix", "build_imatrix", "to_legacy",
            "check_against_model", "metadata"]
+
+
+def from_stats(stats, config: dict) -> Imatrix:
+    """A `qtool calibrate` statistics file (qtool.calib.stats.CalibStats) as an importance matrix
+    for `config`'s model: its Σx² and token counts, under GGUF names (refused if made for another model)."""
+    stats.check_model(config, {})
+    c = stats.calibration
+    samples = int(c.get("samples") or 0)
+    return build_imatrix(stats.path, stats.importance(), config=config, datasets=[str(c.get("spec", ""))],
+                         chunks=samples, chunk_size=c.get("seq_len"))
