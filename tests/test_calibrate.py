@@ -280,3 +280,17 @@ def test_gguf_imatrix_from_a_stats_file(smollm2_dir, calib_txt, tmp_path):
     other = build_tiny_with_tokenizer_of(tmp_path / "other", smollm2_dir, hidden_size=64)
     r = _cli("quantize", other, "-f", "gguf", "-t", "Q4_0", "--imatrix", stats, "-o", tmp_path / "x.gguf")
     _assert_clean_failure(r, 2, "--imatrix", "another model", absent=tmp_path / "x.gguf")
+
+
+def test_inspect_describes_stats_and_imatrix_files(tiny_llama, calib_txt, tmp_path, stats_file):
+    imx = tmp_path / "t.imatrix.dat"
+    r = _cli("calibrate", tiny_llama, "--dataset", calib_txt, "--samples", SAMPLES, "--seq-len", SEQ, "-o", tmp_path / "s.safetensors",
+             "--imatrix", imx, "--no-hessian")
+    assert r.exit_code == 0, r.output
+    s = json.loads(_cli("inspect", stats_file[0], "--json").stdout)
+    assert s["kind"] == "qtool calibration statistics" and s["hessians"] is True
+    assert s["linears"] == stats_file[1]["modules"] and s["calibration"]["tokens"] == SAMPLES * SEQ
+    i = json.loads(_cli("inspect", imx, "--json").stdout)
+    assert "legacy" in i["kind"] and i["entries"] == s["linears"] and i["chunks"] == SAMPLES
+    # an ordinary checkpoint is still inspected as one
+    assert "params" in _cli("inspect", tiny_llama, "--json").stdout

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from qtool.cli import options as opt
 from qtool.cli._app import handle_errors, human_bytes, out, print_json
-from qtool.inspect import KIND_LABELS, InspectReport, inspect_model
+from qtool.inspect import KIND_LABELS, InspectReport, calibration_file_summary, inspect_model
 
 Ctx = Annotated[int, typer.Option("--ctx", min=1, help="Context length (tokens) for the KV-cache estimate.")]
 Batch = Annotated[int, typer.Option("--batch", min=1, help="Concurrent sequences for the KV-cache estimate.")]
@@ -37,7 +37,20 @@ def inspect(
       qtool inspect HuggingFaceTB/SmolLM2-135M-Instruct --ctx 8192 --batch 4
 
       qtool inspect model-Q4_K_M.gguf --json
+
+      qtool inspect stats.safetensors           (a `qtool calibrate` file, or a llama.cpp imatrix)
     """
+    summary = calibration_file_summary(model)
+    if summary is not None:
+        if json_out:
+            print_json(summary)
+        else:
+            t = Table(title=f"qtool inspect {model}", show_header=False, title_justify="left")
+            for k, v in summary.items():
+                t.add_row(k, ", ".join(f"{a} {b}" for a, b in v.items()) if isinstance(v, dict)
+                          else (human_bytes(v) if k == "bytes" else str(v)))
+            out.print(t)
+        return
     report = inspect_model(model, revision=revision, token=token, ctx=ctx, batch=batch)
     if json_out:
         print_json(report.to_dict())
