@@ -47,16 +47,33 @@ def wikitext_path() -> Path:
     return p
 
 
-@pytest.fixture()
-def cli():
-    """Run the CLI in-process: cli("quantize", DIR, "-b", "4") -> click Result (exit_code, stdout)."""
+def invoke_cli(*args: object):
+    """Run the CLI in-process: invoke_cli("quantize", DIR, "-b", "4") -> click Result (exit_code, stdout)."""
     from typer.testing import CliRunner
 
     from qtool.cli.main import app
 
-    runner = CliRunner()
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
-    def invoke(*args: object):
-        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
-    return invoke
+@pytest.fixture()
+def cli():
+    """`invoke_cli` as a fixture."""
+    return invoke_cli
+
+
+@pytest.fixture(scope="session")
+def tiny_byte_llama(tmp_path_factory) -> Path:
+    """tiny_models' llama with a 257-token byte-level tokenizer: for calibration and eval tests."""
+    from tiny_models import build_tiny_with_byte_tokenizer
+
+    return build_tiny_with_byte_tokenizer(tmp_path_factory.mktemp("tiny-byte") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def wiki_sample(tmp_path_factory, wikitext_path) -> Path:
+    """The first 40,000 characters of the shared WikiText-2 sample as a .txt file (calibration reads
+    its first half, eval its second)."""
+    p = tmp_path_factory.mktemp("wiki") / "wiki.txt"
+    p.write_text(wikitext_path.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    return p
