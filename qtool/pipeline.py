@@ -242,15 +242,15 @@ def _write_quantized(
 
 def load_calibration_for(source: CheckpointSource, recipe: QuantRecipe):
     """The recipe's calibration windows, tokenized with the model's own tokenizer."""
-    from transformers import AutoTokenizer
-
     from qtool.calib.data import load_calibration
+    from qtool.evaluate import load_tokenizer
 
-    folder = source.path if source.path.is_dir() else source.path.parent
+    gguf_file = source.path.is_file() and source.path.suffix == ".gguf"
+    where = source.path if gguf_file or source.path.is_dir() else source.path.parent
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    except Exception as e:  # noqa: BLE001 - any loader failure means the same thing here
-        raise UnsupportedError(f"{source.path}: calibration needs the model's tokenizer, none loads from {folder} ({e})") from None
+        tokenizer = load_tokenizer(where)  # a GGUF carries its own tokenizer
+    except FormatError as e:
+        raise UnsupportedError(f"calibration needs the model's tokenizer: {e}") from None
     return load_calibration(recipe.dataset, tokenizer, samples=recipe.samples, seq_len=recipe.seq_len, seed=recipe.seed,
                             dataset_config=recipe.dataset_config, split=recipe.split, text_field=recipe.text_field)
 

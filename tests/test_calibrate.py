@@ -273,3 +273,23 @@ def test_inspect_describes_stats_and_imatrix_files(tiny_byte_llama, wiki_sample,
     assert "legacy" in i["kind"] and i["entries"] == s["linears"] and i["chunks"] == SAMPLES
     # an ordinary checkpoint is still inspected as one
     assert "params" in invoke_cli("inspect", tiny_byte_llama, "--json").stdout
+
+
+def test_calibrate_reads_a_gguf_with_its_own_tokenizer(smollm2_dir, wiki_sample, tmp_path):
+    """A GGUF input calibrates like the HF folder converted from it: same windows (its embedded
+    tokenizer gives the same ids), statistics equal up to the folder's bf16 rounding of the weights."""
+    from qtool.calib.stats import CalibStats
+    from qtool.model.smollm2 import ensure_smollm2_gguf
+
+    gguf_path = ensure_smollm2_gguf(smollm2_dir.parent)
+    stats = {}
+    for label, model in (("gguf", gguf_path), ("folder", smollm2_dir)):
+        stats[label] = tmp_path / f"{label}.safetensors"
+        r = invoke_cli("calibrate", model, "--dataset", wiki_sample, "--samples", 2, "--seq-len", 32, "--no-hessian",
+                       "-o", stats[label], "--json")
+        assert r.exit_code == 0, r.output
+    a, b = CalibStats(stats["gguf"]), CalibStats(stats["folder"])
+    assert a.calibration["tokens"] == b.calibration["tokens"] == 64 and set(a.modules) == set(b.modules)
+    for m in ("model.layers.0.self_attn.q_proj", "model.layers.29.mlp.down_proj"):
+        x, y = a.vector(m, "sum_x2"), b.vector(m, "sum_x2")
+        assert float((x - y).norm() / y.norm()) < 0.05, m
