@@ -78,6 +78,89 @@ def test_lazy_blocks_are_exactly_the_column_by_column_algorithm():
         assert (qw.codes != ref.codes).float().mean() < 0.01
 
 
+# the fast schedule (_loop_fast) against the column-by-column reference (_loop_reference): every
+# feature that changes the loop's control flow, on a layer with a dead input column
+LOOP_CASES = {
+    "channel-sym": dict(group_size=None, symmetric=True, params=GPTQParams()),
+    "channel-asym-act-order": dict(group_size=None, symmetric=False, params=GPTQParams(act_order=True)),
+    "g32-sym": dict(group_size=32, symmetric=True, params=GPTQParams()),
+    "g40-asym-partial-last": dict(group_size=40, symmetric=False, params=GPTQParams()),
+    "g40-act-order-dynamic": dict(group_size=40, symmetric=True, params=GPTQParams(act_order=True)),
+    "g40-asym-act-order-static": dict(group_size=40, symmetric=False, params=GPTQParams(act_order=True, static_groups=True)),
+    "g24-block50": dict(group_size=24, symmetric=False, params=GPTQParams(block_size=50)),  # groups straddle blocks
+    "g40-block7": dict(group_size=40, symmetric=True, params=GPTQParams(block_size=7)),  # blocks < sub-blocks
+    "int3-g64-block1": dict(group_size=64, symmetric=True, params=GPTQParams(block_size=1), qtype=INT3),
+}
+
+
+def _loop_layer():
+    W, H = random_layer(40, 200, seed=7)  # 200 columns: partial last groups for 24, 32, 40 and 64
+    H[:, 11] = H[11, :] = 0  # a dead input
+    return W.to(torch.bfloat16), H
+
+
+@pytest.mark.parametrize("sub_block", [1, 5, 16])
+@pytest.mark.parametrize("case", list(LOOP_CASES))
+def test_fast_loop_is_the_reference_loop_in_float64(case, sub_block, monkeypatch):
+    """In float64 summation order cannot flip a rounding, so the fast schedule must give exactly
+    the reference's codes, scales, zero points and group map, for any sub-block size."""
+    from qtool.methods import gptq
+
+    monkeypatch.setattr(gptq, "SUB_BLOCK", sub_block)
+    kw = dict(LOOP_CASES[case])
+    qtype = kw.pop("qtype", INT4)
+    W, H = _loop_layer()
+    fast, s_fast = gptq_quantize(W, H, qtype, dtype=torch.float64, **kw)
+    ref, s_ref = gptq_quantize(W, H, qtype, dtype=torch.float64, reference=True, **kw)
+    assert torch.equal(fast.codes, ref.codes)
+    assert torch.equal(fast.scale, ref.scale) and fast.scale.dtype == torch.bfloat16
+    assert (fast.zero_point is None) == (ref.zero_point is None) == kw["symmetric"]
+    if fast.zero_point is not None:
+        assert torch.equal(fast.zero_point, ref.zero_point)
+    assert (fast.g_idx is None) == (ref.g_idx is None)
+    if fast.g_idx is not None:
+        assert torch.equal(fast.g_idx, ref.g_idx)
+    assert s_fast.dead_columns == s_ref.dead_columns == 1 and torch.all(fast.dequantize(torch.float32)[:, 11] == 0)
+    assert s_fast.loss == pytest.approx(s_ref.loss, rel=1e-9)
+    # and the case is not trivial: GPTQ moved codes away from RTN's
+    rtn = quantize_int(W.float(), qtype, strategy="group" if kw["group_size"] else "channel",
+                       group_size=kw["group_size"], symmetric=kw["symmetric"])
+    assert (fast.codes != rtn.codes).float().mean() > 0.1
+
+
+@pytest.mark.parametrize("case", list(LOOP_CASES))
+def test_fast_loop_matches_the_reference_loop_in_float32(case):
+    """What runs (float32): summation order may flip a code that sits on a rounding tie, nothing more."""
+    kw = dict(LOOP_CASES[case])
+    qtype = kw.pop("qtype", INT4)
+    W, H = _loop_layer()
+    fast, _ = gptq_quantize(W, H, qtype, **kw)
+    ref, _ = gptq_quantize(W, H, qtype, reference=True, **kw)
+    assert (fast.codes != ref.codes).float().mean() < 0.01
+    e_fast = output_error(W, fast.dequantize(torch.float32), H)
+    e_ref = output_error(W, ref.dequantize(torch.float32), H)
+    assert e_fast == pytest.approx(e_ref, rel=0.01)
+
+
+def test_method_factors_a_shared_hessian_once(monkeypatch):
+    """q/k/v get equal Hessians (distinct tensors) from the engine: one factorisation serves all
+    three, with the very result of factoring each; a different H is factored anew."""
+    from qtool.methods import gptq
+
+    calls = []
+    real = gptq.factor_hessian
+    monkeypatch.setattr(gptq, "factor_hessian", lambda H, *a, **k: calls.append(H) or real(H, *a, **k))
+    W, H = random_layer(24, 64, seed=8)
+    W2, H2 = random_layer(24, 64, seed=9)
+    m = METHODS.get("gptq")(act_order=True)
+    spec = LayerSpec("x.weight", INT4, "group", 16, False)
+    got = [m.quantize_with_stats(w, spec, h)[0] for w, h in ((W, H.clone()), (W2, H.clone()), (W, H2), (W, H2.clone()))]
+    assert len(calls) == 2
+    for (w, h), qw in zip(((W, H), (W2, H), (W, H2), (W, H2)), got):
+        want, _ = gptq_quantize(w, h, INT4, group_size=16, symmetric=False, params=GPTQParams(act_order=True))
+        assert torch.equal(qw.codes, want.codes) and torch.equal(qw.scale, want.scale) and torch.equal(qw.g_idx, want.g_idx)
+
+
 @pytest.mark.parametrize("group_size", [32, 40])
 def test_act_order_g_idx_maps_every_column_to_its_group(group_size):
     W, H = random_layer(16, 96, seed=4)

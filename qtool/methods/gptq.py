@@ -21,6 +21,10 @@ groups stay the contiguous original ones and no g_idx is needed (compressed-tens
 Unlike the reference, a group that starts inside a lazy block and reaches past it is measured on
 the fully updated weights (the pending block update is applied to the slice first), so the lazy
 schedule is exactly equivalent to the column-by-column algorithm.
+
+Two schedules of the column loop, one algorithm (see "Schedules" below): `_loop_reference` is
+Algorithm 1 column by column, `_loop_fast` what runs. Layers fed the same input (q/k/v, gate/up)
+share one Hessian; `GPTQMethod` factors it once for all of them (`factor_hessian`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from qtool.core.affine import int_qparams
+from qtool.core.grouping import to_groups
 from qtool.core.qweight import QuantizedWeight
 from qtool.errors import NumericalError, UsageError
 from qtool.methods import METHODS
@@ -37,6 +42,7 @@ from qtool.methods.base import LayerSpec, QuantMethod
 from qtool.qtypes import QType
 
 MAX_DAMP_RETRIES = 6  # damping x10 each time a factorisation fails: 1e-2 -> 1e4 of mean(diag H)
+SUB_BLOCK = 16  # columns per inner sub-block of the fast schedule (see _loop_fast); measured best of 8/16/32
 
 
 @dataclass(frozen=True)
@@ -65,18 +71,18 @@ class GPTQStats:
     loss: float  # Σ (w - q)² / [H⁻¹]_jj² / 2, the OBQ objective the loop accumulates
 
 
+@dataclass(frozen=True)
+class HessianFactor:
+    """What quantizing a layer needs from its Hessian alone (shared by layers fed the same input)."""
+
+    dead: torch.Tensor  # [in] bool: inputs that never fired (H_jj = 0)
+    perm: torch.Tensor  # [in] processing order of the columns (act-order: decreasing diag H)
+    U: torch.Tensor  # upper Cholesky factor of (H[perm][:, perm] + λI)⁻¹
+    damp: float
+    retries: int
+
+
 # -- pure functions ---------------------------------------------------------------------------------
-def prepare_hessian(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Dead inputs (H_jj = 0) get H_jj = 1 and W[:, j] = 0, as in the reference: those columns
-    never see activations, so any value is optimal and zero is the cheapest."""
-    H = H.clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W = W.clone()
-    W[:, dead] = 0
-    return W, H, int(dead.sum())
-
-
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, int]:
     """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H) (§4 "Cholesky
     reformulation"); where a factorisation fails, damping is raised x10 (up to MAX_DAMP_RETRIES)."""
@@ -93,16 +99,43 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor
     raise NumericalError(f"Hessian not positive definite even with damping {d:g} x mean(diag H)")
 
 
-def _qparams(cols: torch.Tensor, qtype: QType, symmetric: bool, scale_dtype: torch.dtype):
-    """[out, k] -> scale [out], zero [out] float32 (0 when symmetric), scale stored [out] in scale_dtype."""
-    s, z = int_qparams(cols.unsqueeze(1), qtype, symmetric, scale_dtype)  # [out, 1]
-    z_f = z[:, 0].float() if z is not None else torch.zeros_like(s[:, 0], dtype=torch.float32)
-    return s[:, 0], (None if z is None else z[:, 0]), z_f
+def factor_hessian(H: torch.Tensor, params: GPTQParams = GPTQParams(), dtype: torch.dtype = torch.float32) -> HessianFactor:
+    """Dead inputs (H_jj = 0) get H_jj = 1, as in the reference (their weights are zeroed by the
+    caller: those columns never see activations, so any value is optimal and zero is the cheapest);
+    act-order permutes; then the damped inverse's Cholesky factor."""
+    H = H.to(dtype, copy=True)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    if params.act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        H = H[perm][:, perm]
+    else:
+        perm = torch.arange(H.shape[0], device=H.device)
+    U, damp, retries = inverse_hessian_cholesky(H, params.damp)
+    return HessianFactor(dead, perm, U, damp, retries)
 
 
-def _round(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qtype: QType) -> torch.Tensor:
-    """One column w [out] -> codes [out] float (same op order as core/affine.quantize_int)."""
-    return (w / s + z).round_().clamp_(qtype.qmin, qtype.qmax)
+class _Grid:
+    """Scales and zero points of every group: as stored ([out, G], scale_dtype / int8) and as the
+    loop uses them ([G, out] in the compute dtype, one contiguous row per group)."""
+
+    def __init__(self, out_f: int, n_groups: int, qtype: QType, symmetric: bool, scale_dtype: torch.dtype,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.qtype, self.symmetric, self.scale_dtype = qtype, symmetric, scale_dtype
+        self.scales = torch.ones(out_f, n_groups, dtype=scale_dtype, device=device)
+        self.zeros = None if symmetric else torch.zeros(out_f, n_groups, dtype=torch.int8, device=device)
+        self.s = torch.ones(n_groups, out_f, dtype=dtype, device=device)
+        self.z = torch.zeros(n_groups, out_f, dtype=dtype, device=device)
+
+    def set(self, groups: torch.Tensor, first: int) -> None:
+        """groups [out, n, k] (a partial group zero-padded) -> the qparams of groups first..first+n-1."""
+        s, z = int_qparams(groups, self.qtype, self.symmetric, self.scale_dtype)  # [out, n]
+        n = s.shape[1]
+        self.scales[:, first : first + n] = s
+        self.s[first : first + n] = s.t()  # exact: the stored scale, widened
+        if z is not None:
+            self.zeros[:, first : first + n] = z  # type: ignore[index]
+            self.z[first : first + n] = z.t()
 
 
 def gptq_quantize(
@@ -114,70 +147,142 @@ def gptq_quantize(
     symmetric: bool,
     params: GPTQParams = GPTQParams(),
     scale_dtype: torch.dtype | None = None,
+    factor: HessianFactor | None = None,
+    dtype: torch.dtype = torch.float32,
+    reference: bool = False,
 ) -> tuple[QuantizedWeight, GPTQStats]:
-    """Algorithm 1 of the paper. W [out, in] (any float dtype), H [in, in] float32.
-    group_size None = per-channel. Returns codes in the original column order."""
+    """Algorithm 1 of the paper. W [out, in] (any float dtype), H [in, in].
+    group_size None = per-channel. Returns codes in the original column order.
+
+    `factor`: `factor_hessian(H, params, dtype)` when the caller has it already (H is then unused).
+    `dtype`: the compute dtype (float64 for tests); `reference`: run the column-by-column loop."""
     scale_dtype = scale_dtype or W.dtype
     out_f, cols = W.shape
-    W, H, n_dead = prepare_hessian(W.to(torch.float32), H.to(torch.float32))
+    if factor is None:
+        factor = factor_hessian(H, params, dtype)
+    W = W.to(dtype, copy=True)
+    W[:, factor.dead] = 0
     g = group_size or cols
     n_groups = -(-cols // g)
-    scales = torch.empty(out_f, n_groups, dtype=scale_dtype, device=W.device)
-    zeros = torch.zeros(out_f, n_groups, dtype=torch.int8, device=W.device)
-    zf = torch.zeros(out_f, n_groups, dtype=torch.float32, device=W.device)
-
-    def set_group(k: int, cols_now: torch.Tensor) -> None:
-        s, z, z_f = _qparams(cols_now, qtype, symmetric, scale_dtype)
-        scales[:, k], zf[:, k] = s, z_f
-        if z is not None:
-            zeros[:, k] = z
-
+    grid = _Grid(out_f, n_groups, qtype, symmetric, scale_dtype, dtype, W.device)
     static = group_size is None or params.static_groups
-    if static:  # qparams from the original W, before any update (§4 / reference static_groups)
-        for k in range(n_groups):
-            set_group(k, W[:, k * g : (k + 1) * g])
-
-    perm = torch.argsort(torch.diag(H), descending=True) if params.act_order else torch.arange(cols, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
-    # group of the column at permuted position p: dynamic groups are consecutive in processing order
-    group_at = perm // g if static else torch.arange(cols, device=W.device) // g
-    Hinv, damp_used, retries = inverse_hessian_cholesky(H, params.damp)
-
-    Q = torch.zeros_like(W)
-    loss = torch.zeros((), dtype=torch.float64)
-    bs = params.block_size
-    for i1 in range(0, cols, bs):
-        i2 = min(i1 + bs, cols)
-        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1, device=W.device), Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            p = i1 + i
-            if not static and p % g == 0:  # a dynamic group starts: measure its (updated) columns
-                end = min(p + g, cols)
-                cur = W1[:, i : min(end, i2) - i1]
-                if end > i2:  # the part past this block still owes it the pending update
-                    rest = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:p, i2:end]
-                    cur = torch.cat([cur, rest], dim=1)
-                set_group(p // g, cur)
-            k = int(group_at[p])
-            w, d = W1[:, i], Hinv1[i, i]
-            s = scales[:, k].float()
-            q = _round(w, s, zf[:, k], qtype)
-            Q[:, p] = q
-            deq = (q - zf[:, k]) * s
-            err = (w - deq) / d
-            loss += ((w - deq) ** 2).sum().double() / d.double() ** 2 / 2
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)  # §4 eq. (3), inside the block
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the columns after the block
-
-    inv = torch.argsort(perm)
-    codes = Q[:, inv].to(torch.int8)
+    if static:  # qparams from the original W, before any update (§4 / reference static_groups), all at once
+        grid.set(to_groups(W, g), 0)
+    perm = factor.perm
+    if params.act_order:
+        W = W[:, perm]
+    # group of the column at processing position p: dynamic groups are consecutive in processing order
+    group_at = (perm // g if static else torch.arange(cols) // g).tolist()
+    dynamic = None if static else g
+    U = factor.U.to(dtype)
+    if reference:
+        Q, loss = _loop_reference(W, U, grid, group_at, dynamic, qtype)
+    else:
+        Q, loss = _loop_fast(W, U, grid, group_at, dynamic, qtype, params.block_size)
     g_idx = None
-    if params.act_order and not static:
-        g_idx = group_at[inv].to(torch.int32)  # g_idx[j] = group of original column j
+    if params.act_order:
+        inv = torch.argsort(perm)
+        Q = Q[:, inv]
+        if not static:
+            g_idx = (inv // g).to(torch.int32)  # g_idx[j] = group of original column j
+    codes = Q.to(torch.int8).contiguous()
     strategy = "group" if group_size is not None else "channel"
-    qw = QuantizedWeight(qtype, codes, scales, None if symmetric else zeros, strategy, group_size, g_idx)
-    return qw, GPTQStats(damp_used, retries, n_dead, float(loss))
+    qw = QuantizedWeight(qtype, codes, grid.scales, grid.zeros, strategy, group_size, g_idx)
+    return qw, GPTQStats(factor.damp, factor.retries, int(factor.dead.sum()), loss)
+
+
+# -- Schedules --------------------------------------------------------------------------------------
+# Both loops take W [out, in] already permuted to processing order, U the upper Cholesky factor of
+# the damped inverse Hessian in that order, and return (codes as floats [out, in] in processing
+# order, loss). Per column p of group k (scale s, zero z, d = U[p, p]):
+#     q = clamp(round(w / s + z)),  err = (w - (q - z) · s) / d,  W[:, p:] -= err ⊗ U[p, p:]   (§4 eq. 3)
+# A dynamic group's qparams are measured when column p = k·g is reached, on W[:, p:p+g] as the
+# updates so far left it.
+def _loop_reference(W, U, grid: _Grid, group_at: list[int], dynamic: int | None, qtype: QType):
+    """Algorithm 1 column by column, each column's error applied at once to every later column."""
+    W = W.clone()
+    cols = W.shape[1]
+    Q = torch.zeros_like(W)
+    loss = 0.0
+    for p in range(cols):
+        if dynamic and p % dynamic == 0:
+            grid.set(W[:, p : p + dynamic].unsqueeze(1), p // dynamic)
+        s, z = grid.s[group_at[p]], grid.z[group_at[p]]
+        w = W[:, p].clone()
+        q = (w / s + z).round().clamp(qtype.qmin, qtype.qmax)
+        err = (w - (q - z) * s) / U[p, p]
+        W[:, p:] -= torch.outer(err, U[p, p:])
+        Q[:, p] = q
+        loss += float(err.double().square().sum()) / 2  # (w - deq)² / d² / 2
+    return Q, loss
+
+
+def _loop_fast(W, U, grid: _Grid, group_at: list[int], dynamic: int | None, qtype: QType, block_size: int):
+    """The same arithmetic, scheduled for few tensor ops per column:
+
+    * transposed, Wt [in, out]: a column is a contiguous row; the row views are made once;
+    * errors kept unscaled, Δ_p = w - (q - z)·s, against V = U with each row r divided by U[r, r]:
+      V[r, c]·Δ_r = err_r·U[r, c], so no division per column;
+    * lazy blocks of `block_size` columns (§4 step 2): a block's Δ reach the columns after it by one
+      matrix product when the block is done;
+    * inside a block, sub-blocks of SUB_BLOCK columns (cut also where a dynamic group starts): a
+      sub-block's Δ reach the rest of its block by one matrix product; inside a sub-block a column
+      gathers the Δ of the columns before it by one matrix-vector product ("left-looking") instead
+      of every column updating all later columns of its block;
+    * no host syncs in the loop; the loss summed once per block.
+
+    Per column that is 5 tensor ops on [out] vectors (6 asymmetric). Summation order differs from
+    `_loop_reference`, so float32 codes can differ at rounding ties; in float64 they agree."""
+    cols, out_f = W.shape[1], W.shape[0]
+    Wt = W.t().contiguous()
+    Qt = torch.empty_like(Wt)
+    diag = U.diagonal()
+    V = U / diag.unsqueeze(1)
+    D = torch.empty(min(block_size, cols), out_f, dtype=Wt.dtype, device=Wt.device)  # Δ of the block's columns
+    wrows, qrows, drows = Wt.unbind(0), Qt.unbind(0), D.unbind(0)
+    srows, zrows = grid.s.unbind(0), grid.z.unbind(0)  # views: they see groups set later
+    lo, hi = qtype.qmin, qtype.qmax
+    sym = grid.symmetric
+    loss = 0.0
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        Db = D[: i2 - i1]
+        Db.zero_()  # rows of columns not done yet must be 0: the left-looking products run over all rows
+        cuts = set(range(i1, i2, SUB_BLOCK))
+        if dynamic:
+            cuts.update(range(-(-i1 // dynamic) * dynamic, i2, dynamic))
+        bounds = sorted(cuts) + [i2]
+        for j1, j2 in zip(bounds, bounds[1:]):
+            # here rows j1..i2-1 of Wt hold the errors of every column before j1; rows from i2 on
+            # lack those of this block's columns i1..j1-1
+            if dynamic and j1 % dynamic == 0:
+                end = min(j1 + dynamic, cols)
+                cur = Wt[j1 : min(end, i2)]
+                if end > i2:
+                    rest = torch.addmm(Wt[i2:end], V[i1:j1, i2:end].t(), Db[: j1 - i1], alpha=-1)
+                    cur = torch.cat([cur, rest])
+                grid.set(cur.t().contiguous().unsqueeze(1), j1 // dynamic)  # [out, 1, k]: reduce along rows
+            Ds = Db[j1 - i1 : j2 - i1]
+            DsT = Ds.t()
+            vcols = V[j1:j2, j1:j2].t().contiguous().unbind(0)  # vcols[j][r] = V[j1 + r, j1 + j], 0 for r > j
+            for p in range(j1, j2):
+                k = group_at[p]
+                s, q, dp = srows[k], qrows[p], drows[p - i1]
+                # the column with the errors of this sub-block's earlier columns (Δ rows from p on are 0)
+                w = torch.addmv(wrows[p], DsT, vcols[p - j1], alpha=-1) if p > j1 else wrows[p]
+                if sym:
+                    torch.div(w, s, out=q).round_().clamp_(lo, hi)
+                    torch.addcmul(w, q, s, value=-1, out=dp)
+                else:
+                    z = zrows[k]
+                    torch.addcdiv(z, w, s, out=q).round_().clamp_(lo, hi)  # w / s + z, as core/affine rounds
+                    torch.addcmul(w, q - z, s, value=-1, out=dp)
+            if j2 < i2:
+                Wt[j2:i2].addmm_(V[j1:j2, j2:i2].t(), Ds, alpha=-1)
+        loss += float((Db.double().square().sum(1) / diag[i1:i2].double().square()).sum()) / 2
+        if i2 < cols:
+            Wt[i2:].addmm_(V[i1:i2, i2:].t(), Db, alpha=-1)  # lazy batch update of the columns after the block
+    return Qt.t(), loss
 
 
 def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
@@ -196,6 +301,19 @@ class GPTQMethod(QuantMethod):
 
     def __init__(self, **params: object) -> None:
         self.params = GPTQParams(**params)  # type: ignore[arg-type]
+        self._last: tuple[torch.Tensor, HessianFactor] | None = None  # (H, its factor)
+
+    def _factor(self, H: torch.Tensor) -> HessianFactor:
+        """factor_hessian, reused while consecutive layers bring an equal H (q/k/v, gate/up share
+        their input, so the engine hands each of them the same Hessian)."""
+        if self._last is not None:
+            last_H, f = self._last
+            if last_H.shape == H.shape and last_H.dtype == H.dtype and torch.equal(last_H, H):
+                return f
+        self._last = None
+        f = factor_hessian(H, self.params)
+        self._last = (H, f)
+        return f
 
     def quantize(self, w: torch.Tensor, spec: LayerSpec) -> QuantizedWeight:
         raise UsageError(
@@ -210,6 +328,7 @@ class GPTQMethod(QuantMethod):
             raise UsageError(f"{spec.name}: gptq supports per-channel or grouped scales, not {spec.strategy!r}")
         group = spec.group_size if spec.strategy == "group" else None
         try:
-            return gptq_quantize(w, H, spec.qtype, group_size=group, symmetric=spec.symmetric, params=self.params)
+            return gptq_quantize(w, H, spec.qtype, group_size=group, symmetric=spec.symmetric, params=self.params,
+                                 factor=self._factor(H))
         except NumericalError as e:
             raise NumericalError(f"{spec.name}: {e}") from None
