@@ -16,8 +16,12 @@ the token embedding and one decoder block at a time are materialised (in float32
      q/k/v and gate/up, share one Hessian); quantize each linear; put the dequantized weight back;
      run the block again so that the next block's inputs come from the quantized one; free it.
 
-Sequential at block granularity: inside a block all linears see the unquantized block's inputs
-(the reference's `--true-sequential` refinement, quantizing o_proj after q/k/v, is not done).
+"True sequential" inside a block (the reference implementations' default): the block's linears
+are quantized in groups, in the order the forward reaches them, a group being the linears fed one
+input tensor (q/k/v; o; gate/up; down in a llama block). Each group's Hessians come from a pass in
+which the groups before it already hold their quantized weights; that pass stops as soon as the
+group's last linear is reached, so the four groups of a llama block cost about one extra forward.
+`true_sequential=False` quantizes every linear of a block from one pass on the block's inputs.
 """
 
 from __future__ import annotations
@@ -120,13 +124,18 @@ def capture_layer_inputs(model: torch.nn.Module, layers: torch.nn.ModuleList, in
 
 
 def _run_block(block: torch.nn.Module, hidden: list[torch.Tensor], call: tuple[tuple, dict], before_each=None) -> list[torch.Tensor]:
+    """Outputs per sample; a hook may cut a sample's forward short (`_Stop`): its output is then None."""
     args, kwargs = call
     outs = []
     with torch.no_grad():
         for h in hidden:
             if before_each:
                 before_each()
-            out = block(h, *args, **kwargs)
+            try:
+                out = block(h, *args, **kwargs)
+            except _Stop:
+                outs.append(None)
+                continue
             outs.append(out[0] if isinstance(out, tuple) else out)
     return outs
 
@@ -137,8 +146,11 @@ class HessianCollector:
     matrix, activation magnitudes). Linears fed the very same input tensor (q/k/v, gate/up) share
     one accumulator: `owner[name]` is the linear whose accumulator `name` uses."""
 
-    def __init__(self, linears: dict[str, torch.nn.Linear], *, hessians: bool = True, vectors: bool = False) -> None:
+    def __init__(self, linears: dict[str, torch.nn.Linear], *, hessians: bool = True, vectors: bool = False,
+                 stop_after: str | None = None) -> None:
         self.hessians, self.vectors = hessians, vectors
+        self.stop_after = stop_after  # cut each sample's forward short once this linear's input is seen
+        self.order: list[str] = []  # linears in the order their inputs were first seen
         self.sum: dict[str, torch.Tensor] = {}
         self.sum_x2: dict[str, torch.Tensor] = {}
         self.sum_abs: dict[str, torch.Tensor] = {}
@@ -155,14 +167,17 @@ class HessianCollector:
         def hook(module, args):
             x = args[0]
             key = (x.data_ptr(), tuple(x.shape), x.stride())
+            if name not in self.owner:
+                self.order.append(name)
             if key in self._seen:
                 self.owner.setdefault(name, self._seen[key][0])
-                return
-            self._seen[key] = (name, x)
-            self.owner.setdefault(name, name)
-            if self.owner[name] != name:
-                return  # shared on an earlier pass
-            self._accumulate(name, x.reshape(-1, x.shape[-1]).to(torch.float32))
+            else:
+                self._seen[key] = (name, x)
+                self.owner.setdefault(name, name)
+                if self.owner[name] == name:  # not shared on an earlier pass
+                    self._accumulate(name, x.reshape(-1, x.shape[-1]).to(torch.float32))
+            if name == self.stop_after:
+                raise _Stop
 
         return hook
 
@@ -238,12 +253,28 @@ class BlockRunner:
         self.hidden = outputs
 
 
+def input_groups(runner: "BlockRunner", b: int, block: torch.nn.Module, names: dict[str, str]) -> list[list[str]]:
+    """The block's linears grouped by shared input, in the order the forward reaches them (found on
+    one sample, nothing accumulated). Linears that sample never reached come last, one group."""
+    probe = HessianCollector({m: block.get_submodule(m) for m in names}, hessians=False)
+    try:
+        _run_block(block, runner.hidden[:1], runner.calls[b], before_each=probe.new_pass)
+    finally:
+        probe.remove()
+    groups: dict[str, list[str]] = {}
+    for m in probe.order:
+        groups.setdefault(probe.owner[m], []).append(m)
+    unseen = [m for m in names if m not in probe.owner]
+    return list(groups.values()) + ([unseen] if unseen else [])
+
+
 def run_blockwise(
     source: CheckpointSource,
     specs: dict[str, LayerSpec],
     method,
     input_ids: torch.Tensor,
     *,
+    true_sequential: bool = True,
     progress: Progress = lambda *a: None,
 ) -> Iterator[QuantizedLinear | PassThrough]:
     """Yields, block by block, every tensor of every decoder block: quantized linears as
@@ -253,18 +284,23 @@ def run_blockwise(
     for b, prefix, block in runner.blocks():
         progress("quantize", b, n, prefix)
         names = runner.linears(prefix, block, specs)
-        collector = HessianCollector({m: block.get_submodule(m) for m in names})
-        runner.run(b, block, collector)
+        groups = input_groups(runner, b, block, names) if true_sequential else [list(names)]
         done: set[str] = set()
-        for m, name in names.items():
-            w = source.get_tensor(name)  # the checkpoint dtype: scales are stored in it
-            qw, stats = method.quantize_with_stats(w, specs[name], collector.hessian(m))
-            with torch.no_grad():
-                block.get_submodule(m).weight.copy_(qw.dequantize(torch.float32))
-            owner = collector.owner[m]
-            yield QuantizedLinear(name, w, qw, stats, None if owner == m else names[owner])
-            done.add(f"{m}.weight")
-        del collector
+        for group in groups:
+            last = group[-1] if true_sequential and len(groups) > 1 else None
+            collector = HessianCollector({m: block.get_submodule(m) for m in group}, stop_after=last)
+            runner.run(b, block, collector)
+            for m in group:
+                if m not in collector.owner:
+                    raise UnsupportedError(f"{names[m]}: the model's forward never called this layer on the calibration data")
+                w = source.get_tensor(names[m])  # the checkpoint dtype: scales are stored in it
+                qw, stats = method.quantize_with_stats(w, specs[names[m]], collector.hessian(m))
+                with torch.no_grad():
+                    block.get_submodule(m).weight.copy_(qw.dequantize(torch.float32))
+                owner = collector.owner[m]
+                yield QuantizedLinear(names[m], w, qw, stats, None if owner == m else names[owner])
+                done.add(f"{m}.weight")
+            del collector
         for k in block.state_dict().keys():
             if k not in done:
                 yield PassThrough(f"{prefix}.{k}", source.get_tensor(f"{prefix}.{k}"))
