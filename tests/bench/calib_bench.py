@@ -83,10 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     section = run_calibration_section(model, args.datasets / run_bench.TEXT_FILE, work, run_bench.qtool_exe(),
                                       run_bench.child_env(), skip_1b=args.skip_1b)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "calibration.json").write_text(json.dumps(section, indent=2) + "\n")  # kept even if the merge fails
+    print(markdown(section))
     results_path = args.out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": []}
-    results["calibration"] = section
-    return run_bench.write_results(args.out, results)
+    if results_path.is_file():  # merge into the last full run's table
+        results = json.loads(results_path.read_text())
+        results["calibration"] = section
+        return run_bench.write_results(args.out, results)
+    return 0
 
 
 if __name__ == "__main__":
