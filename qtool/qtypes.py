@@ -17,6 +17,10 @@ class QType:
     qmin: float  # smallest code (signed convention for ints: -2^(b-1))
     qmax: float
     torch_dtype: torch.dtype  # dtype the unpacked codes are held in
+    # symmetric grids: scale = the group's largest-magnitude value / qmin (may be negative), so it
+    # lands on qmin exactly (llama.cpp's Q4_0/Q5_0 rule), instead of max|w| / ((qmax - qmin) / 2).
+    # Only the GGUF writer's grids set it; the `--qtype` values keep compressed-tensors' rule.
+    signed_scale: bool = False
 
     @property
     def is_int(self) -> bool:

@@ -425,8 +425,9 @@ def test_recipes_gguf_cannot_honour_are_refused():
         args = dict(method="rtn", bits=None, qtype=None, group_size=None, asym=False, fmt="gguf")
         return make_recipe(**{**args, **kw})
     w.check_recipe(recipe(bits=8))
-    with pytest.raises(UnsupportedError, match="--method gptq"):
-        w.check_recipe(recipe(method="gptq"))
+    w.check_recipe(recipe(method="gptq"))  # GPTQ on each tensor's GGUF grid: tests/test_gptq_gguf.py
+    with pytest.raises(UsageError, match="--act-order needs --static-groups"):
+        w.check_recipe(recipe(method="gptq", method_params={"act_order": True}))
     with pytest.raises(UsageError, match="--group-size"):
         w.check_recipe(recipe(group_size="64"))
 

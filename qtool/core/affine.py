@@ -29,16 +29,20 @@ def _group_view(w: torch.Tensor, strategy: str, group_size: int | None) -> torch
 
 
 def _safe_scale(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round to the storage dtype; a group of all zeros gets scale 1 (its codes are 0 anyway)."""
+    """Round to the storage dtype; a scale that rounds to 0 (a group of zeros) becomes 1 (its codes
+    are 0 anyway). Subnormal scales stay: with float16 scales, groups of small weights (int8:
+    max|w| < 7.8e-3) have subnormal scales and would otherwise be zeroed."""
     s = s.to(dtype)
-    tiny = torch.finfo(dtype).tiny
-    return torch.where(s.float() < tiny, torch.ones_like(s), s)
+    return torch.where(s == 0, torch.ones_like(s), s)
 
 
 def int_qparams(
     groups: torch.Tensor, qtype: QType, symmetric: bool, scale_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """groups [.., G, k] float32 -> scale [.., G] (scale_dtype), zero [.., G] int8 or None."""
+    if symmetric and qtype.signed_scale:  # the largest-magnitude value (first on ties) maps to qmin
+        peak = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        return _safe_scale(peak / qtype.qmin, scale_dtype), None
     lo, hi = torch.aminmax(groups, dim=-1)  # one pass
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     span = qtype.qmax - qtype.qmin

@@ -20,6 +20,7 @@ class LayerSpec:
     strategy: str
     group_size: int | None
     symmetric: bool
+    scale_dtype: torch.dtype | None = None  # dtype the scales are stored in; None: the weight's own
 
 
 class QuantMethod(ABC):

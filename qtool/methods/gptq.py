@@ -329,6 +329,6 @@ class GPTQMethod(QuantMethod):
         group = spec.group_size if spec.strategy == "group" else None
         try:
             return gptq_quantize(w, H, spec.qtype, group_size=group, symmetric=spec.symmetric, params=self.params,
-                                 factor=self._factor(H))
+                                 scale_dtype=spec.scale_dtype, factor=self._factor(H))
         except NumericalError as e:
             raise NumericalError(f"{spec.name}: {e}") from None

@@ -16,5 +16,6 @@ class RTNMethod(QuantMethod):
 
     def quantize(self, w: torch.Tensor, spec: LayerSpec) -> QuantizedWeight:
         if spec.qtype.is_int:
-            return quantize_int(w, spec.qtype, strategy=spec.strategy, group_size=spec.group_size, symmetric=spec.symmetric)
-        return quantize_float8(w, spec.qtype, strategy=spec.strategy)
+            return quantize_int(w, spec.qtype, strategy=spec.strategy, group_size=spec.group_size, symmetric=spec.symmetric,
+                                scale_dtype=spec.scale_dtype)
+        return quantize_float8(w, spec.qtype, strategy=spec.strategy, scale_dtype=spec.scale_dtype)

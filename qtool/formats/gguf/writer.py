@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import gguf
@@ -44,7 +44,10 @@ from qtool.formats.gguf import metadata as md
 from qtool.formats.gguf import mixtures as mx
 from qtool.formats.gguf import quants
 from qtool.formats.gguf import tokenizer as tk
+from qtool.methods import METHODS
+from qtool.methods.base import LayerSpec
 from qtool.model.source import CheckpointSource, TensorMeta, block_of
+from qtool.qtypes import QType
 
 T = gguf.GGMLQuantizationType
 PROVENANCE_KEY = "qtool.provenance"
@@ -118,6 +121,108 @@ def encode(x: torch.Tensor, qtype: T, importance: torch.Tensor | None = None) ->
             noise += torch.linalg.vector_norm(xf - recon).item() ** 2
     data = np.concatenate(parts) if len(parts) > 1 else parts[0]
     return data.reshape(*x.shape[:-1], -1), None if exact else (signal, noise)
+
+
+# -- GPTQ codes in GGUF blocks ---------------------------------------------------------------------
+#
+# A calibration method (GPTQ) quantizes each decoder-block linear on the grid of the GGUF type the
+# mixture gives its tensor. The 32-wide legacy types store exactly what GPTQ produces on an int
+# grid with groups of 32 and fp16 scales (ggml-quants.c `dequantize_row_*`, L the stored code):
+#   Q8_0  x = L*d,            L = q         (int8 symmetric)
+#   Q4_0  x = (L - 8)*d,      L = q + 8     (int4 symmetric)
+#   Q5_0  x = (L - 16)*d,     L = q + 16    (int5 symmetric)
+#   Q4_1  x = L*d + m,        L = q + 8,  d = s, m = -(z + 8)*s   (int4 asymmetric)
+#   Q5_1  x = L*d + m,        L = q + 16, d = s, m = -(z + 16)*s  (int5 asymmetric)
+# so codes and scales are kept bit for bit; only Q4_1/Q5_1's offset m = -(z - qmin)*s is rounded
+# to fp16 (measured and reported per tensor). The K types (super-blocks of 256 whose sub-block
+# scales are themselves quantized) hold no GPTQ grid: GPTQ runs on the nearest one (same bits,
+# same sub-block width, same symmetry) and its dequantized weights are re-quantized with the
+# tensor's type, the loss reported per tensor as the SQNR of the stored weights vs GPTQ's.
+
+
+def _int_qtype(bits: int, signed_scale: bool = False) -> QType:
+    """The GGUF grids' int types: not `--qtype` values (int5/int6 exist only here), and symmetric
+    ones scale as llama.cpp does (QType.signed_scale: the group's peak lands on qmin, a step of
+    max|w|/8 instead of compressed-tensors' max|w|/7.5 for int4)."""
+    return QType(f"int{bits}", "int", bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, torch.int8, signed_scale)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The GPTQ grid for one GGUF type: `reusable` when the type stores its codes as they are."""
+
+    qtype: QType
+    group_size: int
+    symmetric: bool
+    reusable: bool
+
+
+GPTQ_GRIDS: dict[T, Grid] = {
+    T.Q8_0: Grid(_int_qtype(8, True), 32, True, True),
+    T.Q4_0: Grid(_int_qtype(4, True), 32, True, True),
+    T.Q4_1: Grid(_int_qtype(4), 32, False, True),
+    T.Q5_0: Grid(_int_qtype(5, True), 32, True, True),
+    T.Q5_1: Grid(_int_qtype(5), 32, False, True),
+    # nearest grids of the K types (ggml-quants.c quantize_row_*_K_ref: sub-block width, symmetry)
+    T.Q2_K: Grid(_int_qtype(2), 16, False, False),  # x = d*sc*L - dmin*m, 16-wide
+    T.Q3_K: Grid(_int_qtype(3, True), 16, True, False),  # x = d*sc*(L - 4), 16-wide
+    T.Q4_K: Grid(_int_qtype(4), 32, False, False),  # x = d*sc*L - dmin*m, 32-wide
+    T.Q5_K: Grid(_int_qtype(5), 32, False, False),
+    T.Q6_K: Grid(_int_qtype(6, True), 16, True, False),  # x = d*sc*(L - 32), 16-wide
+}
+
+
+def pack_codes(qw: QuantizedWeight, qtype: T) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """GPTQ codes on `qtype`'s own grid (GPTQ_GRIDS, reusable) -> (its block bytes [rows, bytes],
+    (|w|², |w - stored|²) of the GPTQ weights w, or None where the bytes hold them exactly)."""
+    grid = GPTQ_GRIDS.get(qtype)
+    rows, cols = qw.shape
+    fits = (grid is not None and grid.reusable and qw.strategy == "group" and qw.group_size == 32 and qw.g_idx is None
+            and cols % 32 == 0 and qw.scale.dtype == torch.float16 and qw.symmetric == grid.symmetric
+            and (qw.qtype.qmin, qw.qtype.qmax) == (grid.qtype.qmin, grid.qtype.qmax))
+    if not fits:
+        raise FormatError(f"--format gguf: {qtype.name} cannot hold {qw.qtype.name} codes "
+                          f"({qw.strategy} {qw.group_size}, {'sym' if qw.symmetric else 'asym'}, {qw.scale.dtype} scales)")
+    off = -int(grid.qtype.qmin)
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+    out = np.empty((rows, cols // 32 * block_bytes), dtype=np.uint8)
+    signal = noise = 0.0
+    step = max(1, CHUNK_ELEMENTS // cols)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        n = (r1 - r0) * cols // 32
+        codes = qw.codes[r0:r1].to("cpu", torch.int32).reshape(n, 32)
+        scale = qw.scale[r0:r1].to("cpu").contiguous().reshape(n)
+        parts = [quants._bytes16(scale.view(torch.int16))]
+        if not grid.symmetric:
+            z = qw.zero_point[r0:r1].to("cpu", torch.float32).reshape(n)
+            parts.append(quants._bytes16(quants._fp16(-(z + off) * scale.float())[0]))  # exact product, one rounding
+        L = codes + off
+        if qtype == T.Q8_0:
+            parts.append(codes.to(torch.int8).view(torch.uint8))
+        elif grid.qtype.bits == 5:
+            parts += [quants._qh32(L), quants._pack_nibbles(L)]
+        else:
+            parts.append(quants._pack_nibbles(L, mask_low=False))
+        data = torch.cat(parts, 1).numpy().reshape(r1 - r0, -1)
+        out[r0:r1] = data
+        if not grid.symmetric:
+            w = _rows_of(qw, r0, r1).dequantize(torch.float32).cpu()
+            back = torch.from_numpy(gguf.quants.dequantize(data, qtype)).reshape(w.shape)
+            signal += torch.linalg.vector_norm(w).item() ** 2
+            noise += torch.linalg.vector_norm(w - back).item() ** 2
+    return out, None if grid.symmetric else (signal, noise)
+
+
+def _rows_of(qw: QuantizedWeight, r0: int, r1: int) -> QuantizedWeight:
+    z = None if qw.zero_point is None else qw.zero_point[r0:r1]
+    return replace(qw, codes=qw.codes[r0:r1], scale=qw.scale[r0:r1], zero_point=z)
+
+
+def _sqnr(err: tuple[float, float] | None) -> float:
+    if err is None or err[1] == 0:
+        return math.inf
+    return -math.inf if err[0] == 0 else 10 * math.log10(err[0] / err[1])
 
 
 # -- the plan --------------------------------------------------------------------------------------
@@ -254,12 +359,41 @@ class GGUFWriter(FormatWriter):
     def check_recipe(self, recipe: QuantRecipe) -> None:
         """GGUF quantizes with llama.cpp's own block types: only the bit-width of a recipe maps."""
         if recipe.method != "rtn":
-            raise UnsupportedError(f"--format gguf quantizes with llama.cpp's block types; --method {recipe.method} does not apply (use --type)")
+            self._check_calibrated(recipe)
         if recipe.qtype not in BITS_TO_MIXTURE and self.requested is None:
             raise UnsupportedError(f"--format gguf cannot hold {recipe.qtype} weights; choose a --type")
         if recipe.strategy == "group" or recipe.targets or recipe.ignore or not recipe.symmetric:
             raise UsageError("--format gguf: block sizes and per-tensor types come from --type; "
                              "--group-size, --asym, --target and --ignore do not apply")
+
+    def _check_calibrated(self, recipe: QuantRecipe) -> None:
+        """A calibration method (GPTQ) quantizes the block linears on each tensor's GGUF grid."""
+        if not METHODS.get(recipe.method).needs_calibration:
+            raise UnsupportedError(f"--format gguf quantizes with llama.cpp's block types; --method {recipe.method} does not apply (use --type)")
+        if self.requested is not None and not self.requested.quantized:
+            raise UsageError(f"--type {self.requested.name} keeps the weights in floating point: "
+                             f"--method {recipe.method} needs a quantized --type (e.g. Q4_0, Q4_K_M)")
+        params = recipe.method_params
+        if params.get("act_order") and not params.get("static_groups"):
+            raise UsageError("--format gguf: --act-order needs --static-groups here: a GGUF block is 32 consecutive "
+                             "columns, act-order's dynamic groups are not")
+
+    def calibration_specs(self, source: CheckpointSource, recipe: QuantRecipe) -> dict[str, LayerSpec]:
+        """For a calibration method: the decoder-block linears it quantizes, each on the grid of the
+        type the mixture gives its GGUF tensor (GPTQ_GRIDS), with fp16 scales as GGUF stores them.
+        The rest (token_embd, output, tensors a mixture keeps in floating point) the writer
+        quantizes itself when they reach add_tensor."""
+        self.check_recipe(recipe)
+        linears = {m.name for m in source.tensors() if block_of(m.name) and m.name.endswith(".weight") and len(m.shape) == 2}
+        specs: dict[str, LayerSpec] = {}
+        for e in self.plan(source, recipe):
+            grid = GPTQ_GRIDS.get(e.qtype)
+            if grid is None or not mx.allows_quantization(e.name, e.ne):
+                continue
+            for s in e.sources:
+                if s in linears:
+                    specs[s] = LayerSpec(s, grid.qtype, "group", grid.group_size, grid.symmetric, scale_dtype=torch.float16)
+        return specs
 
     def describe(self) -> str | None:
         mixture = getattr(self, "mixture", None) or self.requested
@@ -350,8 +484,52 @@ class GGUFWriter(FormatWriter):
         w.add_string(PROVENANCE_KEY, " " * PROVENANCE_BYTES)  # filled in by finish(); must stay last
 
     # -- streaming -------------------------------------------------------------------------------
-    def add_quantized(self, name: str, qw: QuantizedWeight) -> None:
-        raise UnsupportedError("--format gguf quantizes float tensors itself (self-quantizing writer)")
+    def add_quantized(self, name: str, qw: QuantizedWeight) -> TensorOutcome:
+        """A linear a calibration method quantized on the grid calibration_specs gave it: its codes
+        and scales go into the blocks as they are where the tensor's type holds that grid, otherwise
+        its dequantized weights are re-quantized with the type. The outcome's SQNR is that of the
+        stored weights against the method's (inf where they are the same)."""
+        routes = self._routes.pop(name, None)
+        if routes is None:
+            raise FormatError(f"--format gguf: tensor {name} was not in the plan (or came twice)")
+        signal = noise = 0.0
+        bits, kinds, notes = 0, [], []
+        for entry, part in routes:
+            grid = GPTQ_GRIDS.get(entry.qtype)
+            if grid is None or (entry.transform is not None and entry.transform[0] != "permute"):
+                raise FormatError(f"--format gguf: {entry.name} ({entry.qtype.name}) cannot take quantized weights")
+            q = self._route_rows(entry, qw)
+            if grid.reusable:
+                data, err = pack_codes(q, entry.qtype)
+                if err is not None:
+                    notes.append(f"{entry.qtype.name}: GPTQ codes kept, offsets rounded to fp16 "
+                                 f"(SQNR vs GPTQ weights {_sqnr(err):.0f} dB)")
+            else:
+                data, err = encode(q.dequantize(torch.float32), entry.qtype, self._importance(entry, part))
+                notes.append(f"{entry.qtype.name}: GPTQ grid not reusable, re-quantized "
+                             f"(SQNR vs GPTQ weights {_sqnr(err):.0f} dB)")
+            entry.data[part] = data
+            bits += data.nbytes * 8
+            kinds.append(entry.qtype.name)
+            if entry.note:
+                notes.append(entry.note)
+            if err is not None:
+                signal, noise = signal + err[0], noise + err[1]
+        self._flush()
+        sqnr = _sqnr((signal, noise) if noise else None)
+        return TensorOutcome("+".join(dict.fromkeys(kinds)), bits, sqnr, "; ".join(dict.fromkeys(notes)) or None)
+
+    @staticmethod
+    def _route_rows(entry: Entry, qw: QuantizedWeight) -> QuantizedWeight:
+        """The rows of `qw` this entry takes, in GGUF's row order (Q/K rows permuted)."""
+        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            if entry.rows is not None:
+                t = t[entry.rows[0]:entry.rows[1]]
+            return permute_qk_rows(t, entry.transform[1]) if entry.transform is not None else t
+
+        return replace(qw, codes=rows(qw.codes), scale=rows(qw.scale), zero_point=rows(qw.zero_point))
 
     def add_tensor(self, name: str, t: torch.Tensor) -> TensorOutcome | None:
         routes = self._routes.pop(name, None)
