@@ -7,6 +7,12 @@ Q/K row permutation, stacked experts, hyper-parameters, tokenizer) followed by `
 (the mixture's per-tensor types, see mixtures.py), in one pass and without the 16-bit
 intermediate file.
 
+With a calibration method (`-m gptq --dataset ...`) the writer still picks every tensor's type;
+`calibration_specs()` then tells the pipeline which decoder-block linears the method quantizes
+and on which grid (GPTQ_GRIDS), and `add_quantized()` stores the result: bit for bit in the
+32-wide legacy types, re-quantized (loss reported per tensor) in the K types. Everything else
+(token_embd, output, norms) is quantized here as without a method.
+
 Streaming: a GGUF file lists every tensor (name, shape, type, offset) before any data, so
 `begin()` plans the whole file from shapes alone (`source.tensors()` + config), writes header,
 metadata and tensor infos, and each tensor's bytes go to the file as it arrives. Tensors are
