@@ -227,6 +227,25 @@ BLOCK_LINEARS = [f"model.layers.{i}.{m}.weight" for i in range(2) for m in
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
 
 
+@pytest.mark.parametrize("mixture", ["Q8_0", "Q4_1", "Q5_0", "Q2_K", "Q3_K_M", "Q4_K_S", "Q5_K_M", "Q6_K"])
+def test_every_block_linear_gets_the_grid_of_its_gguf_type(models, mixture):
+    """From shapes alone: each decoder-block linear is quantized on the grid of the type the
+    mixture gives its GGUF tensor, with fp16 scales; nothing outside the blocks."""
+    from qtool.config import make_recipe
+    from qtool.model.resolve import open_source
+
+    recipe = make_recipe(method="gptq", bits=None, qtype=None, group_size=None, asym=False, fmt="gguf", dataset="x")
+    writer = GGUFWriter(type=mixture)
+    with open_source(str(models["wide"])) as source:
+        specs = writer.calibration_specs(source, recipe)
+        entries = {s: e for e in writer.plan(source, recipe) for s in e.sources}
+    assert sorted(specs) == sorted(BLOCK_LINEARS)
+    for name, spec in specs.items():
+        grid = GPTQ_GRIDS[entries[name].qtype]
+        assert (spec.qtype, spec.strategy, spec.group_size, spec.symmetric, spec.scale_dtype) == (
+            grid.qtype, "group", grid.group_size, grid.symmetric, torch.float16)
+
+
 def test_q4_0_file_holds_exactly_our_gptq_weights(runs, reference):
     path, report = runs("tiny", "gptq", "Q4_0")
     want, specs = reference("tiny", "Q4_0")
