@@ -18,7 +18,8 @@ from qtool.core.affine import quantize_int
 from qtool.errors import UnsupportedError, UsageError
 from qtool.methods import METHODS
 from qtool.methods.base import LayerSpec
-from qtool.methods.gptq import GPTQParams, gptq_quantize, output_error
+from qtool.methods.gptq import (GPTQParams, gptq_quantize, inverse_hessian_cholesky, inverse_hessian_cholesky_reference,
+                                output_error)
 from qtool.qtypes import get_qtype
 
 INT4, INT3 = get_qtype("int4"), get_qtype("int3")
@@ -76,6 +77,23 @@ def test_lazy_blocks_are_exactly_the_column_by_column_algorithm():
         qw, _ = gptq_quantize(W, H, INT4, group_size=40, symmetric=False, params=GPTQParams(block_size=bs))
         # float32 summation order differs between schedules: allow a handful of rounding ties
         assert (qw.codes != ref.codes).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("n", [1, 7, 96, 300])
+def test_inverse_hessian_cholesky_is_the_reference_factor(n):
+    """One factorisation + a triangular inverse (reversed order) gives the factor the reference's
+    three steps give: upper triangular, UᵀU = (H + λI)⁻¹."""
+    _, H = random_layer(4, n, seed=10 + n)
+    H = (H + H.T) / 2  # a float32 XᵀX is symmetric to rounding only; one method reads its lower, one its upper half
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+        U, damp, retries = inverse_hessian_cholesky(H.to(dtype), 0.01)
+        R, damp_r, retries_r = inverse_hessian_cholesky_reference(H.to(dtype), 0.01)
+        assert (damp, retries) == (damp_r, retries_r) == (0.01, 0) and U.dtype == dtype
+        assert torch.all(U.tril(-1) == 0) and torch.all(U.diagonal() > 0)
+        assert float((U - R).norm() / R.norm()) < tol
+    Hd = H.double() + 0.01 * H.diag().double().mean() * torch.eye(n, dtype=torch.float64)
+    U, _, _ = inverse_hessian_cholesky(H.double(), 0.01)
+    assert torch.allclose(U.T @ U @ Hd, torch.eye(n, dtype=torch.float64), atol=1e-8)
 
 
 # the fast schedule (_loop_fast) against the column-by-column reference (_loop_reference): every

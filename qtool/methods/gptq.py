@@ -84,16 +84,37 @@ class HessianFactor:
 
 # -- pure functions ---------------------------------------------------------------------------------
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, int]:
-    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H) (§4 "Cholesky
-    reformulation"); where a factorisation fails, damping is raised x10 (up to MAX_DAMP_RETRIES)."""
+    """Upper Cholesky factor U of (H + λI)⁻¹ (UᵀU = (H + λI)⁻¹) with λ = damp · mean(diag H) (§4
+    "Cholesky reformulation"); where a factorisation fails, damping is raised x10 (up to
+    MAX_DAMP_RETRIES).
+
+    One factorisation and one triangular inverse instead of the reference's three steps
+    (`inverse_hessian_cholesky_reference`): with J the reversal permutation and JHJ = L Lᵀ,
+    U = J L⁻¹ J, since (J L⁻¹ J)ᵀ (J L⁻¹ J) = J (L Lᵀ)⁻¹ J = H⁻¹ and J (lower) J is upper with the
+    same positive diagonal, so it is *the* Cholesky factor."""
+    mean_diag = torch.diag(H).mean()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    Hr = H.flip(0, 1)
+    for retry in range(MAX_DAMP_RETRIES + 1):
+        d = damp * 10**retry
+        L, info = torch.linalg.cholesky_ex(Hr + d * mean_diag * eye)
+        if info == 0:
+            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+            if torch.isfinite(U).all():
+                return U, d, retry
+    raise NumericalError(f"Hessian not positive definite even with damping {d:g} x mean(diag H)")
+
+
+def inverse_hessian_cholesky_reference(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, int]:
+    """The same factor as the paper's reference code computes it: Cholesky of H + λI, its inverse,
+    the upper Cholesky factor of that inverse (three O(n³) steps)."""
     mean_diag = torch.diag(H).mean()
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for retry in range(MAX_DAMP_RETRIES + 1):
         d = damp * 10**retry
         L, info = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if info == 0 and torch.isfinite(U).all():
                 return U, d, retry
     raise NumericalError(f"Hessian not positive definite even with damping {d:g} x mean(diag H)")
@@ -229,7 +250,7 @@ def _loop_fast(W, U, grid: _Grid, group_at: list[int], dynamic: int | None, qtyp
       sub-block's Δ reach the rest of its block by one matrix product; inside a sub-block a column
       gathers the Δ of the columns before it by one matrix-vector product ("left-looking") instead
       of every column updating all later columns of its block;
-    * no host syncs in the loop; the loss summed once per block.
+    * no host syncs in the loop; Δ kept for every column, so the loss is summed once per layer.
 
     Per column that is 5 tensor ops on [out] vectors (6 asymmetric). Summation order differs from
     `_loop_reference`, so float32 codes can differ at rounding ties; in float64 they agree."""
@@ -238,16 +259,15 @@ def _loop_fast(W, U, grid: _Grid, group_at: list[int], dynamic: int | None, qtyp
     Qt = torch.empty_like(Wt)
     diag = U.diagonal()
     V = U / diag.unsqueeze(1)
-    D = torch.empty(min(block_size, cols), out_f, dtype=Wt.dtype, device=Wt.device)  # Δ of the block's columns
+    # Δ of every column; rows of columns not done yet must be 0: the left-looking products run over all rows
+    D = torch.zeros_like(Wt)
     wrows, qrows, drows = Wt.unbind(0), Qt.unbind(0), D.unbind(0)
     srows, zrows = grid.s.unbind(0), grid.z.unbind(0)  # views: they see groups set later
     lo, hi = qtype.qmin, qtype.qmax
     sym = grid.symmetric
-    loss = 0.0
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        Db = D[: i2 - i1]
-        Db.zero_()  # rows of columns not done yet must be 0: the left-looking products run over all rows
+        Db = D[i1:i2]
         cuts = set(range(i1, i2, SUB_BLOCK))
         if dynamic:
             cuts.update(range(-(-i1 // dynamic) * dynamic, i2, dynamic))
@@ -267,7 +287,7 @@ def _loop_fast(W, U, grid: _Grid, group_at: list[int], dynamic: int | None, qtyp
             vcols = V[j1:j2, j1:j2].t().contiguous().unbind(0)  # vcols[j][r] = V[j1 + r, j1 + j], 0 for r > j
             for p in range(j1, j2):
                 k = group_at[p]
-                s, q, dp = srows[k], qrows[p], drows[p - i1]
+                s, q, dp = srows[k], qrows[p], drows[p]
                 # the column with the errors of this sub-block's earlier columns (Δ rows from p on are 0)
                 w = torch.addmv(wrows[p], DsT, vcols[p - j1], alpha=-1) if p > j1 else wrows[p]
                 if sym:
@@ -279,9 +299,9 @@ def _loop_fast(W, U, grid: _Grid, group_at: list[int], dynamic: int | None, qtyp
                     torch.addcmul(w, q - z, s, value=-1, out=dp)
             if j2 < i2:
                 Wt[j2:i2].addmm_(V[j1:j2, j2:i2].t(), Ds, alpha=-1)
-        loss += float((Db.double().square().sum(1) / diag[i1:i2].double().square()).sum()) / 2
         if i2 < cols:
             Wt[i2:].addmm_(V[i1:i2, i2:].t(), Db, alpha=-1)  # lazy batch update of the columns after the block
+    loss = float((D.double().square().sum(1) / diag.double().square()).sum()) / 2  # Σ err² / 2, err = Δ / d
     return Qt.t(), loss
 
 

@@ -17,6 +17,10 @@ GGUF section (gguf_bench.py; skip with --no-gguf, run alone with --gguf-only): q
 against llama.cpp's convert_hf_to_gguf.py + llama-quantize: end-to-end time and peak RSS, 1.1 B
 peak RSS, and llama-perplexity of each mixture (Q8_0 ... Q2_K, Q4_0) for both tools' files.
 
+GPTQ section (gptq_bench.py; skip with --no-gptq, run alone with --gptq-only): qtool's RTN/GPTQ
+(-f gptq) against GPTQModel on the same calibration windows: time, peak RSS, size, bpw,
+perplexity, KLD and top-1 agreement vs bf16, every output scored by the same code.
+
 Writes results.json (everything, with machine info) and results.md (the table) to --out, and
 prints the markdown.
 """
@@ -39,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gguf_bench  # noqa: E402
+import gptq_bench  # noqa: E402
 from measure import Measured, run_measured  # noqa: E402
 from random_llama import build as build_random_llama  # noqa: E402
 
@@ -315,6 +320,8 @@ def markdown(results: dict) -> str:
         lines += [""] + [f"- {n}" for n in notes]
     if results.get("gguf"):
         lines += ["", gguf_bench.markdown(results["gguf"]).rstrip("\n")]
+    if results.get("gptq"):
+        lines += ["", gptq_bench.markdown(results["gptq"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -362,6 +369,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="run only the GGUF section; merge it into --out/results.json of an earlier run if there is one")
     ap.add_argument("--gguf-chunks", type=int, default=gguf_bench.DEFAULT_CHUNKS,
                     help=f"llama-perplexity chunks of 512 tokens per GGUF file (default {gguf_bench.DEFAULT_CHUNKS})")
+    ap.add_argument("--no-gptq", action="store_true", help="leave out the GPTQ vs GPTQModel section")
+    ap.add_argument("--gptq-only", action="store_true",
+                    help="run only the GPTQ section; merge it into --out/results.json of an earlier run if there is one")
+    ap.add_argument("--gptq-samples", type=int, default=gptq_bench.DEFAULT_SAMPLES,
+                    help=f"GPTQ calibration windows (default {gptq_bench.DEFAULT_SAMPLES})")
+    ap.add_argument("--gptq-seq-len", type=int, default=gptq_bench.DEFAULT_SEQ_LEN,
+                    help=f"tokens per GPTQ calibration window (default {gptq_bench.DEFAULT_SEQ_LEN})")
+    ap.add_argument("--gptq-windows", type=int, default=gptq_bench.DEFAULT_WINDOWS,
+                    help=f"512-token evaluation windows per GPTQ row (default {gptq_bench.DEFAULT_WINDOWS})")
+    ap.add_argument("--gptq-peers", choices=gptq_bench.PEER_CHOICES, default="all",
+                    help="GPTQModel runs: all (every recipe + its defaults at int4 g128), matched, w4g128 or none")
     return ap.parse_args(argv)
 
 
@@ -376,11 +394,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     work = cache_dir() / "bench"
     work.mkdir(parents=True, exist_ok=True)
-    if args.no_gguf and args.gguf_only:
-        print("run_bench: --no-gguf and --gguf-only exclude each other", file=sys.stderr)
+    if args.no_gguf and args.gguf_only or args.no_gptq and args.gptq_only or args.gguf_only and args.gptq_only:
+        print("run_bench: --no-gguf/--gguf-only/--no-gptq/--gptq-only: at most one section alone, and not also left out", file=sys.stderr)
         return 2
     if args.gguf_only:
         return gguf_only(args, model, text, work, t0)
+    if args.gptq_only:
+        return gptq_only(args, model, text, work, t0)
     torch.manual_seed(0)
     results: dict = {
         "machine": machine_info(),
@@ -402,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         results["peers_run"] = True
     if not args.no_gguf:
         results["gguf"] = run_gguf(args, model, text, work)
+    if not args.no_gptq:
+        results["gptq"] = run_gptq(args, model, text, work)
     results["bench_seconds"] = time.perf_counter() - t0
     return write_results(args.out, results)
 
@@ -409,6 +431,29 @@ def main(argv: list[str] | None = None) -> int:
 def run_gguf(args: argparse.Namespace, model: Path, text: Path, work: Path) -> dict:
     gc.collect()
     return gguf_bench.run_gguf_section(model, text, work, qtool_exe(), child_env(), chunks=args.gguf_chunks, skip_1b=args.skip_1b)
+
+
+def run_gptq(args: argparse.Namespace, model: Path, text: Path, work: Path) -> dict:
+    gc.collect()
+    return gptq_bench.run_gptq_section(model, text, work, qtool_exe(), child_env(), samples=args.gptq_samples,
+                                       seq_len=args.gptq_seq_len, windows=args.gptq_windows, peers=args.gptq_peers)
+
+
+def gptq_only(args: argparse.Namespace, model: Path, text: Path, work: Path, t0: float) -> int:
+    """The GPTQ section alone: kept in --out/gptq.json, then put into results.json as it is when the
+    section is done (its other sections kept as they are; the section takes a while)."""
+    section = run_gptq(args, model, text, work)
+    section["run_seconds_with_setup"] = round(time.perf_counter() - t0, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gptq.json").write_text(json.dumps(section, indent=2, default=str) + "\n")
+    previous = args.out / "results.json"
+    results = json.loads(previous.read_text()) if previous.is_file() else None
+    if not results or "rows" not in results:
+        results = {"machine": machine_info(), "config": {"model": str(model), "text": str(text), "text_name": TEXT_FILE,
+                   "part": "eval (second half)", "windows": 0, "seq_len": args.seq_len, "batch_size": args.batch_size},
+                   "rows": [], "bench_seconds": 0.0}
+    results["gptq"] = section
+    return write_results(args.out, results)
 
 
 def write_results(out: Path, results: dict) -> int:
