@@ -285,8 +285,11 @@ def run_gptq_section(model: Path, text: Path, work: Path, qtool: str, env: dict,
     work = work / "gptq"
     work.mkdir(parents=True, exist_ok=True)
     env = {**env, **OMP_POLICY}
+    from gguf_bench import qtool_state
+
     sec: dict = {"date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                 "load_average_at_start": os.getloadavg(), "torch_threads": torch.get_num_threads(), "rows": [], "peers": []}
+                 "load_average_at_start": os.getloadavg(), "torch_threads": torch.get_num_threads(), "rows": [], "peers": [],
+                 "qtool_code_at_start": qtool_state()}
     calib = calibration_windows(model, text, samples, seq_len)
     calib_json = work / "calibration-ids.json"
     calib_json.write_text(json.dumps({"input_ids": calib.input_ids.tolist()}))
@@ -340,6 +343,8 @@ def run_gptq_section(model: Path, text: Path, work: Path, qtool: str, env: dict,
     else:
         sec["peer_note"] = f"--gptq-peers {peers}: GPTQModel not run"
     sec["seconds"] = round(time.perf_counter() - t0, 1)
+    sec["qtool_code_at_end"] = qtool_state()
+    sec["qtool_code_changed_during_run"] = sec["qtool_code_at_end"] != sec["qtool_code_at_start"]
     return sec
 
 
@@ -374,6 +379,11 @@ def markdown(sec: dict) -> str:
     base = next((r for r in sec["rows"] if r.get("key") == "bf16"), {})
     base_ppl = (base.get("eval") or {}).get("perplexity")
     la = sec.get("load_average_at_start", [0])[0]
+    code = sec.get("qtool_code_at_start", {})
+    if code:
+        lines += [f"qtool at {code.get('commit', '')[:8]} (uncommitted qtool/ diff {code.get('qtool_diff_sha1')})."
+                  + (" **qtool's code changed while this section ran: its rows may mix two versions.**"
+                     if sec.get("qtool_code_changed_during_run") else ""), ""]
     lines += [
         f"{sec.get('date_utc', '')}: one run, {sec.get('seconds', 0):.0f} s for the whole section (load average at its start {la:.2f}).",
         "",
