@@ -346,7 +346,14 @@ class GGUFWriter(FormatWriter):
                  imatrix: str | Path | None = None, **options: object) -> None:
         super().__init__(**options)
         # read now, so that a bad file fails (exit 5) before the model is opened
-        self.imatrix, self.imatrix_given = (imx.read_imatrix(imatrix), str(imatrix)) if imatrix is not None else (None, None)
+        self.imatrix, self.imatrix_given, self._stats = None, None if imatrix is None else str(imatrix), None
+        if imatrix is not None and Path(imatrix).suffix == ".safetensors":
+            # a `qtool calibrate` file: checked now, mapped to GGUF tensor names once the config is known (plan)
+            from qtool.calib.stats import CalibStats
+
+            self._stats = CalibStats(Path(imatrix), flag="--imatrix")
+        elif imatrix is not None:
+            self.imatrix = imx.read_imatrix(imatrix)
         self.requested = None
         if type is not None:
             self.requested = mx.resolve(type)
@@ -428,6 +435,8 @@ class GGUFWriter(FormatWriter):
         if (factors := md.llama3_rope_factors(config)) is not None:
             entries.insert(0, Entry("rope_freqs.weight", tuple(factors.shape), [], const=factors))
         self.facts = md.model_facts(config, self.spec)
+        if self._stats is not None and self.imatrix is None:
+            self.imatrix = imx.from_stats(self._stats, config)
         choices = mx.plan_types({e.name: e.ne for e in entries}, self.mixture, self.facts, {e.name: e.converted for e in entries},
                                 has_imatrix=self.imatrix is not None)
         if self.imatrix is not None:
