@@ -17,6 +17,10 @@ GGUF section (gguf_bench.py; skip with --no-gguf, run alone with --gguf-only): q
 against llama.cpp's convert_hf_to_gguf.py + llama-quantize: end-to-end time and peak RSS, 1.1 B
 peak RSS, and llama-perplexity of each mixture (Q8_0 ... Q2_K, Q4_0) for both tools' files.
 
+Calibration section (calib_bench.py; skip with --no-calibration, run alone with calib_bench.py): time,
+peak RSS and file size of `qtool calibrate` (32 x 512 tokens) on SmolLM2 and on the random 1.1 B
+Llama, against the 3 GiB budget.
+
 GPTQ section (gptq_bench.py; skip with --no-gptq, run alone with --gptq-only): qtool's RTN/GPTQ
 (-f gptq) against GPTQModel on the same calibration windows: time, peak RSS, size, bpw,
 perplexity, KLD and top-1 agreement vs bf16, every output scored by the same code.
@@ -43,6 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gguf_bench  # noqa: E402
+import calib_bench  # noqa: E402
 import gptq_bench  # noqa: E402
 from measure import Measured, run_measured  # noqa: E402
 from random_llama import build as build_random_llama  # noqa: E402
@@ -322,6 +327,8 @@ def markdown(results: dict) -> str:
         lines += ["", gguf_bench.markdown(results["gguf"]).rstrip("\n")]
     if results.get("gptq"):
         lines += ["", gptq_bench.markdown(results["gptq"]).rstrip("\n")]
+    if results.get("calibration"):
+        lines += ["", calib_bench.markdown(results["calibration"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -372,6 +379,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-gptq", action="store_true", help="leave out the GPTQ vs GPTQModel section")
     ap.add_argument("--gptq-only", action="store_true",
                     help="run only the GPTQ section; merge it into --out/results.json of an earlier run if there is one")
+    ap.add_argument("--no-calibration", action="store_true", help="leave out the `qtool calibrate` rows (run alone: calib_bench.py)")
     ap.add_argument("--gptq-samples", type=int, default=gptq_bench.DEFAULT_SAMPLES,
                     help=f"GPTQ calibration windows (default {gptq_bench.DEFAULT_SAMPLES})")
     ap.add_argument("--gptq-seq-len", type=int, default=gptq_bench.DEFAULT_SEQ_LEN,
@@ -424,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         results["gguf"] = run_gguf(args, model, text, work)
     if not args.no_gptq:
         results["gptq"] = run_gptq(args, model, text, work)
+    if not args.no_calibration:
+        results["calibration"] = calib_bench.run_calibration_section(model, text, work, qtool_exe(), child_env(), skip_1b=args.skip_1b)
     results["bench_seconds"] = time.perf_counter() - t0
     return write_results(args.out, results)
 
