@@ -198,11 +198,7 @@ def _stream(
         if spec is None:
             if writer.self_quantizing:
                 check_finite(m.name, t, str(source.path))
-            outcome = writer.add_tensor(m.name, t)
-            if outcome is not None:
-                report.layers.append(LayerResult(m.name, m.shape, outcome.qtype, None, outcome.sqnr_db, outcome.note))
-                report.params_quantized += m.numel
-                report.weight_bits += outcome.storage_bits
+            _add_tensor(m.name, t, report, writer)
             continue
         w = t.to(device)
         layer_stats = None

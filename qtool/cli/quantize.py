@@ -124,7 +124,8 @@ def print_summary(r: RunReport) -> None:
     d = r.to_dict()
     t = Table(title=f"qtool quantize → {r.output}", show_header=False, title_justify="left")
     if r.format_type:
-        t.add_row("recipe", f"{r.format_type} (per-tensor types chosen by the format's rules)")
+        how = "" if r.recipe["method"] == "rtn" else f"{r.recipe['method']} on each tensor's grid, "
+        t.add_row("recipe", f"{r.format_type} ({how}per-tensor types chosen by the format's rules)")
     else:
         t.add_row("recipe", f"{r.recipe['method']} {r.recipe['qtype']} " + (f"g{r.recipe['group_size']}" if r.recipe["group_size"] else f"per-{r.recipe['strategy']}") + (" sym" if r.recipe["symmetric"] else " asym"))
     t.add_row("format", r.format)
