@@ -41,6 +41,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fmt  # noqa: E402
 from measure import Measured, run_measured  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -438,16 +439,6 @@ def _pkg_version(name: str) -> str | None:
 
 
 # -- markdown --------------------------------------------------------------------------------------
-def _b(n: int | None) -> str:
-    if n is None:
-        return "–"
-    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.1f} MiB"
-
-
-def _s(x: float | None) -> str:
-    return "–" if x is None else f"{x:.1f} s"
-
-
 def _same(c: dict | None) -> str:
     if not c:
         return "–"
@@ -471,7 +462,7 @@ def _step_rows(label: str, d: dict, extra_cols: int = 0) -> list[str]:
     pad = " – |" * extra_cols
     if "error" in d:
         return [f"| {label} | not run: {d['error']} | | |{pad}"]
-    return [f"| {label} | {_s(d['wall_s'])} | {_b(d['peak_rss_bytes'])} | {_b(d.get('size_bytes'))} |{pad}"]
+    return [f"| {label} | {fmt.seconds(d['wall_s'])} | {fmt.size(d['peak_rss_bytes'])} | {fmt.size(d.get('size_bytes'))} |{pad}"]
 
 
 def markdown(sec: dict) -> str:
@@ -503,7 +494,7 @@ def markdown(sec: dict) -> str:
         else:
             for name, st in l["steps"].items():
                 lines += _step_rows(f"llama.cpp {name}", st)
-            lines.append(f"| llama.cpp total (sum of wall, max of RSS) | {_s(l['wall_s'])} | {_b(l['peak_rss_bytes'])} | |")
+            lines.append(f"| llama.cpp total (sum of wall, max of RSS) | {fmt.seconds(l['wall_s'])} | {fmt.size(l['peak_rss_bytes'])} | |")
         if "ratio_wall" in a:
             lines.append(f"| **qtool / llama.cpp** | **{a['ratio_wall']:.2f}×** | **{a['ratio_peak_rss']:.2f}×** | |")
         lines += ["", f"Q4_K_M files, qtool vs llama.cpp: {_same(a.get('compare'))}.", ""]
@@ -523,14 +514,14 @@ def markdown(sec: dict) -> str:
                 lines.append(f"| {label} | not run: {q['error']} | | | **FAIL** |")
             else:
                 passed = "**pass**" if q["rss_pass"] else "**FAIL**"
-                lines.append(f"| {label} | {_s(q['wall_s'])} | {_b(q['peak_rss_bytes'])} | {_b(q['size_bytes'])} | {passed} |")
+                lines.append(f"| {label} | {fmt.seconds(q['wall_s'])} | {fmt.size(q['peak_rss_bytes'])} | {fmt.size(q['size_bytes'])} | {passed} |")
         l = b.get("llama_cpp", {})
         if "error" in l:
             lines += _step_rows("llama.cpp", l, 1)
         else:
             for name, st in l["steps"].items():
                 lines += _step_rows(f"llama.cpp {name}, {tok}", st, 1)
-            lines.append(f"| llama.cpp total (sum of wall, max of RSS) | {_s(l['wall_s'])} | {_b(l['peak_rss_bytes'])} | | – |")
+            lines.append(f"| llama.cpp total (sum of wall, max of RSS) | {fmt.seconds(l['wall_s'])} | {fmt.size(l['peak_rss_bytes'])} | | – |")
         lines += ["", f"`{tok}`: {b.get('input_how', '')} ({b.get('params_total') or 0:,} parameters), the same input for both tools "
                   "(llama.cpp's converter refuses random-llama-1b: no `architectures` in config.json, no tokenizer). "
                   f"Q4_K_M files of {tok}, qtool vs llama.cpp: {_same(b.get('compare'))}.", ""]
@@ -552,7 +543,7 @@ def markdown(sec: dict) -> str:
             if "error" in d:
                 cells += [f"not run: {d['error']}", "", ""]
             else:
-                cells += [_b(d["size_bytes"]), f"{d['bpw']:.3f}", f"{d['ppl']:.3f} ± {d['ppl_err']:.3f}"]
+                cells += [fmt.size(d["size_bytes"]), f"{d['bpw']:.3f}", f"{d['ppl']:.3f} ± {d['ppl_err']:.3f}"]
         q, l = r.get("qtool", {}), r.get("llama_cpp", {})
         ratio = f"{q['ppl'] / l['ppl']:.4f}" if "ppl" in q and "ppl" in l else "–"
         label = "BF16 (baseline)" if r["qtype"] == "BF16" else r["qtype"]

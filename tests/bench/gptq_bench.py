@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fmt  # noqa: E402
 from measure import Measured, run_measured  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -349,21 +350,11 @@ def run_gptq_section(model: Path, text: Path, work: Path, qtool: str, env: dict,
 
 
 # -- markdown --------------------------------------------------------------------------------------
-def _b(n: int | None) -> str:
-    if n is None:
-        return "–"
-    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.1f} MiB"
-
-
-def _s(x: float | None) -> str:
-    return "–" if x is None else f"{x:.1f} s"
-
-
 def _cells(d: dict, base_ppl: float | None) -> list[str]:
     """wall, peak RSS, size, bpw, ppl, ppl/bf16, KLD, top-1"""
     ev = d.get("eval") or {}
     ppl = ev.get("perplexity")
-    return [_s(d.get("wall_s")), _b(d.get("peak_rss_bytes")), _b(d.get("size_bytes")),
+    return [fmt.seconds(d.get("wall_s")), fmt.size(d.get("peak_rss_bytes")), fmt.size(d.get("size_bytes")),
             f"{d['bpw']:.3f}" if d.get("bpw") else "–",
             f"{ppl:.3f}" if ppl else "–", f"{ppl / base_ppl:.4f}" if ppl and base_ppl else "–",
             f"{ev['kld_mean']:.4f}" if ev.get("kld_mean") is not None else "–",
@@ -413,8 +404,8 @@ def markdown(sec: dict) -> str:
                 lines.append(f"| {r.get('label')} | qtool, OpenMP default wait policy | not run: {shipped['error']} | | | | | | | | | |")
             else:
                 same = "same file" if shipped.get("same_bytes_as_passive_run") else "**different file**"
-                lines.append(f"| {r.get('label')} | qtool, OpenMP default wait policy | {_s(shipped['wall_s'])} | "
-                             f"{_b(shipped['peak_rss_bytes'])} | {same} | | | | | | | |")
+                lines.append(f"| {r.get('label')} | qtool, OpenMP default wait policy | {fmt.seconds(shipped['wall_s'])} | "
+                             f"{fmt.size(shipped['peak_rss_bytes'])} | {same} | | | | | | | |")
         for p in peers_by_key.get(r.get("key"), []):
             if "error" in p:
                 lines.append(f"| {r.get('label')} | {p['label']} | not run: {p['error']} | | | | | | | | | |")

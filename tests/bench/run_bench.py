@@ -456,14 +456,20 @@ def gptq_only(args: argparse.Namespace, model: Path, text: Path, work: Path, t0:
     section["run_seconds_with_setup"] = round(time.perf_counter() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gptq.json").write_text(json.dumps(section, indent=2, default=str) + "\n")
-    previous = args.out / "results.json"
-    results = json.loads(previous.read_text()) if previous.is_file() else None
-    if not results or "rows" not in results:
-        results = {"machine": machine_info(), "config": {"model": str(model), "text": str(text), "text_name": TEXT_FILE,
-                   "part": "eval (second half)", "windows": 0, "seq_len": args.seq_len, "batch_size": args.batch_size},
-                   "rows": [], "bench_seconds": 0.0}
+    results, _ = earlier_results(args, model, text)
     results["gptq"] = section
     return write_results(args.out, results)
+
+
+def earlier_results(args: argparse.Namespace, model: Path, text: Path) -> tuple[dict, bool]:
+    """--out/results.json of an earlier full run, to put one section into (True), else a new skeleton."""
+    previous = args.out / "results.json"
+    results = json.loads(previous.read_text()) if previous.is_file() else None
+    if results and "rows" in results:
+        return results, True
+    return {"machine": machine_info(), "config": {"model": str(model), "text": str(text), "text_name": TEXT_FILE,
+            "part": "eval (second half)", "windows": 0, "seq_len": args.seq_len, "batch_size": args.batch_size},
+            "rows": [], "bench_seconds": 0.0}, False
 
 
 def write_results(out: Path, results: dict) -> int:
@@ -478,13 +484,8 @@ def write_results(out: Path, results: dict) -> int:
 
 def gguf_only(args: argparse.Namespace, model: Path, text: Path, work: Path, t0: float) -> int:
     """The GGUF section alone, put into the earlier run's results.json (its other rows kept as they were)."""
-    previous = args.out / "results.json"
-    results = json.loads(previous.read_text()) if previous.is_file() else None
-    if not results or "rows" not in results:
-        results = {"machine": machine_info(), "config": {"model": str(model), "text": str(text), "text_name": TEXT_FILE,
-                   "part": "eval (second half)", "windows": 0, "seq_len": args.seq_len, "batch_size": args.batch_size},
-                   "rows": [], "bench_seconds": 0.0}
-    else:
+    results, earlier = earlier_results(args, model, text)
+    if earlier:
         results["gguf_merged_from_earlier_run"] = True
     results["gguf_run_date_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     results["gguf"] = run_gguf(args, model, text, work)
