@@ -251,6 +251,13 @@ def load_calibration_for(source: CheckpointSource, recipe: QuantRecipe):
                             dataset_config=recipe.dataset_config, split=recipe.split, text_field=recipe.text_field)
 
 
+def check_block_linears_only(plan: LayerPlan, method: str) -> None:
+    """Calibration statistics exist for decoder-block linears only (a run's or a stats file's)."""
+    outside = [n for n in plan.specs if block_of(n) is None]
+    if outside:
+        raise UnsupportedError(f"{outside[0]}: --method {method} quantizes decoder-block linears only")
+
+
 def _calibrated(
     source: CheckpointSource,
     writer: FormatWriter,
@@ -263,9 +270,7 @@ def _calibrated(
     """Calibration methods: non-block tensors pass through; blocks go through the block-wise engine."""
     from qtool.engine.blockwise import PassThrough, run_blockwise
 
-    outside = [n for n in plan.specs if block_of(n) is None]
-    if outside:
-        raise UnsupportedError(f"{outside[0]}: --method {report.recipe['method']} quantizes decoder-block linears only")
+    check_block_linears_only(plan, report.recipe["method"])
     for m in source.tensors():
         if block_of(m.name) is None:
             report.params_total += m.numel
@@ -303,9 +308,7 @@ def open_stats(recipe: QuantRecipe, source: CheckpointSource, plan: LayerPlan):
     from qtool.calib.stats import CalibStats
 
     stats = CalibStats(Path(recipe.stats))
-    outside = [n for n in plan.specs if block_of(n) is None]
-    if outside:
-        raise UnsupportedError(f"{outside[0]}: --method {recipe.method} quantizes decoder-block linears only")
+    check_block_linears_only(plan, recipe.method)
     shapes = {m.name: m.shape for m in source.tensors()}
     stats.check_model(source.config, {n: shapes[n] for n in plan.specs})
     return stats
