@@ -56,14 +56,67 @@ ARCHS: dict[str, tuple[str, dict]] = {
             decoder_sparse_step=1,
         ),
     ),
+    # --- the architectures the "any model" issue names (transformers' own configs) ---
+    # q/k norms (RMSNorm over head_dim) before RoPE, no attention bias
+    "qwen3": ("Qwen3Config", dict(intermediate_size=160, head_dim=24)),
+    # q/k norms + 4 routed experts (top-2), no shared expert
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(intermediate_size=160, head_dim=24, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+             decoder_sparse_step=1, mlp_only_layers=[]),
+    ),
+    # sandwich norms, q/k norms, (1 + w) norms, sliding/global layers, tied embeddings
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        dict(intermediate_size=160, head_dim=32, query_pre_attn_scalar=32, sliding_window=64, tie_word_embeddings=True,
+             layer_types=["sliding_attention", "full_attention"]),
+    ),
+    # NoPE every 4th layer (here: layer 1 has no rotary), llama-style otherwise
+    "smollm3": ("SmolLM3Config", dict(intermediate_size=160, no_rope_layer_interval=2)),
+    # post-norms (after attention / MLP) and q/k norms over the whole projection
+    "olmo2": ("Olmo2Config", dict(intermediate_size=160)),
+    # llama with four scalar multipliers (embedding, residual, attention, logits)
+    "granite": (
+        "GraniteConfig",
+        dict(intermediate_size=160, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.05,
+             logits_scaling=4.0),
+    ),
+    # 4 experts (top-2) in block_sparse_moe, router "gate"
+    "mixtral": ("MixtralConfig", dict(intermediate_size=160, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+
+    # MLA attention (q/kv low-rank projections with their own norms), 1 dense block then MoE with a shared expert
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        dict(intermediate_size=160, moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+             first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=48, kv_lora_rank=32, qk_rope_head_dim=16,
+             qk_nope_head_dim=16, v_head_dim=24, num_key_value_heads=4),
+    ),
+    # fused 3-D experts with biases (gate_up interleaved), attention sinks, router with bias, sliding/full layers
+    "gpt_oss": (
+        "GptOssConfig",
+        dict(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, head_dim=24, sliding_window=64,
+             layer_types=["sliding_attention", "full_attention"]),
+    ),
+    # multimodal: Gemma3ForConditionalGeneration = a SigLIP vision tower + projector + the gemma3_text model above
+    "gemma3": ("Gemma3Config", dict()),
 }
-ARCH_NAMES = tuple(ARCHS)
+# the architectures tests/test_architectures.py proves end to end; ZOO_NAMES: every config here
+ARCH_NAMES = ("llama", "qwen2", "mistral", "gemma2", "phi3", "qwen2_moe")
+ZOO_NAMES = tuple(ARCHS)
 
 
 def make_config(arch: str):
     import transformers
 
     cls_name, overrides = ARCHS[arch]
+    if arch == "gemma3":  # nested: a text config (the gemma3_text entry) and a tiny vision tower
+        text = make_config("gemma3_text")
+        vision = transformers.SiglipVisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                                 num_attention_heads=2, image_size=32, patch_size=8)
+        cfg = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                                        image_token_index=255, boi_token_index=253, eoi_token_index=254)
+        cfg.dtype = torch.bfloat16
+        return cfg
     cfg = getattr(transformers, cls_name)(**{**COMMON, **overrides})
     cfg.dtype = torch.bfloat16
     return cfg
