@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-import qtool_kernels as kernels
+from qtool import kernels
 from qtool.core.affine import quantize_int
 from qtool.qtypes import get_qtype
 
