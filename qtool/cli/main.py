@@ -1,4 +1,7 @@
-"""Entry point: `qtool` (console script) and `python -m qtool`."""
+"""Entry point: `qtool` (console script) and `python -m qtool`.
+
+Start-up is kept cheap: the heavy commands (torch, transformers, datasets behind them) are
+imported only when one of them runs (`qtool.cli.lazy`), so `qtool --help` stays well under a second."""
 
 from __future__ import annotations
 
@@ -7,14 +10,12 @@ from typing import Annotated
 import typer
 
 from qtool import __version__
-from qtool.cli import calibrate as calibrate_cmd
-from qtool.cli import eval as eval_cmd
-from qtool.cli import export as export_cmd
-from qtool.cli import quantize as quantize_cmd
 from qtool.cli._app import DEBUG, handle_errors, out, print_json
+from qtool.cli.lazy import LazyGroup, set_thread_defaults
 from qtool.errors import EXIT_CODES
 
 app = typer.Typer(
+    cls=LazyGroup,
     name="qtool",
     help="Quantize LLM checkpoints into formats real runtimes load.\n\nExit codes: "
     + "; ".join(f"{k} {v.split(':')[0]}" for k, v in EXIT_CODES.items()),
@@ -42,10 +43,16 @@ def _root(
         ctx.call_on_close(lambda: DEBUG.reset(token))
 
 
-app.command("quantize")(quantize_cmd.quantize)
-app.command("calibrate")(calibrate_cmd.calibrate)
-app.command("export")(export_cmd.export)
-app.command("eval")(eval_cmd.evaluate)
+# name -> (module, function): imported when the command runs or its own --help is asked for
+LazyGroup.lazy_commands.update(
+    {
+        "quantize": ("qtool.cli.quantize", "quantize"),
+        "calibrate": ("qtool.cli.calibrate", "calibrate"),
+        "export": ("qtool.cli.export", "export"),
+        "eval": ("qtool.cli.eval", "evaluate"),
+        "inspect": ("qtool.cli.inspect", "inspect"),
+    }
+)
 
 
 @app.command("formats")
@@ -71,14 +78,6 @@ def formats(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
             out.print(f"  {n:22} {doc}")
 
 
-try:  # `inspect` lives in its own module; registered here so the command list stays in one place
-    from qtool.cli import inspect as inspect_cmd
-
-    app.command("inspect")(inspect_cmd.inspect)
-except ImportError as e:  # only while the module does not exist yet; any other import error surfaces
-    if "qtool.cli.inspect" not in str(e) and "cannot import name 'inspect'" not in str(e):
-        raise
-
-
 def main() -> None:
+    set_thread_defaults()  # before anything imports torch (libgomp reads its settings when loaded)
     app()

@@ -31,8 +31,6 @@ from qtool.inspect.safetensors import hub_checkpoint, local_checkpoint, safetens
 def inspect_model(target: str, *, revision: str | None = None, token: str | None = None,
                   ctx: int = 4096, batch: int = 1) -> InspectReport:
     """Inspect a folder, a `.safetensors`/`.gguf` file or a Hub id, reading headers only."""
-    from qtool.model.resolve import is_hub_id
-
     if ctx < 1 or batch < 1:
         raise UsageError(f"--ctx and --batch must be at least 1 (got ctx={ctx}, batch={batch})")
     path = Path(target).expanduser()
@@ -41,6 +39,8 @@ def inspect_model(target: str, *, revision: str | None = None, token: str | None
         if gguf_file is not None:
             return gguf_report(gguf_file, ctx, batch)
         return safetensors_report(local_checkpoint(path), ctx, batch)
+    from qtool.model.resolve import is_hub_id  # here: it imports the torch-backed sources
+
     if is_hub_id(target):
         return safetensors_report(hub_checkpoint(target, revision, token), ctx, batch)
     raise FormatError(f"{target}: no such file or folder (nor a Hub id like org/name)")

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 from qtool.errors import FormatError, UnsupportedError, UsageError
 from qtool.inspect.report import InspectReport, TensorReport, kv_cache_from_config, layer_kind, method_name, parse_provenance
-from qtool.model.safetensors_header import MAX_HEADER, ST_DTYPES, SafetensorsHeader, parse_header, read_header
+from qtool.model.safetensors_header import MAX_HEADER, ST_ITEMSIZE, SafetensorsHeader, parse_header, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -116,9 +116,11 @@ def local_checkpoint(path: Path) -> _Checkpoint:
     return _Checkpoint(str(path), files, tensors, metadata, config, prov, _read_local_ints)
 
 
-def _read_local_ints(t: StoredTensor) -> list[int]:
-    import torch
+# integer safetensors dtypes -> struct format (little-endian), so reading `weight_shape` needs no torch
+_INT_FORMATS = {"I64": "q", "I32": "i", "I16": "h", "I8": "b", "U64": "Q", "U32": "I", "U16": "H", "U8": "B", "BOOL": "?"}
 
+
+def _read_local_ints(t: StoredTensor) -> list[int]:
     try:
         with open(t.file, "rb") as f:
             f.seek(t.offset)
@@ -127,7 +129,9 @@ def _read_local_ints(t: StoredTensor) -> list[int]:
         raise FormatError(f"{t.file}: cannot read: {e.strerror}") from None
     if len(raw) != t.nbytes:
         raise FormatError(f"{t.file}: truncated: tensor {t.name!r} runs past the end of the file")
-    return torch.frombuffer(bytearray(raw), dtype=ST_DTYPES[t.dtype][0]).tolist() if raw else []
+    if t.dtype not in _INT_FORMATS:
+        raise FormatError(f"{t.file}: tensor {t.name!r} should hold integers, not {t.dtype}")
+    return [int(v) for v in struct.unpack(f"<{len(raw) // int(ST_ITEMSIZE[t.dtype])}{_INT_FORMATS[t.dtype]}", raw)]
 
 
 # -- the Hub ---------------------------------------------------------------------------------------
@@ -334,7 +338,7 @@ def _packed_shape(parts: dict[str, StoredTensor], args: dict, read_ints) -> tupl
         return tuple(int(v) for v in read_ints(parts["weight_shape"]))
     packed = parts["weight_packed"]
     bits = int(args.get("num_bits") or 4)
-    word_bits = int(ST_DTYPES[packed.dtype][1] * 8)
+    word_bits = int(ST_ITEMSIZE[packed.dtype] * 8)
     out_f, cols = packed.shape[0], packed.shape[-1]
     in_f = cols * word_bits // bits
     scale, g = parts.get("weight_scale"), args.get("group_size")

@@ -13,29 +13,34 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from qtool.errors import FormatError
 
-# safetensors dtype string -> (torch dtype, bytes per element). One table; writers use it too.
-ST_DTYPES: dict[str, tuple[torch.dtype, float]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "U16": (torch.uint16, 2),
-    "U32": (torch.uint32, 4),
-    "U64": (torch.uint64, 8),
-    "BOOL": (torch.bool, 1),
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype string -> bytes per element. Torch-free, so that reading a header (`inspect`)
+# never pays for importing torch; `ST_DTYPES` / `TORCH_TO_ST` (the torch dtypes; writers use
+# them) are built on first use.
+ST_ITEMSIZE: dict[str, float] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1,
 }
-TORCH_TO_ST = {v[0]: k for k, v in ST_DTYPES.items()}
+_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+                "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+                "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool"}
+
+
+def __getattr__(name: str):  # ST_DTYPES: str -> (torch dtype, bytes per element); TORCH_TO_ST: the inverse
+    if name not in ("ST_DTYPES", "TORCH_TO_ST"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import torch
+
+    st = {k: (getattr(torch, _TORCH_NAMES[k]), ST_ITEMSIZE[k]) for k in ST_ITEMSIZE}
+    globals().update(ST_DTYPES=st, TORCH_TO_ST={v[0]: k for k, v in st.items()})
+    return globals()[name]
+
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
@@ -49,8 +54,10 @@ class HeaderEntry:
     end: int
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return ST_DTYPES[self.dtype][0]
+    def torch_dtype(self) -> "torch.dtype":
+        import torch
+
+        return getattr(torch, _TORCH_NAMES[self.dtype])
 
     @property
     def numel(self) -> int:
@@ -105,10 +112,10 @@ def _entry(name: str, info: object, where: str) -> HeaderEntry:
         begin, end = (int(x) for x in info["data_offsets"])  # type: ignore[index]
     except (KeyError, TypeError, ValueError):
         raise FormatError(f"{where}: corrupted safetensors header entry for tensor {name!r}") from None
-    if dtype not in ST_DTYPES:
+    if dtype not in ST_ITEMSIZE:
         raise FormatError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
     e = HeaderEntry(name, dtype, shape, begin, end)
-    if any(d < 0 for d in shape) or begin < 0 or end < begin or end - begin != e.numel * ST_DTYPES[dtype][1]:
+    if any(d < 0 for d in shape) or begin < 0 or end < begin or end - begin != e.numel * ST_ITEMSIZE[dtype]:
         raise FormatError(f"{where}: tensor {name!r}: offsets {begin}..{end} do not fit dtype {dtype} shape {list(shape)}")
     return e
 
