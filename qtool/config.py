@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from qtool.devices import check_device
 from qtool.errors import UsageError
 from qtool.qtypes import BITS_TO_QTYPE, QType, get_qtype
 
@@ -117,7 +118,7 @@ def make_recipe(
         targets=list(targets or []),
         ignore=list(ignore or []),
         strict_groups=strict_groups,
-        device=device,
+        device=check_device(device),  # a device not present here: exit 2 before loading
         dataset=dataset,
         dataset_config=dataset_config,
         split=split,

@@ -36,6 +36,7 @@ from typing import Callable
 
 import torch
 
+from qtool.devices import check_device
 from qtool.errors import FormatError, UnsupportedError, UsageError
 
 DEFAULT_SEQ_LEN = 512
@@ -288,11 +289,16 @@ def _check_exists(path: Path, what: str) -> None:
 
 def load_hf_model(folder: Path):
     """A checkpoint folder (plain safetensors or compressed-tensors) in float32. transformers 5.23
-    cannot load asymmetric compressed-tensors zero points through its default route, so those are
-    loaded with CompressedTensorsConfig(dequantize=True) (weights dequantized while read)."""
+    cannot load asymmetric compressed-tensors zero points through its default route, and GPTQ needs
+    optimum + gptqmodel: int4 ones of both run from their packed weights (qtool.kernels'
+    `Int4Linear`), others are dequantized (CompressedTensorsConfig(dequantize=True), qtool's reader)."""
     import json
 
     from transformers import AutoModelForCausalLM
+
+    from qtool.kernels.packed_model import load_packed_int4, packable
+    if packable(folder):  # W4 folders that would be dequantized densely run from their packed weights
+        return load_packed_int4(folder, packable(folder))
 
     config = json.loads((folder / "config.json").read_text())
     if (config.get("quantization_config") or {}).get("quant_method") == "gptq" and not _has_gptq_runtime():
@@ -449,6 +455,7 @@ def evaluate_checkpoint(
     t0 = time.perf_counter()
     model, dataset = Path(model), Path(dataset)
     base = Path(base) if base is not None else None
+    device = check_device(device)  # exit 2 before anything is loaded
     _check_args(model, dataset, base, part, seq_len, max_windows, batch_size)
     if backend not in BACKENDS:
         raise UsageError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
