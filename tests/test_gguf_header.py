@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from qtool.errors import FormatError, UnsupportedError
-from qtool.model.gguf_header import GGUFArray, GGUFHeader, file_type_name, ggml_type, gguf_constants
+from qtool.model.gguf_header import SUPPORTED_VERSIONS, GGUFArray, GGUFHeader, file_type_name, ggml_type, gguf_constants
 from qtool.model.smollm2 import ensure_smollm2_gguf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,6 +96,9 @@ def test_tables_are_gguf_pys():
     assert ggml_type(9999) is None
     assert file_type_name(int(gguf.LlamaFileType.MOSTLY_Q4_K_M)) == "Q4_K_M"
     assert file_type_name(int(gguf.LlamaFileType.ALL_F32)) == "F32" and file_type_name(9999) is None
+    from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
+
+    assert list(SUPPORTED_VERSIONS) == list(READER_SUPPORTED_VERSIONS)
 
 
 # -- bad input: the same words as gguf_source's checked reader (tests/test_gguf_source.py) ----------

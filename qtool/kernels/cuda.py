@@ -45,20 +45,26 @@ def supports(x: torch.Tensor, w: Int4Weight, *_: object, **__: object) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, KW, NG, G,
-                        HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        kw = tl.program_id(1) * BLOCK_KW + tl.arange(0, BLOCK_KW)
+    def _row_tile(w_ptr, s_ptr, z_ptr, rn, kw, N, KW, NG, G, HAS_ZERO: tl.constexpr):
+        """Rows rn x words kw, dequantized in float32: [len(rn), len(kw), 8] (and the tile's mask)."""
         mask = (rn[:, None] < N) & (kw[None, :] < KW)
         words = tl.load(w_ptr + rn[:, None] * KW + kw[None, :], mask=mask, other=0)
         shifts = tl.arange(0, 8) * 4
         q = (((words[:, :, None] >> shifts[None, None, :]) & 0xF) - 8).to(tl.float32)
-        grp = (kw * 8) // G
+        grp = (kw * 8) // G  # a group holds whole words (group sizes are multiples of 8)
         s = tl.load(s_ptr + rn[:, None] * NG + grp[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_ZERO:
             z = tl.load(z_ptr + rn[:, None] * NG + grp[None, :], mask=mask, other=0).to(tl.float32)
             q = q - z[:, :, None]
-        wdq = (q * s[:, :, None]).to(out_ptr.dtype.element_ty)
+        return q * s[:, :, None], mask
+
+    @triton.jit
+    def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, KW, NG, G,
+                        HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        kw = tl.program_id(1) * BLOCK_KW + tl.arange(0, BLOCK_KW)
+        w, mask = _row_tile(w_ptr, s_ptr, z_ptr, rn, kw, N, KW, NG, G, HAS_ZERO)
+        wdq = w.to(out_ptr.dtype.element_ty)
         k = kw[:, None] * 8 + tl.arange(0, 8)[None, :]
         tl.store(out_ptr + rn[:, None, None] * (KW * 8) + k[None, :, :], wdq, mask=mask[:, :, None])
 
@@ -67,19 +73,11 @@ if triton is not None:
                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.program_id(1)
-        shifts = tl.arange(0, 8) * 4
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for kw0 in range(0, KW, BLOCK_KW):
             kw = kw0 + tl.arange(0, BLOCK_KW)
-            mask = (rn[:, None] < N) & (kw[None, :] < KW)
-            words = tl.load(w_ptr + rn[:, None] * KW + kw[None, :], mask=mask, other=0)
-            q = (((words[:, :, None] >> shifts[None, None, :]) & 0xF) - 8).to(tl.float32)
-            grp = (kw * 8) // G
-            s = tl.load(s_ptr + rn[:, None] * NG + grp[None, :], mask=mask, other=0.0).to(tl.float32)
-            if HAS_ZERO:
-                z = tl.load(z_ptr + rn[:, None] * NG + grp[None, :], mask=mask, other=0).to(tl.float32)
-                q = q - z[:, :, None]
-            wdq = (q * s[:, :, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+            w, mask = _row_tile(w_ptr, s_ptr, z_ptr, rn, kw, N, KW, NG, G, HAS_ZERO)
+            wdq = w.to(x_ptr.dtype.element_ty).to(tl.float32)  # the reference's rounding of W
             k = kw[:, None] * 8 + tl.arange(0, 8)[None, :]
             x = tl.load(x_ptr + m * stride_xm + k, mask=k < KW * 8, other=0.0).to(tl.float32)
             acc += tl.sum(tl.sum(wdq * x[None, :, :], axis=2), axis=1)

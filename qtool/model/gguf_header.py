@@ -116,7 +116,7 @@ class GGUFHeader:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        size = _check_preamble(self.path)
+        size = check_preamble(self.path)
         try:
             with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 self._mm = mm
@@ -270,7 +270,7 @@ class GGUFHeader:
         return GGUFTensorInfo(name, type_id, type_name, block, tuple(int(d) for d in dims), begin, n_bytes)
 
 
-def _check_preamble(path: Path) -> int:
+def check_preamble(path: Path) -> int:
     """Magic and version from the first 8 bytes; returns the file size."""
     try:
         size = path.stat().st_size

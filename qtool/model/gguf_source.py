@@ -34,9 +34,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
 
 from qtool.errors import FormatError, UnsupportedError
+from qtool.model.gguf_header import check_preamble
 from qtool.model.source import CheckpointSource, TensorMeta
 
 GGUF_MAGIC = b"GGUF"
@@ -116,21 +116,7 @@ def _one_line(text: object) -> str:
 
 def _check_preamble(path: Path) -> None:
     """Magic and version, from the first 8 bytes, with messages clearer than gguf-py's."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(8)
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read GGUF file: {_one_line(e.strerror or e)}") from e
-    if len(head) < 8:
-        raise FormatError(f"{path}: not a GGUF file: only {len(head)} bytes long")
-    if head[:4] != GGUF_MAGIC:
-        raise FormatError(f"{path}: not a GGUF file: magic {head[:4]!r}, expected {GGUF_MAGIC!r}")
-    version = int.from_bytes(head[4:8], "little")
-    if version & 0xFFFF == 0 and int.from_bytes(head[4:8], "big") in READER_SUPPORTED_VERSIONS:
-        raise UnsupportedError(f"{path}: big-endian GGUF files are not supported")
-    if version not in READER_SUPPORTED_VERSIONS:
-        raise FormatError(f"{path}: unsupported GGUF version {version} "
-                          f"(readable: {', '.join(map(str, READER_SUPPORTED_VERSIONS))})")
+    check_preamble(path)
 
 
 def open_gguf(path: Path) -> gguf.GGUFReader:
