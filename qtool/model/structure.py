@@ -157,6 +157,7 @@ class BlockLayout:
     linears: dict[str, str] = field(default_factory=dict)  # checkpoint tensor -> in-memory weight it is (part of)
     experts: dict[str, int] = field(default_factory=dict)  # checkpoint tensor -> expert index (fused in memory)
     fused_experts: list[str] = field(default_factory=list)  # 3-D expert tensors stored fused: kept full precision
+    pieces: dict[str, list[str]] = field(default_factory=dict)  # in-memory key (relative) -> checkpoint keys (relative)
 
 
 @dataclass
@@ -171,6 +172,7 @@ class Structure:
     tied: set[str]  # checkpoint names a checkpoint may omit (tied to another tensor)
     layout: str  # "saved" (what save_pretrained writes) or "memory"
     to_memory: dict[str, str] = field(default_factory=dict)  # checkpoint tensor -> in-memory tensor (renamed ones)
+    pieces: dict[str, list[str]] = field(default_factory=dict)  # in-memory tensor -> checkpoint tensors
 
     def __post_init__(self) -> None:
         stems = sorted({re.escape(b.checkpoint.rsplit(".", 1)[0]) for b in self.blocks}, key=len, reverse=True)
@@ -225,6 +227,7 @@ def _block_layout(model, i: int, memory: str, block: torch.nn.Module, pieces: di
     renamed = [(key, ck) for key in rel for ck in pieces.get(key, {}) if len(pieces[key]) == 1 and ck.endswith("." + rel[key])]
     ckpt = renamed[0][1][: -len(rel[renamed[0][0]]) - 1] if renamed else memory
     b = BlockLayout(i, memory, ckpt)
+    b.pieces = {r: [ck[len(ckpt) + 1:] if ck.startswith(ckpt + ".") else ck for ck in pieces.get(k, {})] for k, r in rel.items()}
     linear_weights = {f"{memory}.{n}.weight" for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
     for key in rel:
         if key in linear_weights:
@@ -275,7 +278,7 @@ def discover(config: dict, tensors: dict[str, tuple[int, ...]] | None = None, *,
     tied = {ck for k in (getattr(model, "all_tied_weights_keys", {}) or {}) for ck in pieces.get(k, {})}
     blocks = [_block_layout(model, i, f"{path}.{i}", blk, pieces) for i, blk in enumerate(layers)]
     to_memory = {ck: k for k, p in pieces.items() if len(p) == 1 for ck in p}
-    return Structure(fam, model, path, blocks, expected, tied, layout, to_memory)
+    return Structure(fam, model, path, blocks, expected, tied, layout, to_memory, {k: list(p) for k, p in pieces.items()})
 
 
 def check_tensors(structure: Structure, tensors: dict[str, tuple[int, ...]], where: str) -> None:
@@ -298,3 +301,31 @@ def check_tensors(structure: Structure, tensors: dict[str, tuple[int, ...]], whe
 
 def is_router(module: str) -> bool:
     return any(fnmatch.fnmatchcase(module, g) for g in ROUTER_GLOBS)
+
+
+def init_buffers(model: torch.nn.Module) -> None:
+    """Computed buffers (rotary frequencies, Gemma's embedding scale...) are not in checkpoints:
+    moved off the meta device and filled by the model's own initialiser, before any weight is
+    loaded (the initialiser touches only meta parameters then)."""
+    for _, mod in model.named_modules():
+        metas = [b for b, t in mod._buffers.items() if t is not None and t.is_meta]
+        if metas:
+            for b in metas:
+                mod._buffers[b] = torch.empty_like(mod._buffers[b], device="cpu")
+            model._init_weights(mod)
+
+
+def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], layout: str) -> set[str]:
+    """Checkpoint tensors (checkpoint names) into the built model, through transformers' own
+    loading conversion (renames, expert fusion), as float32. -> the in-memory keys loaded."""
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    mapping = get_model_conversion_mapping(model) if layout == "saved" else []
+    with _quiet_transformers():
+        info, _ = convert_and_load_state_dict_in_model(model, tensors, LoadStateDictConfig(weight_mapping=mapping, dtype=torch.float32))
+    bad = sorted(info.unexpected_keys) + sorted(info.mismatched_keys) + sorted(info.conversion_errors)
+    if bad:
+        raise FormatError(f"{bad[0]}: transformers could not load this tensor into {type(model).__name__}")
+    return set(model.state_dict()) - set(info.missing_keys)
