@@ -160,6 +160,16 @@ def plan_layers(source: CheckpointSource, recipe: QuantRecipe, writer: FormatWri
     return plan
 
 
+def fused_expert_notes(source: CheckpointSource, writer: FormatWriter) -> list[str]:
+    """MoE experts the checkpoint itself stores fused (3-D, e.g. gpt-oss) are no Linear that a loader
+    of these formats quantizes: they stay in full precision, and the summary says so."""
+    fused = source.structure.fused_experts()
+    if not fused:
+        return []
+    return [f"{len(fused)} MoE expert tensors kept in full precision (e.g. {fused[0]}): the checkpoint stores them "
+            f"fused (3-D), and --format {writer.registry_name} loaders quantize Linear layers only"]
+
+
 def check_finite(name: str, w: torch.Tensor, where: str = "") -> None:
     # min/max propagate NaN and keep Inf: one fused reduction instead of an elementwise isfinite pass
     if w.is_floating_point() and w.numel() and not torch.isfinite(torch.stack(torch.aminmax(w))).all():
@@ -352,11 +362,13 @@ def run(
     else:
         plan = plan_layers(source, recipe, writer) if recipe and not writer.self_quantizing else LayerPlan({}, {})
     report = RunReport(model, str(out), writer.registry_name, recipe.to_dict() if recipe else None, writer.describe())
+    if recipe is not None and not writer.self_quantizing:
+        report.notes_extra.extend(fused_expert_notes(source, writer))
     calib = stats = None
     if method is not None and method.needs_calibration and recipe.stats:
         stats = open_stats(recipe, source, plan)
         report.calibration = {**stats.calibration, "stats_file": str(recipe.stats), "sequential": False}
-        report.notes_extra = [f"Hessians from {recipe.stats}: activations of the unquantized model (not sequential)"]
+        report.notes_extra += [f"Hessians from {recipe.stats}: activations of the unquantized model (not sequential)"]
     elif method is not None and method.needs_calibration:
         on_event(Event("calibrate", 0, 1, recipe.dataset or ""))
         calib = load_calibration_for(source, recipe)
