@@ -149,6 +149,7 @@ def plan_layers(source: CheckpointSource, recipe: QuantRecipe, writer: FormatWri
     qtype = get_qtype(recipe.qtype)
     chosen = select_layers(source.tensors(), recipe, source.structure)
     linears = [module_of(m.name) for m in source.tensors() if m.name.endswith(".weight") and len(m.shape) == 2]
+    writer.structure = source.structure
     writer.check_plan({module_of(m.name) for m in chosen}, linears, recipe)
     choices = writer.choose_groups({module_of(m.name): m.shape[1] for m in chosen}, recipe)
     plan = LayerPlan({}, {})

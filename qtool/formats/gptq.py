@@ -126,10 +126,12 @@ class GPTQWriter(FormatWriter):
         `modules_in_block_to_quantize`; refuse a selection that rule cannot express."""
         if any(EXPERT_RE.match(m + ".") for m in quantized):
             raise UnsupportedError("--format gptq: MoE experts are not supported yet (transformers fuses them on load)")
-        blocks = [m for m in linears if _block_suffix(m)]
-        outside = sorted(m for m in quantized if not _block_suffix(m))
+        in_block = self.structure.block_of if self.structure is not None else _block_suffix
+        blocks = [m for m in linears if in_block(m + ".")]
+        outside = sorted(m for m in quantized if not in_block(m + "."))
         if outside:
-            raise UnsupportedError(f"layer {outside[0]}: --format gptq quantizes only Linear layers inside the decoder blocks")
+            raise UnsupportedError(f"layer {outside[0]}: --format gptq quantizes only Linear layers inside the language "
+                                   "model's decoder blocks (its loaders convert those alone)")
         self.planned = set(quantized)
         suffixes = {_block_suffix(m) for m in quantized}
         left = [m for m in blocks if _block_suffix(m) in suffixes and m not in quantized]
