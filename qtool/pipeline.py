@@ -142,17 +142,26 @@ def select_layers(metas: list[TensorMeta], recipe: QuantRecipe, structure=None) 
 class LayerPlan:
     specs: dict[str, LayerSpec]  # tensor name -> spec
     notes: dict[str, str]  # tensor name -> what the format changed, for the summary
+    run_notes: list[str] = field(default_factory=list)  # what the format left out, for the summary
 
 
 def plan_layers(source: CheckpointSource, recipe: QuantRecipe, writer: FormatWriter) -> LayerPlan:
     """Per-layer specs from shapes alone: every impossible request fails here, before any weight is read."""
     qtype = get_qtype(recipe.qtype)
     chosen = select_layers(source.tensors(), recipe, source.structure)
+    plan = LayerPlan({}, {})
+    experts = source.structure.expert_names()
+    if not recipe.targets and not writer.holds_experts and any(m.name in experts for m in chosen):
+        # the consumer fuses MoE experts on load into tensors it cannot hold quantized: quantize
+        # what it loads as Linear layers, keep the experts in full precision, and say so
+        left = [m.name for m in chosen if m.name in experts]
+        chosen = [m for m in chosen if m.name not in experts]
+        plan.run_notes.append(f"{len(left)} MoE expert linears kept in full precision (e.g. {left[0]}): "
+                              f"--format {writer.registry_name} loaders fuse experts on load and cannot hold them quantized")
     linears = [module_of(m.name) for m in source.tensors() if m.name.endswith(".weight") and len(m.shape) == 2]
     writer.structure = source.structure
     writer.check_plan({module_of(m.name) for m in chosen}, linears, recipe)
     choices = writer.choose_groups({module_of(m.name): m.shape[1] for m in chosen}, recipe)
-    plan = LayerPlan({}, {})
     for m in chosen:
         choice = choices[module_of(m.name)]
         plan.specs[m.name] = LayerSpec(m.name, qtype, choice.strategy, choice.group_size, recipe.symmetric)
@@ -364,7 +373,7 @@ def run(
         plan = plan_layers(source, recipe, writer) if recipe and not writer.self_quantizing else LayerPlan({}, {})
     report = RunReport(model, str(out), writer.registry_name, recipe.to_dict() if recipe else None, writer.describe())
     if recipe is not None and not writer.self_quantizing:
-        report.notes_extra.extend(fused_expert_notes(source, writer))
+        report.notes_extra.extend(plan.run_notes + fused_expert_notes(source, writer))
     calib = stats = None
     if method is not None and method.needs_calibration and recipe.stats:
         stats = open_stats(recipe, source, plan)

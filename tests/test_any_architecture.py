@@ -137,3 +137,62 @@ def test_compressed_tensors_any_architecture(arch, method, zoo, wiki_sample, tmp
     # teeth: quantization moved the logits well beyond the tolerance
     original = auto_class(config).from_pretrained(src, dtype=torch.float32).eval()
     assert (got - forward(original)).abs().max().item() > 1e-3
+
+
+# -- GPTQ format: transformers + optimum + gptqmodel, in their own venv ------------------------------
+GPTQ_CASES = [(a, m) for a in ZOO_NAMES for m in METHODS]
+
+
+@pytest.fixture(scope="module")
+def gptq_consumed(zoo, wiki_sample, tmp_path_factory):
+    """Every architecture x method written as GPTQ, then all loaded in one GPTQ-venv process."""
+    import os
+    import subprocess
+
+    from test_gptq_format import GPTQ_PY, ROOT
+
+    if not GPTQ_PY.exists():
+        pytest.skip(f"{GPTQ_PY} missing: `make gptq-venv` installs transformers + optimum + gptqmodel there")
+    root = tmp_path_factory.mktemp("gptq_any")
+    outs, reports = {}, {}
+    for arch, method in GPTQ_CASES:
+        out = root / f"{arch}-{method}"
+        extra = ("--dataset", str(wiki_sample)) if method == "gptq" else ()
+        reports[(arch, method)] = quantize(zoo(arch), out, ("-f", "gptq", "-b", "4", "-g", "32", *METHODS[method], *extra))
+        outs[(arch, method)] = out
+    result = root / "consumer.pt"
+    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([str(GPTQ_PY), str(ROOT / "tests" / "gptq_consumer.py"), str(result), *map(str, outs.values())],
+                       env=env, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    got = torch.load(result)
+    return {case: (outs[case], reports[case], got[str(out)]) for case, out in outs.items()}
+
+
+@pytest.mark.parametrize("arch, method", GPTQ_CASES, ids=[f"{a}-{m}" for a, m in GPTQ_CASES])
+def test_gptq_format_any_architecture(arch, method, gptq_consumed, zoo, tmp_path):
+    from qtool.formats.gptq import read_dequantized
+    from qtool.model.structure import discover, is_router
+
+    out, report, got = gptq_consumed[(arch, method)]
+    structure = discover(json.loads((zoo(arch) / "config.json").read_text()))
+    # what GPTQ loaders hold quantized: the decoder blocks' nn.Linear layers (not the experts
+    # transformers fuses on load, which stay full precision, said in a note)
+    want = {n for n in structure.linears() if not is_router(n[: -len(".weight")]) and n not in structure.expert_names()}
+    assert {r["name"] for r in report["layers"]} == want
+    if structure.expert_names():
+        assert any("MoE expert linears kept in full precision" in n for n in report["notes"]), report["notes"]
+    # 1. every module the loader made quantized computes with our dequantization (rounded to bf16;
+    #    tolerances as in tests/test_gptq_format.py), and it is every module we quantized
+    state = read_dequantized(out)
+    memory = {structure.memory_module(n[: -len(".weight")]): n for n in want}
+    assert set(got["weights"]) == set(memory), sorted(set(got["weights"]) ^ set(memory))[:4]
+    for name, w in got["weights"].items():
+        ref = state[memory[name]]
+        torch.testing.assert_close(w, ref.to(torch.bfloat16).float(), rtol=2**-7, atol=2**-8 * float(ref.abs().max()))
+    # 2. logits: transformers with our dequantized weights (a plain checkpoint), both in bf16;
+    #    summation order differs, atol 0.1 on logits ~1-3 (quantization itself moves them ~1)
+    ref = reference_model(out, state, tmp_path / "ref").to(torch.bfloat16)
+    with torch.no_grad():
+        want_logits = ref(got["ids"]).logits[0].float()
+    torch.testing.assert_close(got["logits"], want_logits, rtol=0, atol=0.1)

@@ -90,6 +90,7 @@ class FormatWriter(ABC):
         return None
 
     structure = None  # the model's architecture (qtool/model/structure.py), given before check_plan
+    holds_experts: bool = True  # can its consumer load per-expert MoE linears quantized?
 
     def check_plan(self, quantized: set[str], linears: list[str], recipe: QuantRecipe) -> None:  # noqa: B027
         """Refuse, before any weight is read, a selection of layers the consumer cannot load."""

@@ -109,6 +109,9 @@ class GPTQWriter(FormatWriter):
     """Safetensors folder in the GPTQ layout (qweight / qzeros / scales / g_idx)."""
 
     qtype_kinds = ("int",)
+    # transformers fuses per-expert checkpoint linears into 3-D parameters on load; GPTQ loaders
+    # replace nn.Linear modules only, so experts stay in full precision (a summary note says so)
+    holds_experts = False
     partial_groups = True  # g_idx maps every column to its group, so a last group may be narrower
 
     def check_recipe(self, recipe: QuantRecipe) -> None:
@@ -208,6 +211,10 @@ class GPTQWriter(FormatWriter):
             cfg["backend"] = "torch"
         if set(in_block) != all_in_block:
             cfg["modules_in_block_to_quantize"] = [in_block]
+        if self.structure is not None and self.structure.decoder_layers != "model.layers":
+            # where the decoder blocks are in the built model (Gemma 3: model.language_model.layers);
+            # the loader otherwise guesses from a list of common paths
+            cfg["block_name_to_quantize"] = self.structure.decoder_layers
         return cfg
 
     def finish(self, config: dict, provenance: dict) -> None:
