@@ -76,6 +76,9 @@ def materialize(module: torch.nn.Module, prefix: str, source: CheckpointSource) 
     experts from their per-expert tensors). Every parameter must come from the checkpoint."""
     from qtool.model.structure import load_into
 
+    if "_qtool_root" not in module.__dict__:  # a module BlockRunner did not place: names as they are
+        _materialize_by_name(module, prefix, source)
+        return
     root, memory = module.__dict__["_qtool_root"], module.__dict__["_qtool_memory"]
     structure = source.structure
     layout = module.__dict__.get("_qtool_layout")  # a decoder block: its in-memory keys, as discovered
@@ -95,6 +98,19 @@ def materialize(module: torch.nn.Module, prefix: str, source: CheckpointSource) 
     if left:
         raise UnsupportedError(f"{prefix}.{left[0]}: not loaded from the checkpoint into transformers' module")
     _checkpoint_names(module, structure, memory)
+
+
+def _materialize_by_name(module: torch.nn.Module, prefix: str, source: CheckpointSource) -> None:
+    names = {t.name for t in source.tensors()}
+    keys = list(module.state_dict().keys())
+    missing = [f"{prefix}.{k}" for k in keys if f"{prefix}.{k}" not in names]
+    if missing:
+        raise UnsupportedError(f"{missing[0]}: transformers' module expects this tensor, the checkpoint has no such name")
+    state = {}
+    for k in keys:
+        t = source.get_tensor(f"{prefix}.{k}")
+        state[k] = t.to(torch.float32) if t.is_floating_point() else t
+    module.load_state_dict(state, assign=True, strict=True)
 
 
 def _checkpoint_names(module: torch.nn.Module, structure, memory: str) -> None:

@@ -289,7 +289,10 @@ def check_tensors(structure: Structure, tensors: dict[str, tuple[int, ...]], whe
     if missing:
         raise FormatError(f"{where}: tensor {missing[0]} {list(exp[missing[0]])} is missing "
                           f"({len(missing)} missing): the checkpoint does not match {structure.family.class_name}")
-    extra = [k for k in tensors if k not in exp and not any(re.search(p, k) for p in ignore)]
+    # computed buffers some older checkpoints still carry (`...rotary_emb.inv_freq`): transformers ignores them
+    buffers = {n.rsplit(".", 1)[-1] for n, _ in structure.model.named_buffers()}
+    extra = [k for k in tensors if k not in exp and not any(re.search(p, k) for p in ignore)
+             and k.rsplit(".", 1)[-1] not in buffers]
     if extra:
         raise FormatError(f"{where}: tensor {extra[0]} is not part of {structure.family.class_name} "
                           f"({len(extra)} unexpected); the checkpoint does not match its config")
