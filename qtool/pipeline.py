@@ -22,13 +22,12 @@ from qtool.formats.base import FormatWriter
 from qtool.io import atomic_output, check_output_free, sha256_file
 from qtool.methods import METHODS
 from qtool.methods.base import LayerSpec
-from qtool.model.source import CheckpointSource, TensorMeta, block_of
+from qtool.model.source import CheckpointSource, TensorMeta
+from qtool.model.structure import ROUTER_GLOBS, check_tensors, family_of
 from qtool.qtypes import get_qtype
 
-# Architectures whose layouts the test-suite proves end to end (tests/test_architectures.py).
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "qwen2_moe", "mixtral")
 # MoE routers stay in full precision unless targeted explicitly (as every MoE recipe does).
-DEFAULT_IGNORE = ("*.mlp.gate", "*.block_sparse_moe.gate", "*.shared_expert_gate")
+DEFAULT_IGNORE = ROUTER_GLOBS
 
 
 @dataclass(frozen=True)
@@ -92,23 +91,34 @@ class RunReport:
         return d
 
 
-def check_architecture(config: dict, where: str) -> None:
-    arch = config.get("model_type")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        archs = config.get("architectures") or []
-        raise UnsupportedError(
-            f"{where}: unsupported architecture {arch!r} {archs}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+def check_architecture(config: dict, where: str, trust_remote_code: bool = False) -> None:
+    """From config.json alone: an architecture transformers implements as a causal LM (or an
+    image-text-to-text model), else a one-line refusal (qtool/model/structure.py)."""
+    family_of(config, where, trust_remote_code=trust_remote_code)
+
+
+def check_model(source: CheckpointSource, where: str, trust_remote_code: bool = False) -> None:
+    """Before any weight is read: the architecture (from the config), its decoder-block structure
+    (the model built on the meta device) and, for safetensors checkpoints, every tensor's name and
+    shape against what that architecture loads."""
+    from qtool.model.safetensors_source import SafetensorsSource
+
+    check_architecture(source.config, where, trust_remote_code)
+    source.trust_remote_code = trust_remote_code
+    structure = source.structure
+    if isinstance(source, SafetensorsSource):
+        check_tensors(structure, {t.name: t.shape for t in source.tensors()}, where)
 
 
 def module_of(tensor_name: str) -> str:
     return tensor_name[: -len(".weight")] if tensor_name.endswith(".weight") else tensor_name
 
 
-def select_layers(metas: list[TensorMeta], recipe: QuantRecipe) -> list[TensorMeta]:
-    """Which weights get quantized: by default every 2-D weight inside a decoder block (the
-    Linear layers); `--target` globs replace that set (and may reach lm_head / embeddings);
-    `--ignore` globs and MoE routers are removed from it."""
+def select_layers(metas: list[TensorMeta], recipe: QuantRecipe, structure=None) -> list[TensorMeta]:
+    """Which weights get quantized: by default every linear of the decoder blocks as transformers
+    builds them (`structure`: qtool/model/structure.py; MoE experts included, routers not);
+    `--target` globs replace that set (and may reach lm_head, embeddings, a vision tower);
+    `--ignore` globs are removed from it."""
 
     def hit(name: str, globs) -> bool:
         return any(fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(name, f"*.{g}") for g in globs)
@@ -118,7 +128,12 @@ def select_layers(metas: list[TensorMeta], recipe: QuantRecipe) -> list[TensorMe
         chosen = [m for m in cands if hit(module_of(m.name), recipe.targets)]
         if not chosen:
             raise UsageError(f"--target {' '.join(recipe.targets)}: matches no 2-D weight of this model")
+    elif structure is not None:
+        linears = set(structure.linears())
+        chosen = [m for m in cands if m.name in linears and not hit(module_of(m.name), DEFAULT_IGNORE)]
     else:
+        from qtool.model.source import block_of
+
         chosen = [m for m in cands if block_of(m.name) and not hit(module_of(m.name), DEFAULT_IGNORE)]
     return [m for m in chosen if not hit(module_of(m.name), recipe.ignore)]
 
@@ -127,22 +142,42 @@ def select_layers(metas: list[TensorMeta], recipe: QuantRecipe) -> list[TensorMe
 class LayerPlan:
     specs: dict[str, LayerSpec]  # tensor name -> spec
     notes: dict[str, str]  # tensor name -> what the format changed, for the summary
+    run_notes: list[str] = field(default_factory=list)  # what the format left out, for the summary
 
 
 def plan_layers(source: CheckpointSource, recipe: QuantRecipe, writer: FormatWriter) -> LayerPlan:
     """Per-layer specs from shapes alone: every impossible request fails here, before any weight is read."""
     qtype = get_qtype(recipe.qtype)
-    chosen = select_layers(source.tensors(), recipe)
+    chosen = select_layers(source.tensors(), recipe, source.structure)
+    plan = LayerPlan({}, {})
+    experts = source.structure.expert_names()
+    if not recipe.targets and not writer.holds_experts and any(m.name in experts for m in chosen):
+        # the consumer fuses MoE experts on load into tensors it cannot hold quantized: quantize
+        # what it loads as Linear layers, keep the experts in full precision, and say so
+        left = [m.name for m in chosen if m.name in experts]
+        chosen = [m for m in chosen if m.name not in experts]
+        plan.run_notes.append(f"{len(left)} MoE expert linears kept in full precision (e.g. {left[0]}): "
+                              f"--format {writer.registry_name} loaders fuse experts on load and cannot hold them quantized")
     linears = [module_of(m.name) for m in source.tensors() if m.name.endswith(".weight") and len(m.shape) == 2]
+    writer.structure = source.structure
     writer.check_plan({module_of(m.name) for m in chosen}, linears, recipe)
     choices = writer.choose_groups({module_of(m.name): m.shape[1] for m in chosen}, recipe)
-    plan = LayerPlan({}, {})
     for m in chosen:
         choice = choices[module_of(m.name)]
         plan.specs[m.name] = LayerSpec(m.name, qtype, choice.strategy, choice.group_size, recipe.symmetric)
         if choice.note:
             plan.notes[m.name] = choice.note
     return plan
+
+
+def fused_expert_notes(source: CheckpointSource, writer: FormatWriter) -> list[str]:
+    """MoE experts the checkpoint itself stores fused (3-D, e.g. gpt-oss) are no Linear that a loader
+    of these formats quantizes: they stay in full precision, and the summary says so."""
+    fused = source.structure.fused_experts()
+    if not fused:
+        return []
+    return [f"{len(fused)} MoE expert tensors kept in full precision (e.g. {fused[0]}): the checkpoint stores them "
+            f"fused (3-D), and --format {writer.registry_name} loaders quantize Linear layers only"]
 
 
 def check_finite(name: str, w: torch.Tensor, where: str = "") -> None:
@@ -156,7 +191,7 @@ def ordered_tensors(source: CheckpointSource) -> list[TensorMeta]:
     """Block by block (so one block's tensors are read together), then everything else."""
     metas = source.tensors()
     order = {b: i for i, b in enumerate(source.blocks())}
-    return sorted(metas, key=lambda m: order.get(block_of(m.name) or "", len(order)))
+    return sorted(metas, key=lambda m: order.get(source.block_of(m.name) or "", len(order)))
 
 
 def provenance(source: CheckpointSource, model: str, recipe: QuantRecipe | None, hash_inputs: bool) -> dict:
@@ -189,9 +224,9 @@ def _stream(
     current_block = None
     for i, m in enumerate(metas):
         on_event(Event("quantize" if plan.specs else "convert", i, len(metas), m.name))
-        if block_of(m.name) != current_block:
+        if source.block_of(m.name) != current_block:
             source.release()
-            current_block = block_of(m.name)
+            current_block = source.block_of(m.name)
         t = source.get_tensor(m.name)
         report.params_total += m.numel
         spec = plan.specs.get(m.name)
@@ -251,9 +286,9 @@ def load_calibration_for(source: CheckpointSource, recipe: QuantRecipe):
                             dataset_config=recipe.dataset_config, split=recipe.split, text_field=recipe.text_field)
 
 
-def check_block_linears_only(plan: LayerPlan, method: str) -> None:
+def check_block_linears_only(plan: LayerPlan, method: str, source: CheckpointSource) -> None:
     """Calibration statistics exist for decoder-block linears only (a run's or a stats file's)."""
-    outside = [n for n in plan.specs if block_of(n) is None]
+    outside = [n for n in plan.specs if source.block_of(n) is None]
     if outside:
         raise UnsupportedError(f"{outside[0]}: --method {method} quantizes decoder-block linears only")
 
@@ -270,9 +305,9 @@ def _calibrated(
     """Calibration methods: non-block tensors pass through; blocks go through the block-wise engine."""
     from qtool.engine.blockwise import PassThrough, run_blockwise
 
-    check_block_linears_only(plan, report.recipe["method"])
+    check_block_linears_only(plan, report.recipe["method"], source)
     for m in source.tensors():
-        if block_of(m.name) is None:
+        if source.block_of(m.name) is None:
             report.params_total += m.numel
             _add_tensor(m.name, source.get_tensor(m.name), report, writer)
     source.release()
@@ -308,7 +343,7 @@ def open_stats(recipe: QuantRecipe, source: CheckpointSource, plan: LayerPlan):
     from qtool.calib.stats import CalibStats
 
     stats = CalibStats(Path(recipe.stats))
-    check_block_linears_only(plan, recipe.method)
+    check_block_linears_only(plan, recipe.method, source)
     shapes = {m.name: m.shape for m in source.tensors()}
     stats.check_model(source.config, {n: shapes[n] for n in plan.specs})
     return stats
@@ -337,11 +372,13 @@ def run(
     else:
         plan = plan_layers(source, recipe, writer) if recipe and not writer.self_quantizing else LayerPlan({}, {})
     report = RunReport(model, str(out), writer.registry_name, recipe.to_dict() if recipe else None, writer.describe())
+    if recipe is not None and not writer.self_quantizing:
+        report.notes_extra.extend(plan.run_notes + fused_expert_notes(source, writer))
     calib = stats = None
     if method is not None and method.needs_calibration and recipe.stats:
         stats = open_stats(recipe, source, plan)
         report.calibration = {**stats.calibration, "stats_file": str(recipe.stats), "sequential": False}
-        report.notes_extra = [f"Hessians from {recipe.stats}: activations of the unquantized model (not sequential)"]
+        report.notes_extra += [f"Hessians from {recipe.stats}: activations of the unquantized model (not sequential)"]
     elif method is not None and method.needs_calibration:
         on_event(Event("calibrate", 0, 1, recipe.dataset or ""))
         calib = load_calibration_for(source, recipe)
@@ -502,7 +539,7 @@ def calibrate(
     check_output_free(out, overwrite)
     if imatrix_out is not None:
         check_output_free(imatrix_out, overwrite)
-    wanted = {m.name for m in select_layers(source.tensors(), recipe)}
+    wanted = {m.name for m in select_layers(source.tensors(), recipe, source.structure)}
     if not wanted:
         raise UsageError(f"{model}: no decoder-block linear to collect statistics for")
     on_event(Event("calibrate", 0, 1, recipe.dataset or ""))

@@ -11,13 +11,15 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # 2-core machine; see /work
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText  # noqa: E402
 
 DTYPE = torch.bfloat16
 results = {}
 for folder in sys.argv[2:]:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPE, device_map="cpu")
-    ids = torch.arange(3, 3 + 24).reshape(1, -1) % model.config.vocab_size
+    arch = (AutoConfig.from_pretrained(folder).architectures or [""])[0]
+    auto = AutoModelForImageTextToText if arch.endswith("ForConditionalGeneration") else AutoModelForCausalLM
+    model = auto.from_pretrained(folder, dtype=DTYPE, device_map="cpu")
+    ids = torch.arange(3, 3 + 24).reshape(1, -1) % model.get_input_embeddings().num_embeddings
     kernels = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
     weights = {}
     with torch.no_grad():

@@ -12,7 +12,7 @@ from qtool.cli import options as opt
 from qtool.cli._app import ProgressDisplay, handle_errors, human_bytes, out, print_json
 from qtool.config import QuantRecipe
 from qtool.model.resolve import open_source
-from qtool.pipeline import CalibrationReport, calibrate as run_calibration, check_architecture
+from qtool.pipeline import CalibrationReport, calibrate as run_calibration, check_model
 from qtool.errors import UsageError
 
 
@@ -33,6 +33,7 @@ def calibrate(
     revision: opt.Revision = None,
     token: opt.Token = None,
     allow_pickle: opt.AllowPickle = False,
+    trust_remote_code: opt.TrustRemoteCode = False,
     overwrite: opt.Overwrite = False,
     json_out: opt.Json = False,
     quiet: opt.Quiet = False,
@@ -59,7 +60,7 @@ def calibrate(
     if dest.suffix != ".safetensors":
         raise UsageError(f"--out {dest}: statistics are written as .safetensors")
     with open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as source:
-        check_architecture(source.config, model)
+        check_model(source, model, trust_remote_code)
         with ProgressDisplay(not (json_out or quiet)) as progress:
             report = run_calibration(model, source, dest, recipe, hessians=not no_hessian, imatrix_out=imatrix,
                                      overwrite=overwrite, on_event=progress)

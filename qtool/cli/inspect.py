@@ -98,6 +98,10 @@ def _totals_table(r: InspectReport) -> Table:
         t.add_row("model", ", ".join(f"{k} {v}" for k, v in model.items()))
         if tok:
             t.add_row("tokenizer", ", ".join(f"{k} {v}" for k, v in tok.items() if v is not None))
+    if r.architecture:
+        a = r.architecture
+        t.add_row("architecture", a["family"])
+        t.add_row("qtool", " | ".join(f"{k}: {a[k]}" for k in ("quantize", "gguf", "calibration")))
     for n in r.notes:
         t.add_row("[yellow]note[/]", n)
     return t

@@ -22,6 +22,9 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existin
 Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit.")]
 Token = Annotated[Optional[str], typer.Option("--token", envvar="HF_TOKEN", help="Hub token (default: $HF_TOKEN).", show_default=False)]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Read *.bin/*.pt checkpoints (weights_only=True).")]
+TrustRemoteCode = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Run the model code a checkpoint ships (config auto_map) to build its architecture.")
+]
 GGUFType = Annotated[
     Optional[str],
     typer.Option("--type", "-t", help="GGUF tensor type or llama.cpp mixture: Q4_K_M, Q8_0, Q6_K, F16... (with -f gguf)."),

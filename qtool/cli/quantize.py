@@ -15,7 +15,7 @@ from qtool.cli._app import ProgressDisplay, handle_errors, human_bytes, out, pri
 from qtool.config import make_recipe
 from qtool.model.resolve import open_source
 from qtool.errors import UsageError
-from qtool.pipeline import EvalRequest, RunReport, check_architecture, run, validate_early
+from qtool.pipeline import EvalRequest, RunReport, check_model, run, validate_early
 
 
 def default_out(model: str, recipe) -> Path:
@@ -59,6 +59,7 @@ def quantize(
     revision: opt.Revision = None,
     token: opt.Token = None,
     allow_pickle: opt.AllowPickle = False,
+    trust_remote_code: opt.TrustRemoteCode = False,
     overwrite: opt.Overwrite = False,
     json_out: opt.Json = False,
     quiet: opt.Quiet = False,
@@ -95,7 +96,7 @@ def quantize(
     evaluation = eval_request(run_eval, eval_dataset, dataset, eval_windows, eval_seq_len)
     dest = out_path or default_out(model, recipe)
     with open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as source:
-        check_architecture(source.config, model)
+        check_model(source, model, trust_remote_code)
         with ProgressDisplay(not (json_out or quiet)) as progress:
             report = run(model, source, dest, writer, recipe, overwrite=overwrite, evaluation=evaluation, on_event=progress)
     if note := getattr(writer, "imatrix_note", None):

@@ -58,36 +58,85 @@ class _Stop(Exception):
 
 
 def build_skeleton(config: dict) -> torch.nn.Module:
-    """The CausalLM from a config.json dict, every parameter on the meta device, rotary modules
-    rebuilt on the CPU (their buffers are computed, not stored in checkpoints)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The model from a config.json dict as transformers builds it for this architecture (a causal
+    LM, or an image-text-to-text model: qtool/model/structure.py), every parameter on the meta
+    device; computed buffers (rotary frequencies, embedding scales) filled on the CPU, since
+    checkpoints do not store them."""
+    from qtool.model.structure import build_meta_model, init_buffers
 
-    cfg_dict = {k: v for k, v in config.items() if k != "quantization_config"}
-    cfg = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    for name, mod in list(model.named_modules()):
-        if name.endswith("rotary_emb"):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, type(mod)(config=model.config))
+    model = build_meta_model(config)
+    init_buffers(model)
     return model.eval()
 
 
 def materialize(module: torch.nn.Module, prefix: str, source: CheckpointSource) -> None:
-    """Load `module`'s parameters and persistent buffers from the checkpoint, as float32."""
+    """Load `module` (a decoder block, or another submodule of the runner's model) from the
+    checkpoint as float32, through transformers' own loading conversion: `prefix` is its
+    checkpoint prefix, the tensors it needs are those the architecture stores it as (fused MoE
+    experts from their per-expert tensors). Every parameter must come from the checkpoint."""
+    from qtool.model.structure import load_into
+
+    if "_qtool_root" not in module.__dict__:  # a module BlockRunner did not place: names as they are
+        _materialize_by_name(module, prefix, source)
+        return
+    root, memory = module.__dict__["_qtool_root"], module.__dict__["_qtool_memory"]
+    structure = source.structure
+    layout = module.__dict__.get("_qtool_layout")  # a decoder block: its in-memory keys, as discovered
+    rel = list(layout.pieces) if layout is not None else list(module.state_dict(keep_vars=True))
+    keys = [f"{memory}.{k}" if memory else k for k in rel]
+    wanted = [ck for k in keys for ck in structure.pieces.get(k, [])]
+    names = {t.name for t in source.tensors()}
+    missing = [n for n in wanted if n not in names]
+    if missing:
+        raise UnsupportedError(f"{missing[0]}: transformers' {structure.family.class_name} needs this tensor, the checkpoint has no such name")
+    tensors = {}
+    for n in wanted:
+        t = source.get_tensor(n)
+        tensors[n] = t.to(torch.float32) if t.is_floating_point() else t
+    load_into(root, tensors, structure.layout)
+    left = [k for k, v in module.state_dict(keep_vars=True).items() if v.is_meta]
+    if left:
+        raise UnsupportedError(f"{prefix}.{left[0]}: not loaded from the checkpoint into transformers' module")
+    _checkpoint_names(module, structure, memory)
+
+
+def _materialize_by_name(module: torch.nn.Module, prefix: str, source: CheckpointSource) -> None:
     names = {t.name for t in source.tensors()}
     keys = list(module.state_dict().keys())
     missing = [f"{prefix}.{k}" for k in keys if f"{prefix}.{k}" not in names]
     if missing:
-        raise UnsupportedError(
-            f"{missing[0]}: transformers' module expects this tensor, the checkpoint has no such name "
-            "(fused layouts such as MoE experts are not supported by the block-wise engine yet)"
-        )
+        raise UnsupportedError(f"{missing[0]}: transformers' module expects this tensor, the checkpoint has no such name")
     state = {}
     for k in keys:
         t = source.get_tensor(f"{prefix}.{k}")
         state[k] = t.to(torch.float32) if t.is_floating_point() else t
     module.load_state_dict(state, assign=True, strict=True)
+
+
+def _checkpoint_names(module: torch.nn.Module, structure, memory: str) -> None:
+    """The block's state_dict() in checkpoint names (relative to its checkpoint prefix), so that
+    callers read the remaining tensors from the source by the names they have there."""
+    from qtool.model.structure import revert
+
+    layout = next((b for b in structure.blocks if b.memory == memory), None)
+    if layout is None or module.__dict__.get("_qtool_names"):
+        return
+    module.__dict__["_qtool_names"] = True
+
+    def hook(mod, state, prefix, local_metadata):
+        for k in [k for k in state if k.startswith(prefix)]:
+            rel = k[len(prefix):]
+            pieces = layout.pieces.get(rel)
+            if pieces is None or pieces == [rel]:
+                continue
+            t = state.pop(k)
+            if len(pieces) == 1:
+                state[prefix + pieces[0]] = t
+            else:
+                for ck, v in revert(module.__dict__["_qtool_root"], {f"{memory}.{rel}": t}).items():
+                    state[prefix + ck[len(layout.checkpoint) + 1:]] = v
+
+    module._register_state_dict_hook(hook)
 
 
 def capture_layer_inputs(model: torch.nn.Module, layers: torch.nn.ModuleList, input_ids: torch.Tensor):
@@ -210,16 +259,25 @@ class BlockRunner:
 
     def __init__(self, source: CheckpointSource, input_ids: torch.Tensor, progress: Progress = lambda *a: None) -> None:
         self.source = source
+        structure = source.structure
         model = build_skeleton(source.config)
-        self.layers = model.model.layers
-        self.prefixes = source.blocks()
+        self.layers = model.get_submodule(structure.decoder_layers)
+        self.prefixes = structure.block_prefixes()
         if len(self.prefixes) != len(self.layers):
             raise UnsupportedError(f"{source.path}: {len(self.prefixes)} decoder blocks in the checkpoint, {len(self.layers)} in the config")
-        embed_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
-        materialize(model.get_input_embeddings(), embed_name, source)
+        by_checkpoint = {}
+        for layer, b in zip(self.layers, structure.blocks):
+            layer.__dict__.update(_qtool_root=model, _qtool_memory=b.memory, _qtool_layout=b)
+            by_checkpoint[b.checkpoint] = layer
+        plain = model.get_submodule  # blocks are asked for by their checkpoint prefix
+        model.get_submodule = lambda target: by_checkpoint[target] if target in by_checkpoint else plain(target)
+        embed = model.get_input_embeddings()
+        embed_name = next(n for n, m in model.named_modules() if m is embed)
+        embed.__dict__.update(_qtool_root=model, _qtool_memory=embed_name)
+        materialize(embed, embed_name, source)
         progress("calibrate", 0, 1, "capture block 0 inputs")
         self.hidden, self.calls = capture_layer_inputs(model, self.layers, input_ids)
-        model.get_input_embeddings().to("meta")
+        embed.to("meta")
         source.release()
         self.model = model
 
@@ -234,10 +292,19 @@ class BlockRunner:
                 self.source.release()
 
     def linears(self, prefix: str, block: torch.nn.Module, wanted) -> dict[str, str]:
-        """{module name inside the block: tensor name} for the block's weights in `wanted`; each must be an nn.Linear."""
-        names = {n: f"{prefix}.{n}.weight" for n, _ in block.named_modules() if f"{prefix}.{n}.weight" in wanted}
+        """{module name inside the block: tensor name} for the block's weights in `wanted`. Names
+        are the checkpoint's; a linear transformers holds otherwise (fused MoE experts, a renamed
+        module) gets a Tap there (qtool/engine/taps.py) that hooks and writes like an nn.Linear."""
+        from qtool.engine.taps import install
+
+        layout = block.__dict__["_qtool_layout"]
+        rel = {t[len(prefix) + 1: -len(".weight")]: t for t in layout.linears if t in wanted and t.endswith(".weight")}
+        other = sorted(t for t in wanted if t.startswith(prefix + ".") and t not in layout.linears)
+        if other:
+            raise UnsupportedError(f"{other[0]}: no linear of transformers' module computes with it; calibration methods quantize linears only")
+        names = install(block, block.__dict__["_qtool_root"], layout, rel)
         for n in names:
-            if not isinstance(block.get_submodule(n), torch.nn.Linear):
+            if not isinstance(block.get_submodule(n), torch.nn.Linear) and type(block.get_submodule(n)).__name__ != "Tap":
                 raise UnsupportedError(f"{names[n]}: not an nn.Linear in transformers' module ({type(block.get_submodule(n)).__name__})")
         return names
 

@@ -89,6 +89,9 @@ class FormatWriter(ABC):
         """The format's own type choice for the run report (GGUF: the mixture), if any."""
         return None
 
+    structure = None  # the model's architecture (qtool/model/structure.py), given before check_plan
+    holds_experts: bool = True  # can its consumer load per-expert MoE linears quantized?
+
     def check_plan(self, quantized: set[str], linears: list[str], recipe: QuantRecipe) -> None:  # noqa: B027
         """Refuse, before any weight is read, a selection of layers the consumer cannot load."""
 

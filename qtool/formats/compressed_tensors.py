@@ -122,6 +122,8 @@ class CompressedTensorsWriter(FormatWriter):
     def begin(self, out: Path, source: CheckpointSource, recipe: QuantRecipe | None) -> None:
         self.out, self.source = out, source
         self.linears = [t.name[: -len(".weight")] for t in source.tensors() if t.name.endswith(".weight") and len(t.shape) == 2]
+        structure = getattr(source, "_structure", None)  # the config names modules as the built model does
+        self.to_memory = structure.memory_module if structure is not None else (lambda m: m)
         self.schemes: dict[tuple, list[str]] = {}
         self.quantized: set[str] = set()
         self.actorder = "weight" if recipe is not None and recipe.method_params.get("act_order") else None
@@ -144,12 +146,13 @@ class CompressedTensorsWriter(FormatWriter):
 
     def quantization_config(self) -> dict:
         groups, formats = {}, set()
+        linears = [self.to_memory(n) for n in self.linears]
         for i, (key, members) in enumerate(self.schemes.items()):
             args = json.loads(key)
             fmt = "pack-quantized" if args["type"] == "int" else "float-quantized"
             formats.add(fmt)
             groups[f"group_{i}"] = {
-                "targets": compact_targets(members, self.linears),
+                "targets": compact_targets([self.to_memory(m) for m in members], linears),
                 "weights": args,
                 "input_activations": None,
                 "output_activations": None,
@@ -160,7 +163,7 @@ class CompressedTensorsWriter(FormatWriter):
             "format": formats.pop() if len(formats) == 1 else "mixed-precision",
             "quantization_status": "compressed",
             "config_groups": groups,
-            "ignore": [n for n in self.linears if n not in self.quantized and not n.endswith("embed_tokens")],
+            "ignore": [self.to_memory(n) for n in self.linears if n not in self.quantized and not n.endswith("embed_tokens")],
             "kv_cache_scheme": None,
             "global_compression_ratio": None,
             "version": "0.20.0",
@@ -188,6 +191,34 @@ def scheme_for(module: str, qconfig: dict) -> dict | None:
             if (t.startswith("re:") and re.match(t[3:], module)) or t == module:
                 return group["weights"]
     return None
+
+
+def checkpoint_schemes(config: dict):
+    """module (checkpoint name) -> its `weights` args. The config targets modules as the built model
+    names them, which for some architectures (Gemma 3's `language_model.model.` on disk,
+    `model.language_model.` in memory) differs from the tensor names: those are translated with
+    the architecture's own conversion (qtool/model/structure.py), found once, when first needed."""
+    qconfig = config.get("quantization_config", {})
+    memo: dict = {}
+
+    def memory_name(module: str) -> str:
+        if "s" not in memo:
+            try:
+                from qtool.model.structure import discover
+
+                memo["s"] = discover(config)
+            except Exception:  # an architecture this transformers cannot build: names as they are
+                memo["s"] = None
+        return memo["s"].memory_module(module) if memo["s"] is not None else module
+
+    def scheme(module: str) -> dict | None:
+        args = scheme_for(module, qconfig)
+        if args is None and qconfig.get("config_groups"):
+            mem = memory_name(module)
+            args = scheme_for(mem, qconfig) if mem != module else None
+        return args
+
+    return scheme
 
 
 def unpack_module(tensors: dict[str, torch.Tensor], args: dict) -> QuantizedWeight:
@@ -218,19 +249,20 @@ def read_dequantized(folder: Path, dtype: torch.dtype = torch.float32) -> dict[s
 
     config = json.loads((folder / "config.json").read_text())
     qconfig = config.get("quantization_config", {})
+    scheme = checkpoint_schemes(config)
     state: dict[str, torch.Tensor] = {}
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as h:
             for name in h.keys():
                 prefix, _, suffix = name.rpartition(".")
-                if suffix.startswith("weight_") or (suffix == "weight" and scheme_for(prefix, qconfig)):
+                if suffix.startswith("weight_") or (suffix == "weight" and scheme(prefix)):
                     modules.setdefault(prefix, {})[suffix] = h.get_tensor(name)
                 else:
                     t = h.get_tensor(name)
                     state[name] = t.to(dtype) if t.is_floating_point() else t
     for prefix, tensors in modules.items():
-        args = scheme_for(prefix, qconfig)
+        args = scheme(prefix)
         if args is None:
             raise ValueError(f"{folder}: module {prefix} has quantized tensors but no config group targets it")
         state[f"{prefix}.weight"] = unpack_module(tensors, args).dequantize(dtype)

@@ -109,6 +109,9 @@ class GPTQWriter(FormatWriter):
     """Safetensors folder in the GPTQ layout (qweight / qzeros / scales / g_idx)."""
 
     qtype_kinds = ("int",)
+    # transformers fuses per-expert checkpoint linears into 3-D parameters on load; GPTQ loaders
+    # replace nn.Linear modules only, so experts stay in full precision (a summary note says so)
+    holds_experts = False
     partial_groups = True  # g_idx maps every column to its group, so a last group may be narrower
 
     def check_recipe(self, recipe: QuantRecipe) -> None:
@@ -126,10 +129,12 @@ class GPTQWriter(FormatWriter):
         `modules_in_block_to_quantize`; refuse a selection that rule cannot express."""
         if any(EXPERT_RE.match(m + ".") for m in quantized):
             raise UnsupportedError("--format gptq: MoE experts are not supported yet (transformers fuses them on load)")
-        blocks = [m for m in linears if _block_suffix(m)]
-        outside = sorted(m for m in quantized if not _block_suffix(m))
+        in_block = self.structure.block_of if self.structure is not None else _block_suffix
+        blocks = [m for m in linears if in_block(m + ".")]
+        outside = sorted(m for m in quantized if not in_block(m + "."))
         if outside:
-            raise UnsupportedError(f"layer {outside[0]}: --format gptq quantizes only Linear layers inside the decoder blocks")
+            raise UnsupportedError(f"layer {outside[0]}: --format gptq quantizes only Linear layers inside the language "
+                                   "model's decoder blocks (its loaders convert those alone)")
         self.planned = set(quantized)
         suffixes = {_block_suffix(m) for m in quantized}
         left = [m for m in blocks if _block_suffix(m) in suffixes and m not in quantized]
@@ -206,6 +211,10 @@ class GPTQWriter(FormatWriter):
             cfg["backend"] = "torch"
         if set(in_block) != all_in_block:
             cfg["modules_in_block_to_quantize"] = [in_block]
+        if self.structure is not None and self.structure.decoder_layers != "model.layers":
+            # where the decoder blocks are in the built model (Gemma 3: model.language_model.layers);
+            # the loader otherwise guesses from a list of common paths
+            cfg["block_name_to_quantize"] = self.structure.decoder_layers
         return cfg
 
     def finish(self, config: dict, provenance: dict) -> None:

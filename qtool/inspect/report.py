@@ -89,6 +89,7 @@ class InspectReport:
     provenance: dict | None = None
     notes: list[str] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)  # GGUF: model and tokenizer summary
+    architecture: dict = field(default_factory=dict)  # family and what qtool can do with it (structure.capabilities)
 
     @property
     def params(self) -> int:
@@ -154,6 +155,7 @@ class InspectReport:
             },
             "provenance": self.provenance,
             "metadata": self.metadata,
+            "architecture": self.architecture,
             "notes": self.notes,
             "tensors": [t.to_dict() for t in self.tensors],
         }

@@ -267,8 +267,11 @@ def safetensors_report(ck: _Checkpoint, ctx: int, batch: int) -> InspectReport:
     else:
         fmt, detail = "safetensors", dtype
     method = method_name(ck.provenance, quantized=bool(quant_method), fallback=str(quant_method) if quant_method and not is_ct else "unknown")
+    from qtool.model.structure import capabilities
+
     return InspectReport(ck.source, fmt, detail, method, ck.files, tensors, ctx, batch,
-                         kv_cache_from_config(config, ctx, batch), ck.provenance, notes)
+                         kv_cache_from_config(config, ctx, batch), ck.provenance, notes,
+                         architecture=capabilities(ck.config))
 
 
 def _dominant_dtype(tensors: list[StoredTensor]) -> str | None:

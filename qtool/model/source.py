@@ -75,8 +75,30 @@ class CheckpointSource(ABC):
                 return t
         raise KeyError(name)
 
+    trust_remote_code: bool = False  # may the architecture's custom code (auto_map) run?
+
+    @property
+    def structure(self):
+        """The architecture as transformers builds it (qtool/model/structure.py), found from the
+        config and the tensor headers on first use; refuses what qtool cannot quantize."""
+        if getattr(self, "_structure", None) is None:
+            from qtool.model.structure import discover
+
+            folder = self.path if self.path.is_dir() else self.path.parent
+            self._structure = discover(self.config, {t.name: t.shape for t in self.tensors()}, folder=folder,
+                                       trust_remote_code=self.trust_remote_code, where=str(self.path))
+        return self._structure
+
+    def block_of(self, name: str) -> str | None:
+        """The decoder block of a tensor: from the architecture once it is known (a vision tower's
+        `encoder.layers.N` is no decoder block), else from the name."""
+        s = getattr(self, "_structure", None)
+        return s.block_of(name) if s is not None else block_of(name)
+
     def blocks(self) -> list[str]:
         """Decoder block prefixes in index order."""
+        if getattr(self, "_structure", None) is not None:
+            return self._structure.block_prefixes()
         seen: dict[str, int] = {}
         for t in self.tensors():
             m = BLOCK_RE.match(t.name)
