@@ -150,7 +150,7 @@ def run_block_method(
             key = f"{m}.weight"
             w = replaced.get(key)
             owner = result.shares.get(m)
-            yield QuantizedLinear(names[m], source.get_tensor(names[m]) if w is None else w, qw,
+            yield QuantizedLinear(names[m], source.get_tensor(names[m]) if w is None else w, _on_cpu(qw),
                                   result.stats.get(m, {}), None if owner in (None, m) else names[owner])
             done.add(key)
         for k in block.state_dict().keys():
@@ -161,6 +161,14 @@ def run_block_method(
         forward_into(block, inputs, nxt, "quantized")
         store = nxt
     progress("quantize", n, n, "")
+
+
+def _on_cpu(qw):
+    """The pipeline measures and writes on the CPU, whatever --device computed on."""
+    if qw.codes.device.type == "cpu":
+        return qw
+    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    return replace(qw, codes=cpu(qw.codes), scale=cpu(qw.scale), zero_point=cpu(qw.zero_point), g_idx=cpu(qw.g_idx))
 
 
 def _with_scale_dtype(spec: LayerSpec, dtype: torch.dtype) -> LayerSpec:
