@@ -34,31 +34,17 @@ def runs(tiny_byte_llama, wiki_sample, tmp_path_factory):
 
 
 def _block0(folder):
-    """(decoder block 0 of the float model, its BlockInputs on 2 random samples): captured with a
-    pre-hook on the layer, as the model's own forward calls it."""
+    """(decoder block 0 of the float model, its BlockInputs on 2 random samples), captured as the
+    engine captures them (engine/blockwise.py capture_layer_inputs) but on the whole float model."""
     from transformers import AutoModelForCausalLM
 
-    from qtool.methods.base import BlockInputs, StopForward
+    from qtool.engine.blockwise import capture_layer_inputs
+    from qtool.methods.base import BlockInputs
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    layer = model.model.layers[0]
-    seen = []
-
-    def grab(mod, args, kwargs):
-        h = args[0] if args else kwargs.pop("hidden_states")
-        seen.append((h.detach(), tuple(args[1:]), dict(kwargs)))
-        raise StopForward
-
-    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
     ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        for row in ids:
-            try:
-                model.model(input_ids=row.unsqueeze(0), use_cache=False)
-            except StopForward:
-                pass
-    handle.remove()
-    return layer, BlockInputs("model.layers.0", [h for h, _, _ in seen], (seen[0][1], seen[0][2]), torch.device("cpu"))
+    hidden, calls = capture_layer_inputs(model, model.model.layers, ids)
+    return model.model.layers[0], BlockInputs("model.layers.0", hidden, calls[0], torch.device("cpu"))
 
 
 @pytest.mark.parametrize("arch,kinds", [

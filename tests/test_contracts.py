@@ -124,26 +124,15 @@ def _tiny_block():
     """Decoder block 0 of a tiny random llama (MHA, so that every AWQ fold exists) and its BlockInputs."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qtool.methods.base import BlockInputs, StopForward
+    from qtool.engine.blockwise import capture_layer_inputs
+    from qtool.methods.base import BlockInputs
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
                       num_key_value_heads=4, initializer_range=0.1)
     model = LlamaForCausalLM(cfg).eval()
-    seen = []
-
-    def grab(mod, args, kwargs):
-        seen.append((args[0] if args else kwargs.pop("hidden_states"), tuple(args[1:]), dict(kwargs)))
-        raise StopForward
-
-    model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    with torch.no_grad():
-        for row in torch.randint(0, 64, (3, 16)):
-            try:
-                model.model(input_ids=row.unsqueeze(0), use_cache=False)
-            except StopForward:
-                pass
-    return model.model.layers[0], BlockInputs("model.layers.0", [h for h, _, _ in seen], (seen[0][1], seen[0][2]), torch.device("cpu"))
+    hidden, calls = capture_layer_inputs(model, model.model.layers, torch.randint(0, 64, (3, 16)))
+    return model.model.layers[0], BlockInputs("model.layers.0", hidden, calls[0], torch.device("cpu"))
 
 
 @pytest.mark.parametrize("name", [n for n, c in METHODS if isinstance(c, type) and hasattr(c, "quantize_block")])

@@ -36,8 +36,9 @@ def recipe_of(monkeypatch, tmp_path):
 
 def test_old_gptq_spellings_still_work(recipe_of):
     r = recipe_of("-m", "gptq", "--dataset", "x.txt", "--damp", "0.05", "--act-order", "--static-groups", "--block-size", "64")
-    assert r.method_params == {"damp": 0.05, "act_order": True, "static_groups": True, "block_size": 64}
-    assert recipe_of("-m", "gptq", "--dataset", "x.txt").method_params == {"damp": 0.01, "act_order": False, "static_groups": False, "block_size": 128}
+    assert r.method_params == {"damp": 0.05, "act_order": True, "static_groups": True, "block_size": 64, "group_aware": False}
+    assert recipe_of("-m", "gptq", "--dataset", "x.txt").method_params == {"damp": 0.01, "act_order": False, "static_groups": False,
+                                                                         "block_size": 128, "group_aware": False}
 
 
 def test_method_defaults_and_options(recipe_of):
@@ -52,6 +53,7 @@ def test_method_defaults_and_options(recipe_of):
     (("-m", "gptq", "--dataset", "x.txt", "--alpha-grid", "5"), ("--alpha-grid", "--method gptq", "--damp")),
     (("-m", "gptq", "--dataset", "x.txt", "--damp", "0"), ("--damp 0",)),
     (("-m", "awq", "--dataset", "x.txt", "--max-shrink", "1.5"), ("--max-shrink 1.5",)),
+    (("-m", "gptq", "--dataset", "x.txt", "--act-order", "--group-aware"), ("--act-order", "--group-aware")),
 ])
 def test_bad_method_options_are_usage_errors(recipe_of, args, words):
     r = recipe_of(*args)

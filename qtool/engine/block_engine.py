@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import torch
 
 from qtool.engine.activations import ActivationStore, choose_storage
-from qtool.engine.blockwise import BlockRunner, HessianCollector, PassThrough, Progress, QuantizedLinear
+from qtool.engine.blockwise import BlockRunner, PassThrough, Progress, QuantizedLinear, groups_from_probe
 from qtool.errors import NumericalError, UnsupportedError
 from qtool.methods.base import BlockInputs, BlockMethod, BlockResult, LayerSpec
 from qtool.model.source import CheckpointSource
@@ -60,16 +60,7 @@ def input_groups(block: torch.nn.Module, inputs: BlockInputs, modules: list[str]
     """The linears `modules` grouped by shared input tensor, in the order the forward reaches them
     (found on sample 0, nothing accumulated), and each one's group owner (the group's first).
     Linears the sample never reached come last, as one group, each its own owner."""
-    probe = HessianCollector({m: block.get_submodule(m) for m in modules}, hessians=False)
-    try:
-        inputs.run(block, samples=[0], before_each=probe.new_pass)
-    finally:
-        probe.remove()
-    groups: dict[str, list[str]] = {}
-    for m in probe.order:
-        groups.setdefault(probe.owner[m], []).append(m)
-    unseen = [m for m in modules if m not in probe.owner]
-    return list(groups.values()) + ([unseen] if unseen else []), {m: probe.owner.get(m, m) for m in modules}
+    return groups_from_probe(block, modules, lambda before: inputs.run(block, samples=[0], before_each=before))
 
 
 def forward_into(block: torch.nn.Module, inputs: BlockInputs, store: ActivationStore, what: str) -> None:
