@@ -57,3 +57,24 @@ def test_group_aware_order_lowers_the_layer_error():
             else:
                 aware += err
     assert aware < 0.98 * plain, (aware, plain)
+
+
+def test_mse_ranges_never_round_worse_and_gptq_mse_fast_equals_reference():
+    """`--mse`: each group's range from a shrink search; its Σ|w - ŵ|^2.4 is never above min/max's
+    (r = 1 is a candidate), strictly below on heavy-tailed weights; the GPTQ schedules still agree."""
+    from qtool.core.affine import int_qparams
+    from qtool.core.mse_grid import _error, mse_qparams
+
+    torch.manual_seed(5)
+    w = torch.distributions.StudentT(3.0).sample((32, 4, 64)).double()
+    for sym in (True, False):
+        qt = get_qtype("int3")
+        s0, z0 = int_qparams(w, qt, sym, torch.float64)
+        s1, z1 = mse_qparams(w, qt, sym, torch.float64)
+        e0, e1 = _error(w, s0, z0, qt, 2.4), _error(w, s1, z1, qt, 2.4)
+        assert torch.all(e1 <= e0) and e1.sum() < 0.95 * e0.sum()
+    W, H = _layer(cols=96)
+    p = GPTQParams(mse=True, block_size=48)
+    a, _ = gptq_quantize(W, H, get_qtype("int4"), group_size=32, symmetric=False, params=p, dtype=torch.float64)
+    b, _ = gptq_quantize(W, H, get_qtype("int4"), group_size=32, symmetric=False, params=p, dtype=torch.float64, reference=True)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.zero_point, b.zero_point)

@@ -60,6 +60,8 @@ class GPTQParams(MethodParams):
     act_order: bool = field(default=False, metadata={"help": "Quantize columns by decreasing activation energy (diag H)."})
     static_groups: bool = field(default=False, metadata={
         "help": "Group scales from the original weights, before error updates (keeps groups contiguous with --act-order)."})
+    mse: bool = field(default=False, metadata={
+        "help": "MSE-optimal clipping of each group's range (a shrink search, norm 2.4) instead of its min/max."})
     group_aware: bool = field(default=False, metadata={
         "help": "Group-aware reordering (GPTQModel's act_group_aware): columns by diag H inside each group, groups by "
                 "their largest diag H; groups stay contiguous (no g_idx)."})
@@ -175,8 +177,8 @@ class _Grid:
     loop uses them ([G, out] in the compute dtype, one contiguous row per group)."""
 
     def __init__(self, out_f: int, n_groups: int, qtype: QType, symmetric: bool, scale_dtype: torch.dtype,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        self.qtype, self.symmetric, self.scale_dtype = qtype, symmetric, scale_dtype
+                 dtype: torch.dtype, device: torch.device, mse: bool = False) -> None:
+        self.qtype, self.symmetric, self.scale_dtype, self.mse = qtype, symmetric, scale_dtype, mse
         self.scales = torch.ones(out_f, n_groups, dtype=scale_dtype, device=device)
         self.zeros = None if symmetric else torch.zeros(out_f, n_groups, dtype=torch.int8, device=device)
         self.s = torch.ones(n_groups, out_f, dtype=dtype, device=device)
@@ -184,7 +186,12 @@ class _Grid:
 
     def set(self, groups: torch.Tensor, first: int) -> None:
         """groups [out, n, k] (a partial group zero-padded) -> the qparams of groups first..first+n-1."""
-        s, z = int_qparams(groups, self.qtype, self.symmetric, self.scale_dtype)  # [out, n]
+        if self.mse:
+            from qtool.core.mse_grid import mse_qparams
+
+            s, z = mse_qparams(groups, self.qtype, self.symmetric, self.scale_dtype)
+        else:
+            s, z = int_qparams(groups, self.qtype, self.symmetric, self.scale_dtype)  # [out, n]
         n = s.shape[1]
         self.scales[:, first : first + n] = s
         self.s[first : first + n] = s.t()  # exact: the stored scale, widened
@@ -219,7 +226,7 @@ def gptq_quantize(
     W[:, factor.dead] = 0
     g = group_size or cols
     n_groups = -(-cols // g)
-    grid = _Grid(out_f, n_groups, qtype, symmetric, scale_dtype, dtype, W.device)
+    grid = _Grid(out_f, n_groups, qtype, symmetric, scale_dtype, dtype, W.device, params.mse)
     static = group_size is None or params.static_groups
     if static:  # qparams from the original W, before any update (§4 / reference static_groups), all at once
         grid.set(to_groups(W, g), 0)
