@@ -300,10 +300,15 @@ def _calibrated(
     report: RunReport,
     on_event: EventSink,
     method,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None,
+    stats=None,
 ) -> None:
-    """Calibration methods: non-block tensors pass through; blocks go through the block-wise engine."""
-    from qtool.engine.blockwise import PassThrough, run_blockwise
+    """Calibration methods: non-block tensors pass through; blocks go through the block-level
+    engine (engine/block_engine.py), which hands back replaced float tensors (AWQ's rescaled norms)
+    in place of the checkpoint's. `stats` (--stats, for methods that can use it): statistics from a
+    file instead of calibration windows."""
+    from qtool.engine.block_engine import BlockNote, run_block_method
+    from qtool.engine.blockwise import PassThrough
 
     check_block_linears_only(plan, report.recipe["method"], source)
     for m in source.tensors():
@@ -312,13 +317,20 @@ def _calibrated(
             _add_tensor(m.name, source.get_tensor(m.name), report, writer)
     source.release()
     progress = lambda stage, done, total, item: on_event(Event(stage, done, total, item))  # noqa: E731
-    for item in run_blockwise(source, plan.specs, method, input_ids, progress=progress):
+    items = run_block_method(source, plan.specs, method, input_ids, device=report.recipe.get("device", "cpu"), stats=stats,
+                             progress=progress)
+    block_notes: dict[str, int] = {}  # the same remark from many blocks is said once, with a count
+    for item in items:
+        if isinstance(item, BlockNote):
+            block_notes[item.text] = block_notes.get(item.text, 0) + 1
+            continue
         report.params_total += item.tensor.numel() if isinstance(item, PassThrough) else item.weight.numel()
         if isinstance(item, PassThrough):
             _add_tensor(item.name, item.tensor, report, writer)
             continue
-        stats = _layer_stats(item.stats, item.shares_hessian_with, None)
-        _write_quantized(item.name, item.weight, item.qw, plan.specs[item.name], plan, report, writer, str(source.path), stats)
+        stats_d = _layer_stats(item.stats, item.shares_hessian_with, None)
+        _write_quantized(item.name, item.weight, item.qw, plan.specs[item.name], plan, report, writer, str(source.path), stats_d)
+    report.notes_extra += [f"{text} ({n} block{'s' if n > 1 else ''})" for text, n in block_notes.items()]
 
 
 def _add_tensor(name: str, t: torch.Tensor, report: RunReport, writer: FormatWriter) -> None:
@@ -333,7 +345,7 @@ def _add_tensor(name: str, t: torch.Tensor, report: RunReport, writer: FormatWri
 def _layer_stats(st, owner: str | None, me: str | None) -> dict:
     """A calibration method's per-layer figures for the report; `owner` names the layer whose
     Hessian this one shares (None, or equal to `me`, when its own)."""
-    d = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in st.__dict__.items()}
+    d = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in (st if isinstance(st, dict) else st.__dict__).items()}
     d["shares_hessian_with"] = None if owner == me else owner
     return d
 
@@ -343,6 +355,10 @@ def open_stats(recipe: QuantRecipe, source: CheckpointSource, plan: LayerPlan):
     from qtool.calib.stats import CalibStats
 
     stats = CalibStats(Path(recipe.stats))
+    needs = getattr(METHODS.get(recipe.method), "uses_stats", ())
+    if "xtx" in needs and not stats.has_hessians:
+        raise UsageError(f"--stats {recipe.stats}: saved without Hessians (Σ XᵀX; `qtool calibrate --no-hessian`); "
+                         f"--method {recipe.method} needs it; re-run `qtool calibrate` without --no-hessian")
     check_block_linears_only(plan, recipe.method, source)
     shapes = {m.name: m.shape for m in source.tensors()}
     stats.check_model(source.config, {n: shapes[n] for n in plan.specs})
@@ -378,7 +394,8 @@ def run(
     if method is not None and method.needs_calibration and recipe.stats:
         stats = open_stats(recipe, source, plan)
         report.calibration = {**stats.calibration, "stats_file": str(recipe.stats), "sequential": False}
-        report.notes_extra += [f"Hessians from {recipe.stats}: activations of the unquantized model (not sequential)"]
+        what = "Hessians" if hasattr(method, "quantize_with_stats") else "activation statistics"
+        report.notes_extra += [f"{what} from {recipe.stats}: activations of the unquantized model (not sequential)"]
     elif method is not None and method.needs_calibration:
         on_event(Event("calibrate", 0, 1, recipe.dataset or ""))
         calib = load_calibration_for(source, recipe)
@@ -387,8 +404,9 @@ def run(
     with atomic_output(out, overwrite=overwrite, is_dir=writer.output_is_dir) as tmp:
         writer.begin(tmp, source, recipe)
         try:
-            if calib is not None:
-                _calibrated(source, writer, plan, report, on_event, method, calib.input_ids)
+            if calib is not None or (stats is not None and not hasattr(method, "quantize_with_stats")):  # block-level
+                _calibrated(source, writer, plan, report, on_event, method, calib.input_ids if calib else None,
+                            stats if calib is None else None)
             else:
                 _stream(source, writer, plan, report, on_event, method, stats)
             report.notes = report.notes_extra + _summarize_notes(report.layers)
@@ -484,6 +502,8 @@ def check_calibration_flags(recipe: QuantRecipe, method_cls) -> None:
         raise UsageError("--stats and --dataset: give one (--stats reuses the statistics of a `qtool calibrate` run)")
     if method_cls.needs_calibration:
         if recipe.stats:
+            if hasattr(method_cls, "uses_stats") and not method_cls.uses_stats:
+                raise UsageError(f"--stats: --method {recipe.method} needs calibration data run through the model (give --dataset)")
             method_cls(**params)
             return
         if not recipe.dataset:
