@@ -127,8 +127,8 @@ class AWQWriter(FormatWriter):
         for m in sorted(getattr(self, "planned", set())):
             if shapes[m][0] % 8:
                 raise UnsupportedError(
-                    f"layer {m}: --format awq packs 8 outputs per int32 (gptqmodel's kernels need out % 8 == 0); "
-                    f"it has {shapes[m][0]} outputs; --ignore it"
+                    f"layer {m}: --format awq packs 8 outputs per int32: {shapes[m][0]} outputs is not a multiple of 8 "
+                    "(gptqmodel's kernels need out % 8 == 0); --ignore it"
                 )
         self.quantized: set[str] = set()
         self.group_size: int | None = None
