@@ -221,7 +221,7 @@ def test_eval_reads_awq_folders(tiny, tmp_path):
     the same codes repacked as GPTQ score identically, and differ from the base."""
     base = tiny["llama-bytes"]
     text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"word{i % 37} of the river and city" for i in range(400)))
+    text.write_text("\n".join(f"word{i % 37} of the river and city {i % 11}." for i in range(200)) + "\n")
     awq = quantize(base, tmp_path / "awq", "-b", "4", "-g", "32", "--asym", "-f", "awq")
     assert _run_cli("export", awq, "-f", "gptq", "-o", tmp_path / "gptq").returncode == 0
     reports = []
@@ -268,7 +268,11 @@ def consumed(tiny, tmp_path_factory):
     for case, (arch, args) in CASES.items():
         outs[case] = quantize(tiny[arch], root / case, *[str(a).replace("{text}", str(text)) for a in args], "-f", "awq")
     outs["sequential-order"] = _sequential_copy(outs["int4-g32-asym"], root / "sequential-order")
-    result = root / "consumer.pt"
+    return consume(outs, root / "consumer.pt")
+
+
+def consume(outs: dict[str, Path], result: Path) -> dict[str, tuple[Path, dict]]:
+    """Load every folder in one GPTQ-venv process (tests/gptq_consumer.py): {case: (folder, what it computed)}."""
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "HF_HUB_OFFLINE": "1"}
     p = subprocess.run([str(GPTQ_PY), str(ROOT / "tests" / "gptq_consumer.py"), str(result), *map(str, outs.values())],
                        env=env, capture_output=True, text=True, timeout=900)
@@ -277,14 +281,15 @@ def consumed(tiny, tmp_path_factory):
     return {case: (out, got[str(out)]) for case, out in outs.items()}
 
 
-def _reference_logits(arch_dir: Path, state: dict, ids: torch.Tensor) -> torch.Tensor:
+def _reference_logits(arch_dir: Path, state: dict, ids: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The original model carrying `state` (our dequantized weights), run in `dtype`."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(arch_dir, dtype=torch.float32)
     result = model.load_state_dict(state, strict=False)
     assert not result.unexpected_keys and not result.missing_keys
     with torch.no_grad():
-        return model.to(torch.bfloat16)(ids).logits[0].float()
+        return model.to(dtype)(ids).logits[0].float()
 
 
 @pytest.mark.parametrize("case", list(CASES))

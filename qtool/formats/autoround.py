@@ -14,10 +14,7 @@ Layers of the decoder blocks left unquantized are listed in `extra_config` as `{
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-import torch
 
 from qtool import __version__
 from qtool.config import QuantRecipe
@@ -25,13 +22,10 @@ from qtool.core.qweight import QuantizedWeight
 from qtool.errors import UnsupportedError
 from qtool.formats import FORMATS
 from qtool.formats.awq import AWQ_GROUP_SIZES, has_group_map, pack_awq
-from qtool.formats.base import FormatWriter
 from qtool.formats.compressed_tensors import EXPERT_RE
 from qtool.formats.gptq import GPTQ_GROUP_SIZES, pack_gptq
-from qtool.formats.st_stream import StreamingSafetensorsWriter
+from qtool.formats.packed_folder import PackedFolderWriter
 from qtool.model.source import CheckpointSource, block_of
-
-WEIGHTS_FILE = "model.safetensors"
 SYM_BITS = (2, 3, 4, 8)  # auto-round's torch_zp kernel: 2..8; qtool's integer types
 AUTOROUND_VERSION = "0.16.1"  # the loader this layout was proven against (tests/test_autoround_format.py)
 
@@ -41,11 +35,12 @@ def packing_format(symmetric: bool) -> str:
 
 
 @FORMATS.register("auto-round", aliases=("autoround", "auto_round"))
-class AutoRoundWriter(FormatWriter):
+class AutoRoundWriter(PackedFolderWriter):
     """Safetensors folder in AutoRound's native layout (GPTQ v1 tensors, or AWQ tensors)."""
 
-    qtype_kinds = ("int",)
-    partial_groups = False  # torch_zp and AWQ both need the group size to divide the input width
+    info_key = "auto_round"
+    extra_config_files = ("quantization_config.json",)  # auto-round writes it beside config.json
+    # partial_groups stays False: torch_zp and AWQ both need the group size to divide the input width
 
     def check_recipe(self, recipe: QuantRecipe) -> None:
         super().check_recipe(recipe)
@@ -71,31 +66,21 @@ class AutoRoundWriter(FormatWriter):
         self.planned = set(quantized)
 
     def begin(self, out: Path, source: CheckpointSource, recipe: QuantRecipe | None) -> None:
-        self.out, self.source, self.recipe = out, source, recipe
         self.symmetric = recipe.symmetric if recipe else True
-        self.linears = [t.name[: -len(".weight")] for t in source.tensors() if t.name.endswith(".weight") and len(t.shape) == 2]
-        shapes = {t.name[: -len(".weight")]: t.shape for t in source.tensors() if t.name.endswith(".weight")}
-        mult_in, mult_out = (32, 32) if self.symmetric else (16, 16)  # auto-round's backend checkers
-        for m in sorted(getattr(self, "planned", set())):
-            out_f, in_f = shapes[m]
-            if out_f % mult_out or in_f % mult_in:
+        mult = 32 if self.symmetric else 16  # auto-round's backend checkers (torch_zp; gptqmodel:awq_torch)
+        for m, (out_f, in_f) in self.planned_shapes(source).items():
+            if out_f % mult or in_f % mult:
                 raise UnsupportedError(
                     f"layer {m}: --format auto-round{'' if self.symmetric else ' --asym'} needs input and output widths "
-                    f"that are multiples of {mult_in} (auto-round's CPU kernel); it is {out_f}x{in_f}; --ignore it"
+                    f"that are multiples of {mult} (auto-round's CPU kernel); it is {out_f}x{in_f}; --ignore it"
                 )
-        self.quantized: set[str] = set()
-        self.group_size: int | None = None
-        self.inexact_scales = 0
-        self.st = StreamingSafetensorsWriter(out / WEIGHTS_FILE, {"format": "pt"})
+        super().begin(out, source, recipe)
 
     def add_quantized(self, name: str, qw: QuantizedWeight) -> None:
         prefix = name[: -len(".weight")]
-        g = qw.group_size if qw.strategy == "group" else -1
-        if self.group_size is not None and g != self.group_size:
-            raise UnsupportedError(f"{prefix}: --format auto-round holds one group size per model ({self.group_size}), this layer has {g}")
+        self.check_group(prefix, qw)
         if qw.symmetric != self.symmetric:
             raise UnsupportedError(f"{prefix}: --format auto-round writes one scheme per model; this layer's symmetry differs")
-        self.group_size = g
         if self.symmetric:
             if has_group_map(qw):
                 raise UnsupportedError(f"{prefix}: --format auto-round cannot hold an act-order group map (g_idx)")
@@ -106,15 +91,7 @@ class AutoRoundWriter(FormatWriter):
                 tensors = pack_awq(qw)
             except UnsupportedError as e:
                 raise UnsupportedError(f"{prefix}: {e}") from None
-        if not torch.isfinite(tensors["scales"]).all():
-            raise UnsupportedError(f"{prefix}: a scale overflows float16, which auto-round's kernels use")
-        self.inexact_scales += int((tensors["scales"].to(qw.scale.dtype) != qw.scale.cpu().t()).sum())
-        for suffix, t in tensors.items():
-            self.st.add(f"{prefix}.{suffix}", t)
-        self.quantized.add(prefix)
-
-    def add_tensor(self, name: str, t: torch.Tensor) -> None:
-        self.st.add(name, t)
+        self.add_packed(prefix, qw, tensors)
 
     def quantization_config(self) -> dict:
         r = self.recipe
@@ -138,17 +115,5 @@ class AutoRoundWriter(FormatWriter):
             cfg["extra_config"] = left
         return cfg
 
-    def finish(self, config: dict, provenance: dict) -> None:
-        self.st.metadata["qtool"] = json.dumps(provenance, sort_keys=True)
-        self.st.close()
-        config = dict(config)
-        config["quantization_config"] = self.quantization_config()
-        (self.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (self.out / "quantization_config.json").write_text(json.dumps(config["quantization_config"], indent=2) + "\n")
-        self.source.write_aux_files(self.out)
-        info = {"packing_format": packing_format(self.symmetric), "scales_dtype": "float16", "inexact_fp16_scales": self.inexact_scales}
-        (self.out / "qtool.json").write_text(json.dumps({"qtool_version": __version__, **provenance, "auto_round": info}, indent=2) + "\n")
-
-    def abort(self) -> None:
-        if hasattr(self, "st"):
-            self.st.abort()
+    def info(self) -> dict:
+        return {**super().info(), "packing_format": packing_format(self.symmetric)}

@@ -19,23 +19,19 @@ listed in `modules_to_not_convert`, so every linear left unquantized is listed t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from qtool import __version__
 from qtool.config import QuantRecipe
 from qtool.core.packing import pack_awq_order, unpack_awq_order
 from qtool.core.qweight import QuantizedWeight
 from qtool.errors import FormatError, UnsupportedError
 from qtool.formats import FORMATS
-from qtool.formats.base import FormatWriter
 from qtool.formats.compressed_tensors import EXPERT_RE
-from qtool.formats.st_stream import StreamingSafetensorsWriter
+from qtool.formats.packed_folder import PackedFolderWriter
 from qtool.model.source import CheckpointSource
 
-WEIGHTS_FILE = "model.safetensors"
 AWQ_BITS = (4,)
 AWQ_GROUP_SIZES = (16, 32, 64, 128)  # gptqmodel's AWQ CPU kernels (AwqTorch): these or -1
 SUFFIXES = ("qweight", "qzeros", "scales")
@@ -95,11 +91,10 @@ def unpack_awq(tensors: dict[str, torch.Tensor], bits: int, group_size: int, sym
 
 
 @FORMATS.register("awq", aliases=("autoawq",))
-class AWQWriter(FormatWriter):
+class AWQWriter(PackedFolderWriter):
     """Safetensors folder in AutoAWQ's GEMM layout (qweight / qzeros / scales)."""
 
-    qtype_kinds = ("int",)
-    partial_groups = False  # scales are [in / g, out]: a width the group size does not divide gets a smaller g
+    info_key = "awq"
 
     def check_recipe(self, recipe: QuantRecipe) -> None:
         super().check_recipe(recipe)
@@ -121,39 +116,22 @@ class AWQWriter(FormatWriter):
         self.planned = set(quantized)
 
     def begin(self, out: Path, source: CheckpointSource, recipe: QuantRecipe | None) -> None:
-        self.out, self.source, self.recipe = out, source, recipe
-        self.linears = [t.name[: -len(".weight")] for t in source.tensors() if t.name.endswith(".weight") and len(t.shape) == 2]
-        shapes = {t.name[: -len(".weight")]: t.shape for t in source.tensors() if t.name.endswith(".weight")}
-        for m in sorted(getattr(self, "planned", set())):
-            if shapes[m][0] % 8:
+        for m, (out_f, _) in self.planned_shapes(source).items():
+            if out_f % 8:
                 raise UnsupportedError(
-                    f"layer {m}: --format awq packs 8 outputs per int32: {shapes[m][0]} outputs is not a multiple of 8 "
+                    f"layer {m}: --format awq packs 8 outputs per int32: {out_f} outputs is not a multiple of 8 "
                     "(gptqmodel's kernels need out % 8 == 0); --ignore it"
                 )
-        self.quantized: set[str] = set()
-        self.group_size: int | None = None
-        self.inexact_scales = 0
-        self.st = StreamingSafetensorsWriter(out / WEIGHTS_FILE, {"format": "pt"})
+        super().begin(out, source, recipe)
 
     def add_quantized(self, name: str, qw: QuantizedWeight) -> None:
         prefix = name[: -len(".weight")]
-        g = qw.group_size if qw.strategy == "group" else -1
-        if self.group_size is not None and g != self.group_size:
-            raise UnsupportedError(f"{prefix}: --format awq holds one group size per model ({self.group_size}), this layer has {g}")
-        self.group_size = g
+        self.check_group(prefix, qw)
         try:
             tensors = pack_awq(qw)
         except UnsupportedError as e:
             raise UnsupportedError(f"{prefix}: {e}") from None
-        if not torch.isfinite(tensors["scales"]).all():
-            raise UnsupportedError(f"{prefix}: a scale overflows float16, which AWQ kernels use")
-        self.inexact_scales += int((tensors["scales"].to(qw.scale.dtype) != qw.scale.cpu().t()).sum())
-        for suffix, t in tensors.items():
-            self.st.add(f"{prefix}.{suffix}", t)
-        self.quantized.add(prefix)
-
-    def add_tensor(self, name: str, t: torch.Tensor) -> None:
-        self.st.add(name, t)
+        self.add_packed(prefix, qw, tensors)
 
     def quantization_config(self) -> dict:
         r = self.recipe
@@ -168,16 +146,5 @@ class AWQWriter(FormatWriter):
             "modules_to_not_convert": left or None,
         }
 
-    def finish(self, config: dict, provenance: dict) -> None:
-        self.st.metadata["qtool"] = json.dumps(provenance, sort_keys=True)
-        self.st.close()
-        config = dict(config)
-        config["quantization_config"] = self.quantization_config()
-        (self.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        self.source.write_aux_files(self.out)
-        awq = {"scales_dtype": "float16", "inexact_fp16_scales": self.inexact_scales, "symmetric": bool(self.recipe and self.recipe.symmetric)}
-        (self.out / "qtool.json").write_text(json.dumps({"qtool_version": __version__, **provenance, "awq": awq}, indent=2) + "\n")
-
-    def abort(self) -> None:
-        if hasattr(self, "st"):
-            self.st.abort()
+    def info(self) -> dict:
+        return {**super().info(), "symmetric": bool(self.recipe and self.recipe.symmetric)}
