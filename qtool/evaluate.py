@@ -301,7 +301,7 @@ def load_hf_model(folder: Path):
         return load_packed_int4(folder, packable(folder))
 
     config = json.loads((folder / "config.json").read_text())
-    if (config.get("quantization_config") or {}).get("quant_method") == "gptq" and not _has_gptq_runtime():
+    if not _has_runtime((config.get("quantization_config") or {}).get("quant_method")):
         return load_gptq_dequantized(folder, config)
     kw = {}
     if _asymmetric_compressed_tensors(config.get("quantization_config") or {}):
@@ -316,10 +316,16 @@ def load_hf_model(folder: Path):
         raise FormatError(f"{folder}: transformers cannot load it: {_one_line(e)}") from e
 
 
-def _has_gptq_runtime() -> bool:
+# The packages transformers needs to run each int32-packed layout; without them qtool's reader
+# dequantizes (auto-round's AWQ packing also needs gptqmodel: required for all auto-round here).
+RUNTIMES = {"gptq": ("optimum", "gptqmodel"), "awq": ("gptqmodel",), "auto-round": ("auto_round", "gptqmodel"),
+            "intel/auto-round": ("auto_round", "gptqmodel")}
+
+
+def _has_runtime(quant_method: str | None) -> bool:
     import importlib.util
 
-    return all(importlib.util.find_spec(m) is not None for m in ("optimum", "gptqmodel"))
+    return all(importlib.util.find_spec(m) is not None for m in RUNTIMES.get(str(quant_method), ()))
 
 
 def _asymmetric_compressed_tensors(qconfig: dict) -> bool:
@@ -360,9 +366,10 @@ def model_from_state(config: dict, state: dict[str, torch.Tensor], where: Path):
 
 
 def load_gptq_dequantized(folder: Path, config: dict):
-    """A GPTQ folder without its runtime (optimum + gptqmodel): dequantized by qtool's reader,
-    the very math its loader test (tests/test_gptq_format.py) matches against gptqmodel."""
-    from qtool.formats.gptq import read_dequantized
+    """A GPTQ / AWQ / auto-round folder without its runtime (gptqmodel, auto-round): dequantized by
+    qtool's reader, the very math the loader tests (tests/test_gptq_format.py, test_awq_format.py,
+    test_autoround_format.py) match against those runtimes."""
+    from qtool.model.quantized_source import read_dequantized
 
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in read_dequantized(folder).items()}
     return model_from_state(config, state, folder)

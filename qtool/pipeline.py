@@ -376,13 +376,16 @@ def run(
     hash_inputs: bool = True,
     evaluation: EvalRequest | None = None,
     on_event: EventSink = lambda e: None,
+    method: object | None = None,
 ) -> RunReport:
     """Quantize (recipe given) or convert (recipe None) `source` into `out` with `writer`. With
     `evaluation`, the finished output is scored against the input before it is renamed into place;
-    folder outputs get a model card (README.md) with the recipe and those figures."""
+    folder outputs get a model card (README.md) with the recipe and those figures. `method`, if
+    given, replaces the recipe's (qtool/convert.py: a repack hands over the stored codes)."""
     t0 = time.perf_counter()
     check_output_free(out, overwrite)
-    method = METHODS.get(recipe.method)(**recipe.method_params) if recipe else None
+    if method is None:
+        method = METHODS.get(recipe.method)(**recipe.method_params) if recipe else None
     if recipe and writer.self_quantizing and method.needs_calibration:  # GGUF: each tensor's type decides its grid
         plan = LayerPlan(writer.calibration_specs(source, recipe), {})
     else:

@@ -2,7 +2,8 @@
 the project's: load GPTQ folders with stock transformers, save what the loaded model computes.
 
 usage: python gptq_consumer.py OUT.pt FOLDER...   (one process for all folders: imports cost ~5 s)
-OUT.pt: {folder: {"logits", "ids", "kernels", "weights"}}, computed in bfloat16."""
+OUT.pt: {folder: {"logits", "ids", "kernels", "weights", "dtype"}}, computed in bfloat16 (or what the
+loader forces: auto-round's float16)."""
 
 import os
 import sys
@@ -31,9 +32,11 @@ for folder in sys.argv[2:]:
                 bias = m.bias.clone() if getattr(m, "bias", None) is not None else None
                 if bias is not None:
                     m.bias.zero_()
-                weights[n] = m(torch.eye(m.in_features, dtype=DTYPE)).float().T.contiguous()
+                in_f = getattr(m, "in_features", None) or m.infeatures  # auto-round's QuantLinear: infeatures
+                weights[n] = m(torch.eye(in_f, dtype=model.dtype)).float().T.contiguous()
                 if bias is not None:
                     m.bias.copy_(bias)
-    results[folder] = {"logits": logits, "ids": ids, "kernels": kernels, "weights": weights}
+    # "dtype": what the model computed in (auto-round forces float16 on some backends)
+    results[folder] = {"logits": logits, "ids": ids, "kernels": kernels, "weights": weights, "dtype": str(model.dtype)}
     print(folder, kernels, flush=True)
 torch.save(results, sys.argv[1])

@@ -11,6 +11,8 @@ from qtool.cli import options as opt
 from qtool.cli._app import ProgressDisplay, handle_errors, human_bytes, out, print_json
 from qtool.errors import UnsupportedError, UsageError
 from qtool.formats import FORMATS
+from qtool.convert import plan_repack
+from qtool.model.quantized_source import QuantizedSource, open_quantized
 from qtool.model.resolve import open_source
 from qtool.pipeline import run
 
@@ -43,19 +45,28 @@ def export(
       qtool export ./my-model -f gguf -t Q4_K_M --imatrix imatrix.gguf -o my-model-Q4_K_M.gguf
     """
     writer_cls = FORMATS.get(fmt)
-    if writer_cls.quantizes and not writer_cls.self_quantizing:
-        usable = [n for n, c in FORMATS if not c.quantizes or c.self_quantizing]
-        raise UnsupportedError(f"qtool export -f {writer_cls.registry_name}: needs a quantization method; use `qtool quantize`, or export to: {', '.join(usable)}")
+    repack = writer_cls.quantizes and not writer_cls.self_quantizing  # only from a quantized checkpoint (qtool/convert.py)
     if dtype is not None and dtype.lower() not in DTYPES:
         raise UsageError(f"--dtype {dtype!r}: choose one of bf16, f16, f32")
     if out_path is None:
         raise UsageError("--out/-o is required for export")
     writer = writer_cls(dtype=DTYPES[dtype.lower()] if dtype else None, type=gguf_type, imatrix=imatrix)
-    with open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as source:
+    with open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as raw:
+        source = open_quantized(raw)  # a quantized folder: layers dequantized, or repacked as stored
+        recipe = method = None
+        if repack and not isinstance(source, QuantizedSource):
+            usable = [n for n, c in FORMATS if not c.quantizes or c.self_quantizing]
+            raise UnsupportedError(f"qtool export -f {writer_cls.registry_name}: {model} is not quantized; use `qtool quantize`, "
+                                   f"or export to: {', '.join(usable)}")
+        if repack:
+            recipe, method = plan_repack(source, writer)  # type: ignore[arg-type]
         with ProgressDisplay(not (json_out or quiet)) as progress:
-            report = run(model, source, out_path, writer, None, overwrite=overwrite, on_event=progress)
+            report = run(model, source, out_path, writer, recipe, overwrite=overwrite, on_event=progress, method=method)
     d = {k: v for k, v in report.to_dict().items() if k in ("model", "output", "format", "seconds", "input_bytes", "output_bytes", "params_total")}
     notes = [n for n in [getattr(writer, "imatrix_note", None)] if n]
+    if isinstance(source, QuantizedSource):
+        kept = f"codes kept exactly ({len(report.layers)} layers)" if repack else "dequantized"
+        notes.append(f"from {source.layout.label}: {kept}")
     if json_out:
         print_json({**d, "notes": notes} if notes else d)
     else:

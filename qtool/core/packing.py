@@ -76,3 +76,28 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch
         out[..., i] = val & mask
     out = out.reshape(*lead, -1)[..., :n].to(torch.int32)
     return out.movedim(-1, dim).contiguous()
+
+
+# -- AWQ "GEMM" word order -------------------------------------------------------------------------
+# AutoAWQ packs 8 4-bit codes per int32 along the output dim, but nibble j (bits [4j, 4j+4)) of a
+# word holds column AWQ_ORDER[j] of its 8-column block, not column j (its CUDA kernel's dequant
+# order). AWQ_REVERSE_ORDER is the inverse permutation.
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
+
+
+def _permute_blocks_of_8(values: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    n = values.shape[-1]
+    if n % 8:
+        raise ValueError(f"AWQ packing needs a multiple of 8 values along the packed dim, got {n}")
+    return values.reshape(*values.shape[:-1], n // 8, 8)[..., list(order)].reshape(values.shape)
+
+
+def pack_awq_order(values: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit codes [..., n] (n % 8 == 0) -> int32 [..., n/8] in AWQ's nibble order."""
+    return pack_bits(_permute_blocks_of_8(values, AWQ_ORDER), 4, dim=-1)
+
+
+def unpack_awq_order(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of pack_awq_order: int32 [..., n/8] -> unsigned codes [..., n] (int32)."""
+    return _permute_blocks_of_8(unpack_bits(packed, 4, n, dim=-1), AWQ_REVERSE_ORDER)

@@ -243,31 +243,5 @@ def _block_suffix(module: str) -> str | None:
     return None
 
 
-# -- reading back (for tests) ----------------------------------------------------------------------
-def read_quantized(folder: Path) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
-    """A GPTQ folder -> ({module: QuantizedWeight}, {name: other tensor})."""
-    from safetensors import safe_open
-
-    qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
-    fmt = qcfg.get("checkpoint_format") or qcfg.get("format", "gptq")
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    rest: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            for name in h.keys():
-                prefix, _, suffix = name.rpartition(".")
-                if suffix in SUFFIXES:
-                    modules.setdefault(prefix, {})[suffix] = h.get_tensor(name)
-                else:
-                    rest[name] = h.get_tensor(name)
-    qws = {p: unpack_gptq(t, qcfg["bits"], fmt, qcfg["group_size"]) for p, t in modules.items()}
-    return qws, rest
-
-
-def read_dequantized(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """A GPTQ folder -> plain state dict, dequantized with our reference math (fp16 scales as stored)."""
-    qws, rest = read_quantized(folder)
-    state = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in rest.items()}
-    for prefix, qw in qws.items():
-        state[f"{prefix}.weight"] = qw.dequantize(dtype)
-    return state
+# -- reading back: one reader for every packed layout (qtool/model/quantized_source.py) -------------
+from qtool.model.quantized_source import read_dequantized, read_quantized  # noqa: E402,F401

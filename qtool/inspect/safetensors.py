@@ -253,15 +253,25 @@ def safetensors_report(ck: _Checkpoint, ctx: int, batch: int) -> InspectReport:
     qconfig = config.get("quantization_config") or {}
     quant_method = qconfig.get("quant_method")
     is_ct = quant_method == "compressed-tensors"
-    tensors = _ct_rows(ck.tensors, qconfig, ck.read_ints) if is_ct else [_plain_row(t) for t in ck.tensors]
+    packed = _packed_layout(config, ck.source)
+    if is_ct:
+        tensors = _ct_rows(ck.tensors, qconfig, ck.read_ints)
+    elif packed is not None:
+        from qtool.inspect.packed import packed_rows
+
+        tensors = packed_rows(ck.tensors, packed)
+    else:
+        tensors = [_plain_row(t) for t in ck.tensors]
     notes = []
     if ck.config is None:
         notes.append("no config.json: KV cache size unknown")
-    if quant_method and not is_ct:
+    if quant_method and not is_ct and packed is None:
         notes.append(f"quant_method {quant_method!r}: tensors listed as stored, parameter counts not decoded")
     dtype = _dominant_dtype(ck.tensors)
     if is_ct:
         fmt, detail = "compressed-tensors", qconfig.get("format")
+    elif packed is not None:
+        fmt, detail = packed.method, packed.label.partition(" (")[2].rstrip(")") or None
     elif quant_method:
         fmt, detail = str(quant_method), None
     else:
@@ -272,6 +282,17 @@ def safetensors_report(ck: _Checkpoint, ctx: int, batch: int) -> InspectReport:
     return InspectReport(ck.source, fmt, detail, method, ck.files, tensors, ctx, batch,
                          kv_cache_from_config(config, ctx, batch), ck.provenance, notes,
                          architecture=capabilities(ck.config))
+
+
+def _packed_layout(config: dict, where: str):
+    """The GPTQ / AWQ / AutoRound layout of a checkpoint (int32-packed tensors), else None."""
+    from qtool.model.quantized_source import layout_of
+
+    try:
+        layout = layout_of(config, where)
+    except UnsupportedError:
+        return None  # a variant qtool does not decode: listed as stored, said in a note
+    return layout if layout is not None and layout.tensors != "compressed-tensors" else None
 
 
 def _dominant_dtype(tensors: list[StoredTensor]) -> str | None:
