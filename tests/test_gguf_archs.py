@@ -212,3 +212,106 @@ def test_llama_cpp_logits_match_transformers(binding, tiny, f32_files, arch):
     got = lct.gguf_next_token_logits(f32_files(arch), PROMPT)
     ref = hf_logits(tiny(arch), PROMPT)
     np.testing.assert_allclose(got, ref, atol=5e-3, rtol=0)
+
+
+# -- against llama.cpp's converter and quantizer (SmolLM2's tokenizer: the converter needs one) ---------
+
+CONVERT_ARCHS = ["qwen3", "qwen3_moe", "gemma3_text", "gemma3", "smollm3", "olmo2", "granite", "deepseek_v3", "gpt_oss"]
+# gemma3 in the layout llama.cpp assumes (5 local : 1 global): the converter writes no layout key
+GEMMA3_DEFAULT = dict(num_hidden_layers=6, layer_types=["sliding_attention"] * 5 + ["full_attention"], sliding_window=4)
+OUR_KEYS = {"general.quantized_by", "qtool.type", "qtool.provenance"}
+
+
+@pytest.fixture(scope="module")
+def tools():
+    if os.environ.get("QTOOL_BUILD_LLAMA_CPP"):
+        return lct.ensure_llama_cpp(CACHE)
+    t = lct._tools_at(lct.key_dir(CACHE))
+    if not (t.quantize.is_file() and t.python.is_file()):
+        pytest.skip(f"llama-quantize / the converter venv not built under {lct.key_dir(CACHE)} (make llama-cpp)")
+    return t
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(smollm2_dir, tmp_path_factory):
+    made: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            extra = {**OVERRIDES.get(arch, {}), **(GEMMA3_DEFAULT if arch.startswith("gemma3") else {})}
+            folder = tmp_path_factory.mktemp(f"tok-{arch}") / "hf"
+            made[arch] = build_tiny_with_tokenizer_of(folder, smollm2_dir, arch=arch, **extra)
+        return made[arch]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def ours_bf16(with_tokenizer):
+    made: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            made[arch] = convert(with_tokenizer(arch), with_tokenizer(arch).parent / "ours.gguf", "BF16")
+        return made[arch]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def pair(ours_bf16, with_tokenizer, tools):
+    """(ours, theirs) BF16 files of the same folder: qtool's and convert_hf_to_gguf.py's."""
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def get(arch: str) -> tuple[Path, Path]:
+        if arch not in made:
+            folder = with_tokenizer(arch)
+            made[arch] = (ours_bf16(arch), tools.convert_hf(folder, folder.parent / "theirs.gguf", "bf16"))
+        return made[arch]
+
+    return get
+
+
+def contents(path: Path):
+    r = gguf.GGUFReader(path)
+    tensors = {t.name: (t.tensor_type.name, tuple(t.shape.tolist()), t.data.tobytes()) for t in r.tensors}
+    kv = {f.name: ([x.name for x in f.types], f.contents()) for f in r.fields.values() if not f.name.startswith("GGUF.")}
+    return tensors, kv
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", CONVERT_ARCHS)
+def test_bf16_file_equals_convert_hf_to_gguf(pair, arch):
+    """The same tensors (names, types, shapes, bytes) and the same metadata, key for key and type
+    for type (tokenizer and pre-tokenizer included), apart from qtool's own three keys."""
+    (t_ours, kv_ours), (t_theirs, kv_theirs) = (contents(p) for p in pair(arch))
+    assert set(t_ours) == set(t_theirs)
+    assert [n for n in t_ours if t_ours[n] != t_theirs[n]] == []
+    assert set(kv_ours) - set(kv_theirs) == OUR_KEYS
+    assert {k: v for k, v in kv_ours.items() if k not in OUR_KEYS} == kv_theirs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mixture", ["Q8_0", "Q4_K_M"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "gpt_oss", "gemma3_text"])
+def test_quantized_file_equals_llama_quantize(pair, with_tokenizer, tools, tmp_path, arch, mixture):
+    """convert_hf_to_gguf + llama-quantize vs one qtool run: per-tensor types (MoE experts, shared
+    experts, MLA projections, routers) and bytes."""
+    theirs = tools.quantize_gguf(pair(arch)[1], tmp_path / "theirs.gguf", mixture)
+    ours = convert(with_tokenizer(arch), tmp_path / "ours.gguf", mixture)
+    (t_ours, _), (t_theirs, _) = contents(ours), contents(theirs)
+    assert {n: t[0] for n, t in t_ours.items()} == {n: t[0] for n, t in t_theirs.items()}
+    assert [n for n in t_ours if t_ours[n] != t_theirs[n]] == []
+
+
+TEXTS = ["Hello world!", "  leading spaces, tabs\tand 12345 numbers", "def f(x):\n    return x ** 2  # code\n"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text", "granite"])
+def test_tokenization_matches_hugging_face(binding, ours_bf16, with_tokenizer, arch):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(with_tokenizer(arch))
+    for text in TEXTS:
+        assert lct.llama_tokenize(ours_bf16(arch), text, add_bos=False) == tok.encode(text, add_special_tokens=False), text
