@@ -323,14 +323,19 @@ def test_missing_file_is_a_format_error(tmp_path):
 
 
 @pytest.mark.parametrize("arch, expect", [
-    ("gpt2", "needs tensor transforms"),    # transformers transposes its tensors on load
-    ("bert", "transformers cannot convert"),  # gguf-py knows it, transformers' GGUF loader doesn't
+    ("gpt2", "cannot be mapped back"),    # transformers transposes its tensors on load
+    ("bert", "cannot be mapped back"),  # gguf-py knows it, transformers' GGUF loader doesn't
     ("not-an-arch", "unknown to gguf-py"),
 ])
 def test_unsupported_architecture(arch, expect, tmp_path):
+    """Refused from the header: no tensor dequantized, well under a second."""
+    import time
+
     path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch=arch)
+    t0 = time.perf_counter()
     with pytest.raises(UnsupportedError, match=expect) as err:
         GGUFSource(path)
+    assert time.perf_counter() - t0 < 0.5
     assert arch in str(err.value) and str(path) in str(err.value)
 
 

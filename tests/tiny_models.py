@@ -177,19 +177,23 @@ def save_random(cfg, folder: Path, seed: int) -> Path:
     return folder
 
 
-def build_tiny_with_tokenizer_of(folder: Path, tokenizer_dir: Path, **config: object) -> Path:
-    """The tiny llama (seeded random weights) with another model's vocabulary size and tokenizer
-    files (SmolLM2's: a tokenizer llama.cpp's pre-tokenizer table knows, so GGUF can hold it)."""
+def build_tiny_with_tokenizer_of(folder: Path, tokenizer_dir: Path, arch: str = "llama", seed: int = SEED, **config: object) -> Path:
+    """The tiny `arch` model (seeded random weights) with another model's vocabulary size and tokenizer
+    files (SmolLM2's: a tokenizer llama.cpp's pre-tokenizer table knows, so GGUF can hold it).
+    `config` overrides fields (of the text config, for a multimodal arch)."""
     import json
     import shutil
 
     folder = Path(folder)
     src = json.loads((Path(tokenizer_dir) / "config.json").read_text())
-    cfg = make_config("llama")
-    cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = src["vocab_size"], src.get("bos_token_id"), src.get("eos_token_id"), None
-    for k, v in config.items():
-        setattr(cfg, k, v)
-    save_random(cfg, folder, SEED)
+    cfg = make_config(arch)
+    text = getattr(cfg, "text_config", None) or cfg
+    ids = dict(vocab_size=src["vocab_size"], bos_token_id=src.get("bos_token_id"), eos_token_id=src.get("eos_token_id"), pad_token_id=None)
+    for k, v in {**ids, **config}.items():
+        setattr(text, k, v)
+        if text is not cfg and k != "vocab_size":
+            setattr(cfg, k, v)
+    save_random(cfg, folder, seed)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(Path(tokenizer_dir) / f, folder / f)
     return folder

@@ -155,19 +155,25 @@ def _architecture(reader: gguf.GGUFReader, path: Path) -> tuple[str, gguf.MODEL_
     raise UnsupportedError(f"{path}: GGUF architecture {arch!r} is unknown to gguf-py")
 
 
+# GGUF architectures read through transformers' own GGUF loader (config, tokenizer): those whose
+# tensors it maps with a rename alone (plus llama's Q/K un-permutation). The architectures of
+# hf_config.READABLE are read through qtool's own plan instead (unplan.py).
+VIA_TRANSFORMERS = frozenset({"llama", "qwen2", "phi3", "falcon", "stablelm", "starcoder2", "deci"})
+
+
 def _check_convertible(reader: gguf.GGUFReader, arch: str, path: Path) -> None:
-    """Refuse what we would convert wrongly: split files and tensor layouts that need more than
-    a rename (+ the llama Q/K un-permutation), as judged by transformers' own GGUF loader."""
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS, LlamaTensorProcessor, TensorProcessor)
+    """Refuse, from the header alone (no tensor read, transformers not imported), split files and
+    architectures qtool cannot map back to a Hugging Face checkpoint."""
+    from qtool.formats.gguf.hf_config import READABLE
 
     splits = read_field(reader, gguf.Keys.Split.LLM_KV_SPLIT_COUNT, path)
     if isinstance(splits, int) and splits > 1:
         raise UnsupportedError(f"{path}: split GGUF ({splits} shards); merge it first "
                                "(llama-gguf-split --merge)")
-    if TENSOR_PROCESSORS.get(arch, TensorProcessor) not in (TensorProcessor, LlamaTensorProcessor):
-        raise UnsupportedError(f"{path}: GGUF architecture {arch!r} needs tensor transforms "
-                               "qtool does not implement yet")
+    if arch not in VIA_TRANSFORMERS and arch not in READABLE:
+        known = ", ".join(sorted(VIA_TRANSFORMERS | set(READABLE)))
+        raise UnsupportedError(f"{path}: GGUF architecture {arch!r} cannot be mapped back to a Hugging Face "
+                               f"checkpoint by qtool; readable: {known}")
 
 
 def _hf_config(path: Path, arch: str):
@@ -306,16 +312,63 @@ class GGUFSource(CheckpointSource):
         self._reader = open_gguf(self.path)
         self.arch, arch_enum = _architecture(self._reader, self.path)
         _check_convertible(self._reader, self.arch, self.path)
+        self._routes = None
+        if self.arch not in VIA_TRANSFORMERS:
+            self._init_planned()
+            return
         hf_config = _hf_config(self.path, self.arch)
         skeleton = _hf_skeleton(hf_config, self.path)
         self._plan, self.skipped = _plan(self._reader, self.arch, arch_enum, hf_config,
                                          _unique_state_dict(skeleton), self.path)
         self.config = _config_dict(hf_config, type(skeleton).__name__, dtype)
 
+    def _init_planned(self) -> None:
+        """Config from the GGUF header (hf_config.py), tensor names from the HF model built on the
+        meta device, and the writer's plan run backwards (unplan.py)."""
+        from transformers import AutoConfig
+
+        from qtool.formats.gguf import hf_config as hc
+        from qtool.formats.gguf import metadata as md
+        from qtool.formats.gguf import unplan
+
+        prefix = f"{self.arch}."
+        fields = {f.name: read_field(self._reader, f.name, self.path) for f in self._reader.fields.values()
+                  if f.name.startswith(prefix) or f.name.endswith("_token_id")}
+        shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in self._reader.tensors}
+        cfg = hc.config_from_gguf(fields, shapes, self.arch, str(self.path))
+        model_type = cfg.pop("model_type")
+        hf_config = AutoConfig.for_model(model_type, **cfg)
+        skeleton = _hf_skeleton(hf_config, self.path)
+        names = unplan.checkpoint_names(_unique_state_dict(skeleton), fused_checkpoint=model_type == "gpt_oss")
+        config = {**hf_config.to_dict(), "model_type": model_type}
+        self._routes, self.skipped = unplan.plan_back(config, md.ARCHS[model_type], names, shapes, str(self.path))
+        self._hf_shapes = {n: s for n, s in names.items() if n in self._routes}
+        self._by_name = {t.name: t for t in self._reader.tensors}
+        self._cache: dict[str, torch.Tensor] = {}
+        self.config = _config_dict(hf_config, type(skeleton).__name__, self.dtype)
+
+    def _entry_value(self, entry) -> torch.Tensor:
+        """A GGUF tensor in float32, torch order; the last few are kept (a stack of experts is read
+        once for all its experts)."""
+        if entry.name not in self._cache:
+            if len(self._cache) >= 4:
+                self._cache.pop(next(iter(self._cache)))
+            raw = self._dequantize(self._by_name[entry.name])
+            self._cache[entry.name] = torch.from_numpy(raw).float().reshape(entry.shape)
+        return self._cache[entry.name]
+
     def tensors(self) -> list[TensorMeta]:
+        if self._routes is not None:
+            return [TensorMeta(name, shape, self.dtype) for name, shape in self._hf_shapes.items()]
         return [TensorMeta(name, e.shape, self.dtype) for name, e in self._plan.items()]
 
     def get_tensor(self, name: str) -> torch.Tensor:
+        if self._routes is not None:
+            from qtool.formats.gguf.unplan import rebuild
+
+            if name not in self._routes:
+                raise KeyError(name)
+            return rebuild(name, self._hf_shapes[name], self._routes[name], self._entry_value).to(self.dtype)
         entry = self._plan.get(name)
         if entry is None:
             raise KeyError(name)

@@ -29,7 +29,8 @@ class ArchSpec:
     permute_qk: bool = False  # LlamaModel.permute: HF rotate-half rows -> GGML interleaved pairs
     norm_plus_one: bool = False  # gemma: HF keeps (w - 1) in *norm.weight, llama.cpp wants w
     skip_lm_head: bool = False  # gemma: convert drops lm_head.weight (tied)
-    vocab: str = "gpt2"  # which convert set_vocab(): "llama", "qwen2", "gpt2", "gemma", "phi3"
+    vocab: str = "gpt2"  # which convert set_vocab(): "llama", "qwen2", "gpt2", "gemma", "gemma3", "phi3"
+    swa_pattern: int = 0  # llama.cpp's default sliding-window pattern for the arch (0: none assumed)
 
     @property
     def name(self) -> str:
@@ -37,23 +38,74 @@ class ArchSpec:
 
 
 # HF model_type -> what convert_hf_to_gguf does with it. Mistral and Mixtral convert as "llama"
-# (LlamaModel is registered for MistralForCausalLM and MixtralForCausalLM).
+# (LlamaModel is registered for MistralForCausalLM and MixtralForCausalLM); a multimodal Gemma 3
+# (Gemma3ForConditionalGeneration) converts its language model as "gemma3", the vision tower and
+# projector being left to the separate mmproj file.
 ARCHS: dict[str, ArchSpec] = {
     "llama": ArchSpec(A.LLAMA, permute_qk=True, vocab="llama"),
     "mistral": ArchSpec(A.LLAMA, permute_qk=True, vocab="llama"),
     "mixtral": ArchSpec(A.LLAMA, permute_qk=True, vocab="llama"),
     "qwen2": ArchSpec(A.QWEN2, vocab="qwen2"),
     "qwen2_moe": ArchSpec(A.QWEN2MOE, vocab="gpt2"),
+    "qwen3": ArchSpec(A.QWEN3, vocab="qwen2"),
+    "qwen3_moe": ArchSpec(A.QWEN3MOE, vocab="gpt2"),
     "gemma2": ArchSpec(A.GEMMA2, norm_plus_one=True, skip_lm_head=True, vocab="gemma"),
+    "gemma3_text": ArchSpec(A.GEMMA3, norm_plus_one=True, vocab="gemma3", swa_pattern=6),
+    "gemma3": ArchSpec(A.GEMMA3, norm_plus_one=True, vocab="gemma3", swa_pattern=6),
     "phi3": ArchSpec(A.PHI3, vocab="phi3"),
+    "smollm3": ArchSpec(A.SMOLLM3, permute_qk=True, vocab="llama"),
+    "olmo2": ArchSpec(A.OLMO2, vocab="gpt2"),
+    "granite": ArchSpec(A.GRANITE, permute_qk=True, vocab="llama"),
+    "deepseek_v2": ArchSpec(A.DEEPSEEK2, vocab="gpt2"),
+    "deepseek_v3": ArchSpec(A.DEEPSEEK2, vocab="gpt2"),
+    "gpt_oss": ArchSpec(A.GPT_OSS, vocab="gpt2", swa_pattern=2),
 }
+
+
+def text_config(config: dict) -> dict:
+    """TextModel.__init__: a multimodal config's `text_config` merged into the top level."""
+    if isinstance(config.get("text_config"), dict):
+        return {**config, **config["text_config"]}
+    return config
 
 
 def arch_spec(config: dict) -> ArchSpec:
     mt = config.get("model_type")
     if mt not in ARCHS:
         raise UnsupportedError(f"--format gguf: architecture {mt!r} is not supported; supported: {', '.join(ARCHS)}")
-    return ARCHS[mt]
+    spec = ARCHS[mt]
+    check_config(text_config(config), spec)
+    return spec
+
+
+def check_config(config: dict, spec: ArchSpec) -> None:
+    """What llama.cpp hard-codes for an architecture and a config could set otherwise: refused from
+    the config, before any tensor is read, where the file would load and compute something else."""
+    mt, n_layer = config.get("model_type"), config["num_hidden_layers"]
+    if spec.arch == A.SMOLLM3:
+        # llama.cpp: hparams.n_no_rope_layer_step = 4, no key to say otherwise
+        want = [int((i + 1) % 4 != 0) for i in range(n_layer)]
+        got = config.get("no_rope_layers")
+        if got is None and config.get("no_rope_layer_interval") is not None:
+            got = [int((i + 1) % config["no_rope_layer_interval"] != 0) for i in range(n_layer)]
+        if got is not None and list(got) != want:
+            raise UnsupportedError("--format gguf: smollm3 with RoPE-less layers other than every 4th "
+                                   f"(no_rope_layers={list(got)}): llama.cpp fixes that interval at 4")
+    if spec.arch == A.GEMMA3:
+        head_dim = config.get("head_dim", 256)
+        expected = config["hidden_size"] // config["num_attention_heads"] if n_layer == 62 else head_dim
+        if config.get("query_pre_attn_scalar", expected) != expected:
+            raise UnsupportedError(f"--format gguf: gemma3 query_pre_attn_scalar {config['query_pre_attn_scalar']} "
+                                   f"differs from the {expected} llama.cpp uses for this shape")
+        if config.get("attn_logit_softcapping") is not None:
+            raise UnsupportedError("--format gguf: gemma3 with attn_logit_softcapping: llama.cpp's gemma3 has none")
+    if spec.arch == A.DEEPSEEK2:
+        if config.get("rope_interleave") is False:
+            raise UnsupportedError(f"--format gguf: {mt} with rope_interleave=false: llama.cpp's deepseek2 "
+                                   "rotates interleaved pairs")
+        if n_kv_heads(config) != config["num_attention_heads"]:
+            raise UnsupportedError(f"--format gguf: {mt} kv_b_proj with {n_kv_heads(config)} heads for "
+                                   f"{config['num_attention_heads']} query heads cannot be split as llama.cpp does")
 
 
 def _first(config: dict, *keys: str):
@@ -78,6 +130,9 @@ def rope_parameters(config: dict) -> dict:
     return rp
 
 
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
 def n_kv_heads(config: dict) -> int:
     return int(config.get("num_key_value_heads") or config["num_attention_heads"])
 
@@ -85,7 +140,9 @@ def n_kv_heads(config: dict) -> int:
 def model_facts(config: dict, spec: ArchSpec) -> ModelFacts:
     """What llama-quantize's rules look at, derived as llama.cpp's loader would."""
     n_layer, n_head, n_kv = config["num_hidden_layers"], config["num_attention_heads"], n_kv_heads(config)
-    n_expert = int(_first(config, "num_local_experts", "num_experts") or 0)
+    n_expert = int(_first(config, *EXPERT_COUNT_KEYS) or 0)
+    if spec.arch == A.DEEPSEEK2:
+        n_kv = 1  # MLA is written as MQA (one KV head), which is what llama-quantize's n_gqa sees
     if spec.arch == A.LLAMA:
         is_70b = n_expert != 8 and n_layer == 80 and n_head != n_kv
     else:
@@ -154,8 +211,8 @@ def _generic(w: gguf.GGUFWriter, config: dict) -> None:
     if (n_ctx := _first(config, "max_position_embeddings", "n_ctx", "n_positions")) is not None:
         w.add_context_length(n_ctx)
     w.add_embedding_length(config["hidden_size"])
-    if config.get("intermediate_size") is not None:
-        w.add_feed_forward_length(config["intermediate_size"])
+    if (n_ff := _first(config, "prefix_dense_intermediate_size", "dense_intermediate_size", "intermediate_size")) is not None:
+        w.add_feed_forward_length(n_ff)
     w.add_head_count(config["num_attention_heads"])
     if config.get("num_key_value_heads") is not None:
         w.add_head_count_kv(config["num_key_value_heads"])
@@ -163,15 +220,47 @@ def _generic(w: gguf.GGUFWriter, config: dict) -> None:
     _rope_scaling(w, rp)
     if rp.get("rope_theta") is not None:
         w.add_rope_freq_base(rp["rope_theta"])
+    if (theta := swa_rope_theta(config)) is not None:
+        w.add_rope_freq_base_swa(theta)
     if (eps := _first(config, "rms_norm_eps", "norm_eps")) is not None:
         w.add_layer_norm_rms_eps(eps)
-    if (n := _first(config, "num_local_experts", "num_experts")) is not None:
+    if (n := _first(config, *EXPERT_COUNT_KEYS)) is not None:
         w.add_expert_count(n)
-    if (n := _first(config, "num_experts_per_tok")) is not None:
+    if (n := _first(config, "num_experts_per_tok", "num_experts_per_token", "top_k_experts")) is not None:
         w.add_expert_used_count(n)
+    if config.get("n_group") is not None:
+        w.add_expert_group_count(config["n_group"])
+    if config.get("topk_group") is not None:
+        w.add_expert_group_used_count(config["topk_group"])
+    if (score := _first(config, "score_function", "scoring_func", "score_func")) is not None:
+        if score not in ("sigmoid", "softmax"):
+            raise UnsupportedError(f"--format gguf: expert scoring function {score!r} is not one llama.cpp knows")
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if score == "sigmoid" else gguf.ExpertGatingFuncType.SOFTMAX)
     if config.get("head_dim") is not None:
         w.add_key_length(config["head_dim"])
         w.add_value_length(config["head_dim"])
+
+
+def swa_rope_theta(config: dict) -> float | None:
+    """The RoPE base of sliding-window layers (gemma3's `sliding_attention` parameters)."""
+    rp = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if "sliding_attention" in rp or "full_attention" in rp:
+        return rp.get("sliding_attention", {}).get("rope_theta")
+    return _first(config, "local_rope_theta", "rope_local_theta", "rope_theta_local", "swa_rope_theta", "rope_local_base_freq")
+
+
+def sliding_pattern(config: dict, spec: ArchSpec) -> list[bool] | None:
+    """Which layers use the sliding window, when that differs from the pattern llama.cpp assumes for
+    the arch (`load_swa_pattern`'s default): written as `attention.sliding_window_pattern`, which
+    llama.cpp reads in preference. None where the default already holds (convert_hf_to_gguf writes
+    nothing then, and neither do we)."""
+    types = config.get("layer_types")
+    if not spec.swa_pattern or not types or not config.get("sliding_window"):
+        return None
+    is_swa = [t == "sliding_attention" for t in types]
+    n = spec.swa_pattern
+    default = [i % n < n - 1 for i in range(len(types))]
+    return None if is_swa == default else is_swa
 
 
 def _llama(w: gguf.GGUFWriter, config: dict) -> None:
@@ -218,8 +307,6 @@ def _phi3(w: gguf.GGUFWriter, config: dict) -> None:
     """Phi3MiniModel.set_gguf_parameters."""
     rp = rope_parameters(config)
     n_embd, n_head = config["hidden_size"], config["num_attention_heads"]
-    if rp.get("long_factor"):
-        raise UnsupportedError("--format gguf: phi3 LongRoPE factors (128k models) are not written yet")
     w.add_context_length(_first(config, "n_positions", "max_position_embeddings"))
     w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
     w.add_embedding_length(n_embd)
@@ -231,13 +318,120 @@ def _phi3(w: gguf.GGUFWriter, config: dict) -> None:
     w.add_rope_dimension_count(int(rp.get("partial_rotary_factor", 1.0) * n_embd) // n_head)
     w.add_rope_freq_base(rp["rope_theta"])
     w.add_sliding_window(config.get("sliding_window") or 0)
+    if rp.get("long_factor"):
+        w.add_rope_scaling_attn_factors(longrope(config)[0])
 
 
-_HPARAMS = {A.LLAMA: _llama, A.QWEN2: _generic, A.QWEN2MOE: _qwen2_moe, A.GEMMA2: _gemma2, A.PHI3: _phi3}
+def longrope(config: dict) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Phi3MiniModel.generate_extra_tensors: LongRoPE's attention factor and its long and short
+    per-frequency factors (`rope_factors_long/short.weight`)."""
+    rp = rope_parameters(config)
+    n_head = config["num_attention_heads"]
+    rope_dims = int(rp.get("partial_rotary_factor", 1.0) * config["hidden_size"]) // n_head
+    orig = rp["original_max_position_embeddings"]
+    scale = _first(config, "n_positions", "max_position_embeddings") / orig
+    kind = (rp.get("rope_type") or "").lower()
+    if kind not in ("su", "longrope"):
+        raise UnsupportedError(f"--format gguf: phi3 RoPE factors with rope_type {kind!r}: llama.cpp reads them for longrope only")
+    factor = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+    if rp.get("attention_factor") is not None and not math.isclose(rp["attention_factor"], factor, rel_tol=1e-6):
+        raise UnsupportedError(f"--format gguf: phi3 LongRoPE attention_factor {rp['attention_factor']} differs "
+                               f"from the {factor:.6g} llama.cpp's converter derives")
+    long, short = rp.get("long_factor"), rp.get("short_factor")
+    if not short or len(long) != len(short) or len(long) * 2 != rope_dims:
+        raise UnsupportedError(f"--format gguf: phi3 LongRoPE needs long and short factors of length {rope_dims // 2}")
+    return factor, torch.tensor(long, dtype=torch.float32), torch.tensor(short, dtype=torch.float32)
+
+
+def _qwen3_moe(w: gguf.GGUFWriter, config: dict) -> None:
+    _qwen2_moe(w, config)
+
+
+def _gemma3(w: gguf.GGUFWriter, config: dict) -> None:
+    """Gemma3Model.set_gguf_parameters (on top of the generic keys)."""
+    _generic(w, config)
+    w.add_context_length(config.get("max_position_embeddings", 131072))
+    w.add_head_count(config.get("num_attention_heads", 8))
+    w.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    w.add_key_length(config.get("head_dim", 256))
+    w.add_value_length(config.get("head_dim", 256))
+    w.add_rope_freq_base(rope_parameters(config).get("rope_theta", 1_000_000.0))
+    if config.get("final_logit_softcapping"):
+        w.add_final_logit_softcapping(config["final_logit_softcapping"])
+    if config.get("sliding_window_pattern") != 1:
+        w.add_sliding_window(config["sliding_window"])
+    w.add_head_count_kv(config.get("num_key_value_heads", 4))
+
+
+def _olmo2(w: gguf.GGUFWriter, config: dict) -> None:
+    """Olmo2Model.set_gguf_parameters."""
+    _generic(w, config)
+    if "sliding_window" in config:
+        w.add_sliding_window(config["sliding_window"])
+        types = config.get("layer_types")
+        n = config["num_hidden_layers"]
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in types] if types else [(i + 1) % 4 != 0 for i in range(n)])
+
+
+def _granite(w: gguf.GGUFWriter, config: dict) -> None:
+    """GraniteModel.set_gguf_parameters: llama's keys without head_dim, plus four multipliers."""
+    config = {k: v for k, v in config.items() if k != "head_dim"}
+    _llama(w, config)
+    for key, add in (("attention_multiplier", w.add_attention_scale), ("embedding_multiplier", w.add_embedding_scale),
+                     ("residual_multiplier", w.add_residual_scale), ("logits_scaling", w.add_logit_scale)):
+        if config.get(key):
+            add(config[key])
+
+
+def _deepseek2(w: gguf.GGUFWriter, config: dict) -> None:
+    """DeepseekV2Model.set_gguf_parameters: MLA written as MQA with wide heads (one KV head of
+    kv_lora_rank + rope dims), decompressed to MHA by llama.cpp."""
+    config = {**config, "num_key_value_heads": 1, "rms_norm_eps": config.get("rms_norm_eps", 1e-6)}
+    _generic(w, config)
+    has_moe = config.get("n_routed_experts") is not None
+    first_dense = config.get("first_k_dense_replace")
+    w.add_leading_dense_block_count(first_dense if first_dense is not None else (0 if has_moe else config["num_hidden_layers"]))
+    kv_lora = config.get("kv_lora_rank", 512)
+    w.add_vocab_size(config["vocab_size"])
+    if config.get("q_lora_rank") is not None:
+        w.add_q_lora_rank(config["q_lora_rank"])
+    w.add_kv_lora_rank(kv_lora)
+    w.add_key_length(kv_lora + config["qk_rope_head_dim"])
+    w.add_value_length(kv_lora)
+    w.add_key_length_mla(config["qk_nope_head_dim"] + config["qk_rope_head_dim"])
+    w.add_value_length_mla(config["v_head_dim"])
+    w.add_expert_feed_forward_length(_first(config, "moe_intermediate_size", "intermediate_size"))
+    if has_moe:
+        w.add_expert_count(config["n_routed_experts"])
+    w.add_expert_shared_count(config.get("n_shared_experts", 0))
+    if config.get("routed_scaling_factor") is not None:
+        w.add_expert_weights_scale(config["routed_scaling_factor"])
+    if config.get("norm_topk_prob"):
+        w.add_expert_weights_norm(config["norm_topk_prob"])
+    w.add_rope_dimension_count(config["qk_rope_head_dim"])
+    if (mscale := (config.get("rope_parameters") or config.get("rope_scaling") or {}).get("mscale_all_dim")) is not None:
+        w.add_rope_scaling_yarn_log_mul(0.1 * mscale)
+
+
+def _gpt_oss(w: gguf.GGUFWriter, config: dict) -> None:
+    """GptOssModel.set_gguf_parameters."""
+    _generic(w, config)
+    w.add_sliding_window(config["sliding_window"])
+    w.add_expert_feed_forward_length(config["intermediate_size"])
+
+
+_HPARAMS = {A.LLAMA: _llama, A.QWEN2: _generic, A.QWEN2MOE: _qwen2_moe, A.GEMMA2: _gemma2, A.PHI3: _phi3,
+            A.QWEN3: _generic, A.QWEN3MOE: _qwen3_moe, A.GEMMA3: _gemma3, A.SMOLLM3: _llama, A.OLMO2: _olmo2,
+            A.GRANITE: _granite, A.DEEPSEEK2: _deepseek2, A.GPT_OSS: _gpt_oss}
 
 
 def write_hparams(w: gguf.GGUFWriter, config: dict, spec: ArchSpec, mix: Mixture) -> None:
+    """The architecture's set_gguf_parameters() (a later write of a key replaces an earlier one, as
+    in the converter), then what llama.cpp needs beyond it (a sliding-window layout other than the
+    arch's default)."""
     _HPARAMS[spec.arch](w, config)
+    if (pattern := sliding_pattern(config, spec)) is not None:
+        w.add_sliding_window_pattern(pattern)
     w.add_file_type(int(mix.ftype))
 
 

@@ -80,7 +80,7 @@ class Category(Enum):
     TOKEN_EMBD = "token_embd"
     ATTN_Q = "attn_q"
     ATTN_K = "attn_k"
-    ATTN_V = "attn_v"  # attn_v, and the fused attn_qkv (`category_is_attn_v`)
+    ATTN_V = "attn_v"  # attn_v, the fused attn_qkv and MLA's attn_kv_b (`category_is_attn_v`)
     ATTN_OUTPUT = "attn_output"
     FFN_UP = "ffn_up"
     FFN_GATE = "ffn_gate"
@@ -92,6 +92,7 @@ class Category(Enum):
 # (substring, category), first hit wins, in tensor_get_category's order.
 _CATEGORY_SUBSTRINGS = (
     ("attn_qkv.weight", Category.ATTN_V),
+    ("attn_kv_b.weight", Category.ATTN_V),  # GGUFs of older converters; ours split it (attn_k_b/v_b: OTHER)
     ("attn_v.weight", Category.ATTN_V),
     ("attn_k.weight", Category.ATTN_K),
     ("attn_q.weight", Category.ATTN_Q),

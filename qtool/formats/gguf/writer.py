@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
+from gguf.gguf_writer import GGUFValue
 
 from qtool import __version__
 from qtool.config import QuantRecipe
@@ -50,6 +50,7 @@ from qtool.formats.gguf import metadata as md
 from qtool.formats.gguf import mixtures as mx
 from qtool.formats.gguf import quants
 from qtool.formats.gguf import tokenizer as tk
+from qtool.formats.gguf.plan import Entry, _arrival_order, _Planner, auto_type, permute_qk_rows  # noqa: F401
 from qtool.methods import METHODS
 from qtool.methods.base import LayerSpec
 from qtool.model.source import CheckpointSource, TensorMeta, block_of
@@ -60,19 +61,6 @@ PROVENANCE_KEY = "qtool.provenance"
 PROVENANCE_BYTES = 64 * 1024  # reserved for the JSON record, padded with spaces
 BITS_TO_MIXTURE = {"int8": "Q8_0", "int4": "Q4_K_M", "int3": "Q3_K_M", "int2": "Q2_K"}
 DTYPE_TO_TYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
-# convert_hf_to_gguf keeps these in F32 whatever --outtype (prepare_tensors' list, our archs' part)
-_ALWAYS_F32 = {gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP,
-               gguf.MODEL_TENSOR.POS_EMBD, gguf.MODEL_TENSOR.TOKEN_TYPES}
-_SKIPPED_SUFFIXES = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
-_EXPERT = re.compile(r"^(?P<prefix>.*?(?:layers|h)\.\d+\.(?:mlp|block_sparse_moe))\.experts\.(?P<e>\d+)\.(?P<proj>\w+)\.weight$")
-_FUSED_EXPERTS = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<proj>gate_up_proj|down_proj)(?:\.weight)?$")
-
-
-def permute_qk_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp's `LlamaModel.permute` (the inverse of gguf_source.unpermute_qk_rows): per head,
-    HF's rotate-half rows [x_0..x_{d/2-1}, y_0..] become GGML's interleaved pairs (x_0, y_0, ...)."""
-    half = t.shape[0] // n_head // 2
-    return t.reshape(n_head, 2, half, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
 
 # -- encoding one tensor ---------------------------------------------------------------------------
@@ -231,107 +219,19 @@ def _sqnr(err: tuple[float, float] | None) -> float:
     return -math.inf if err[0] == 0 else 10 * math.log10(err[0] / err[1])
 
 
-# -- the plan --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Entry:
-    """One GGUF tensor: where its data comes from and what it becomes."""
-
-    name: str
-    shape: tuple[int, ...]  # torch order
-    sources: list[str]  # HF tensors stacked along dim 0 (experts), or one
-    transform: tuple[str, int] | None = None  # ("permute", n_head) or ("plus_one", 0)
-    rows: tuple[int, int] | None = None  # take these rows (dim -2) of the source: split fused tensors
-    qtype: T = T.F32
-    note: str | None = None
-    converted: T = T.F32  # its type in convert_hf_to_gguf's 16-bit output
-    data: dict[int, np.ndarray] = field(default_factory=dict)
-    const: torch.Tensor | None = None  # generated tensors (rope_freqs)
-    importance: torch.Tensor | None = None  # the imatrix's column weights [n_mat, cols], if it has them
-
-    @property
-    def ne(self) -> tuple[int, ...]:
-        return tuple(reversed(self.shape))
-
-    @property
-    def nbytes(self) -> int:
-        block, size = gguf.GGML_QUANT_SIZES[self.qtype]
-        return math.prod(self.shape) // block * size
-
-
-class _Planner:
-    """HF tensor metas + config -> GGUF entries, mirroring convert_hf_to_gguf's modify_tensors."""
-
-    def __init__(self, config: dict, spec: md.ArchSpec, base: T):
-        self.config, self.spec, self.base = config, spec, base
-        self.names = gguf.get_tensor_name_map(spec.arch, config["num_hidden_layers"])
-        self.entries: dict[str, Entry] = {}
-        self.skipped: set[str] = set()
-
-    def _map(self, hf_name: str) -> tuple[gguf.MODEL_TENSOR, str]:
-        hit = self.names.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if hit is None:
-            raise UnsupportedError(f"--format gguf: tensor {hf_name} has no llama.cpp name for {self.spec.name}")
-        return hit
-
-    def _entry(self, hf_name: str, shape: tuple[int, ...]) -> Entry:
-        kind, name = self._map(hf_name)
-        e = self.entries.get(name) or Entry(name, shape, [])
-        self.entries[name] = e
-        if len(shape) <= 1 or name.endswith("_norm.weight") or kind in _ALWAYS_F32 or not name.endswith(".weight"):
-            e.converted = T.F32
-        else:
-            e.converted = self.base
-        if self.spec.permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
-            heads = self.config["num_attention_heads"] if kind == gguf.MODEL_TENSOR.ATTN_Q else md.n_kv_heads(self.config)
-            e.transform = ("permute", heads)
-        elif self.spec.norm_plus_one and hf_name.endswith("norm.weight"):
-            e.transform = ("plus_one", 0)
-        return e
-
-    def add(self, m: TensorMeta) -> None:
-        if m.name.endswith(_SKIPPED_SUFFIXES) or (self.spec.skip_lm_head and m.name == "lm_head.weight"):
-            self.skipped.add(m.name)
-            return
-        if hit := _EXPERT.match(m.name):
-            n_exp = int(md._first(self.config, "num_local_experts", "num_experts"))
-            e = self._entry(f"{hit['prefix']}.experts.{hit['proj']}.weight", (n_exp, *m.shape))
-            if not e.sources:
-                e.sources = [""] * n_exp
-            e.sources[int(hit["e"])] = m.name
-            return
-        if (hit := _FUSED_EXPERTS.match(m.name)) and len(m.shape) == 3:
-            if hit["proj"] == "down_proj":
-                self._entry(f"{hit['prefix']}.down_proj.weight", m.shape).sources = [m.name]
-                return
-            half = m.shape[1] // 2
-            for i, proj in enumerate(("gate_proj", "up_proj")):
-                e = self._entry(f"{hit['prefix']}.{proj}.weight", (m.shape[0], half, m.shape[2]))
-                e.sources, e.rows = [m.name], (i * half, (i + 1) * half)
-            return
-        self._entry(m.name, m.shape).sources = [m.name]
-
-    def check_complete(self) -> None:
-        for e in self.entries.values():
-            if "" in e.sources:
-                missing = e.sources.index("")
-                raise FormatError(f"--format gguf: {e.name}: expert {missing} is missing from the checkpoint")
-
-
-def _arrival_order(source: CheckpointSource) -> list[TensorMeta]:
-    """The order the pipeline delivers tensors in: block by block, then the rest (stable)."""
-    order = {b: i for i, b in enumerate(source.blocks())}
-    return sorted(source.tensors(), key=lambda m: order.get(block_of(m.name) or "", len(order)))
-
-
-def auto_type(metas: list[TensorMeta]) -> str:
-    """convert_hf_to_gguf's `--outtype auto`: the first matrix's dtype if 16-bit, else F16."""
-    first = next((m.dtype for m in metas if len(m.shape) >= 2), None)
-    return "BF16" if first == torch.bfloat16 else "F16"
-
-
 # -- the writer ------------------------------------------------------------------------------------
+
+
+class _KVWriter(gguf.GGUFWriter):
+    """gguf-py's writer where a later value of a key replaces the earlier one silently (as the
+    converter's set_gguf_parameters overrides keys of its base class; gguf-py logs a warning)."""
+
+    def add_key_value(self, key, val, vtype, sub_type=None) -> None:
+        self.kv_data[0][key] = GGUFValue(value=val, type=vtype, sub_type=sub_type)
+
+
+def _folder(source: CheckpointSource) -> Path:
+    return source.path if source.path.is_dir() else source.path.parent
 
 
 @FORMATS.register("gguf")
@@ -399,12 +299,16 @@ class GGUFWriter(FormatWriter):
         self.check_recipe(recipe)
         linears = {m.name for m in source.tensors() if block_of(m.name) and m.name.endswith(".weight") and len(m.shape) == 2}
         specs: dict[str, LayerSpec] = {}
-        for e in self.plan(source, recipe):
+        entries = self.plan(source, recipe)
+        # a linear whose GGUF tensor is made by more than a row split / permutation (MLA's kv_b
+        # split, a transpose) is quantized here from its floats instead
+        reshaped = {s for e in entries if not e.takes_codes for s in e.sources}
+        for e in entries:
             grid = GPTQ_GRIDS.get(e.qtype)
             if grid is None or not mx.allows_quantization(e.name, e.ne):
                 continue
             for s in e.sources:
-                if s in linears:
+                if s in linears and s not in reshaped:
                     specs[s] = LayerSpec(s, grid.qtype, "group", grid.group_size, grid.symmetric, scale_dtype=torch.float16)
         return specs
 
@@ -422,18 +326,16 @@ class GGUFWriter(FormatWriter):
 
     def plan(self, source: CheckpointSource, recipe: QuantRecipe | None = None) -> list[Entry]:
         """Every GGUF tensor with its type, in file order, from shapes and config alone."""
-        config = source.config
-        self.spec = md.arch_spec(config)
+        self.spec = md.arch_spec(source.config)
+        self.config = config = md.text_config(source.config)
         metas = _arrival_order(source)
         self.mixture = self._mixture(recipe, metas)
         base = self.mixture.default if not self.mixture.quantized else T[auto_type(metas)]
-        planner = _Planner(config, self.spec, base)
+        planner = _Planner(config, self.spec, base, _folder(source))
         for m in metas:
             planner.add(m)
         planner.check_complete()
-        entries = list(planner.entries.values())
-        if (factors := md.llama3_rope_factors(config)) is not None:
-            entries.insert(0, Entry("rope_freqs.weight", tuple(factors.shape), [], const=factors))
+        entries = planner.generated() + list(planner.entries.values())
         self.facts = md.model_facts(config, self.spec)
         if self._stats is not None and self.imatrix is None:
             self.imatrix = imx.from_stats(self._stats, config)
@@ -461,7 +363,7 @@ class GGUFWriter(FormatWriter):
             for i, s in enumerate(e.sources):
                 self._routes.setdefault(s, []).append((e, i))
         self._next = 0
-        w = gguf.GGUFWriter(path=None, arch=self.spec.name)
+        w = _KVWriter(path=None, arch=self.spec.name)
         self._metadata(w, source)
         for e in self.entries:
             w.add_tensor_info(e.name, e.shape, np.dtype(np.float32), e.nbytes, raw_dtype=e.qtype)
@@ -486,11 +388,11 @@ class GGUFWriter(FormatWriter):
         else:
             folder = source.path if source.path.is_dir() else None
             md.write_general(w, folder, source.path.name.removesuffix(".safetensors"), params)
-        md.write_hparams(w, source.config, self.spec, self.mixture)
+        md.write_hparams(w, self.config, self.spec, self.mixture)
         if from_gguf:
             tk.copy_vocab_from_gguf(w, source.path)
         else:
-            tk.write_vocab_from_folder(w, source.path if source.path.is_dir() else source.path.parent, source.config, self.spec)
+            tk.write_vocab_from_folder(w, _folder(source), self.config, self.spec)
         if self.imatrix is not None:  # the keys llama-quantize --imatrix adds
             for key, value in imx.metadata(self.imatrix, self.imatrix_given):
                 (w.add_string if isinstance(value, str) else w.add_uint32)(key, value)
@@ -511,7 +413,7 @@ class GGUFWriter(FormatWriter):
         bits, kinds, notes = 0, [], []
         for entry, part in routes:
             grid = GPTQ_GRIDS.get(entry.qtype)
-            if grid is None or (entry.transform is not None and entry.transform[0] != "permute"):
+            if grid is None or not entry.takes_codes:
                 raise FormatError(f"--format gguf: {entry.name} ({entry.qtype.name}) cannot take quantized weights")
             q = self._route_rows(entry, qw)
             if grid.reusable:
@@ -555,8 +457,7 @@ class GGUFWriter(FormatWriter):
         signal = noise = 0.0
         bits, kinds, notes, counted = 0, [], [], False
         for entry, part in routes:
-            y = t if entry.rows is None else t[..., entry.rows[0]:entry.rows[1], :]
-            y = self._transform(entry, y)
+            y = entry.apply(t)
             data, err = encode(y, entry.qtype, self._importance(entry, part))
             entry.data[part] = data
             if mx.allows_quantization(entry.name, entry.ne):
@@ -588,14 +489,6 @@ class GGUFWriter(FormatWriter):
             return None
         used = sum(e.importance is not None and e.qtype in quants.IMATRIX_SUPPORTED for e in getattr(self, "entries", []))
         return f"{self.imatrix.describe()}; weighted the rounding of {used} tensors"
-
-    @staticmethod
-    def _transform(entry: Entry, y: torch.Tensor) -> torch.Tensor:
-        if entry.transform is None:
-            return y
-        kind, heads = entry.transform
-        # convert_hf_to_gguf adds the gemma norm offset in float32
-        return permute_qk_rows(y, heads) if kind == "permute" else y.float() + 1
 
     def _flush(self) -> None:
         """Write every entry at the head of the file order that has all its parts."""
