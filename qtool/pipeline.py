@@ -127,6 +127,7 @@ def select_layers(metas: list[TensorMeta], recipe: QuantRecipe) -> list[TensorMe
 class LayerPlan:
     specs: dict[str, LayerSpec]  # tensor name -> spec
     notes: dict[str, str]  # tensor name -> what the format changed, for the summary
+    kept: dict[str, str] = field(default_factory=dict)  # tensor name -> why the format keeps it unquantized
 
 
 def plan_layers(source: CheckpointSource, recipe: QuantRecipe, writer: FormatWriter) -> LayerPlan:
@@ -135,11 +136,15 @@ def plan_layers(source: CheckpointSource, recipe: QuantRecipe, writer: FormatWri
     chosen = select_layers(source.tensors(), recipe)
     linears = [module_of(m.name) for m in source.tensors() if m.name.endswith(".weight") and len(m.shape) == 2]
     writer.check_plan({module_of(m.name) for m in chosen}, linears, recipe)
-    choices = writer.choose_groups({module_of(m.name): m.shape[1] for m in chosen}, recipe)
+    choices = writer.choose_layouts({module_of(m.name): tuple(m.shape) for m in chosen}, recipe)
     plan = LayerPlan({}, {})
+    extra = writer.spec_options(recipe)
     for m in chosen:
         choice = choices[module_of(m.name)]
-        plan.specs[m.name] = LayerSpec(m.name, qtype, choice.strategy, choice.group_size, recipe.symmetric)
+        if choice.strategy == "keep":  # the format cannot hold this layer quantized: full precision, said why
+            plan.kept[m.name] = choice.note or "kept in full precision by the format"
+            continue
+        plan.specs[m.name] = LayerSpec(m.name, qtype, choice.strategy, choice.group_size, recipe.symmetric, **extra)
         if choice.note:
             plan.notes[m.name] = choice.note
     return plan
@@ -337,11 +342,12 @@ def run(
     else:
         plan = plan_layers(source, recipe, writer) if recipe and not writer.self_quantizing else LayerPlan({}, {})
     report = RunReport(model, str(out), writer.registry_name, recipe.to_dict() if recipe else None, writer.describe())
+    report.notes_extra = _summarize_kept(plan.kept)
     calib = stats = None
     if method is not None and method.needs_calibration and recipe.stats:
         stats = open_stats(recipe, source, plan)
         report.calibration = {**stats.calibration, "stats_file": str(recipe.stats), "sequential": False}
-        report.notes_extra = [f"Hessians from {recipe.stats}: activations of the unquantized model (not sequential)"]
+        report.notes_extra += [f"Hessians from {recipe.stats}: activations of the unquantized model (not sequential)"]
     elif method is not None and method.needs_calibration:
         on_event(Event("calibrate", 0, 1, recipe.dataset or ""))
         calib = load_calibration_for(source, recipe)
@@ -411,6 +417,14 @@ def _summarize_notes(layers: list[LayerResult]) -> list[str]:
         if layer.note:
             counts[layer.note] = counts.get(layer.note, 0) + 1
     return [f"{n} layers: {note}" for note, n in counts.items()]
+
+
+def _summarize_kept(kept: dict[str, str]) -> list[str]:
+    by_note: dict[str, list[str]] = {}
+    for name, note in kept.items():
+        by_note.setdefault(note, []).append(module_of(name))
+    return [f"{len(ms)} layers kept in full precision ({', '.join(ms[:3])}{', ...' if len(ms) > 3 else ''}): {note}"
+            for note, ms in by_note.items()]
 
 
 def _brief(report: RunReport) -> dict:
