@@ -10,7 +10,7 @@ MODEL_DIR := $(CACHE)/SmolLM2-135M-Instruct-bf16
 DEMO_OUT := $(CACHE)/demo/SmolLM2-135M-Instruct-rtn-w4g64
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test bench clean llama-cpp gptq-venv autoround-venv
+.PHONY: setup model demo test bench clean llama-cpp gptq-venv autoround-venv otf-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -63,7 +63,18 @@ $(GPTQ_VENV)/.autoround: $(GPTQ_VENV)/.installed
 	$(GPTQ_VENV)/bin/pip install -q -c $(CACHE)/gptq-constraints.txt auto-round==0.16.1
 	touch $@
 
-test: setup llama-cpp gptq-venv autoround-venv
+# transformers' on-the-fly routes (bitsandbytes 0.50 CPU backend, torchao 0.18, fine-grained FP8 dequantizing
+# on CPU), isolated from the project venv: the judge of -f bitsandbytes / torchao / fp8 in tests/test_otf_formats.py.
+OTF_VENV := $(CACHE)/otf-venv
+otf-venv: $(OTF_VENV)/.installed
+$(OTF_VENV)/.installed:
+	$(PY) -m venv $(OTF_VENV)
+	$(OTF_VENV)/bin/pip install -q torch==2.13.0
+	echo torch==2.13.0 > $(CACHE)/otf-constraints.txt
+	$(OTF_VENV)/bin/pip install -q -c $(CACHE)/otf-constraints.txt transformers==5.23.0 bitsandbytes==0.50.2 torchao==0.18.0 accelerate
+	touch $@
+
+test: setup llama-cpp gptq-venv autoround-venv otf-venv
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q $(PYTEST_ARGS)
 
 bench: model

@@ -105,6 +105,13 @@ def make_recipe(
             raise UsageError(f"--group-size {g}: {qt.name} is per-channel or per-tensor ('channel' or 'tensor')")
         if asym:
             raise UsageError(f"--asym: {qt.name} is symmetric only")
+    elif qt.kind == "lut":  # blockwise absmax scaling: `channel` (the CLI default) means the type's block
+        if asym:
+            raise UsageError(f"--asym: {qt.name} is a symmetric lookup table (absmax scaling per block)")
+        if strategy == "tensor":
+            raise UsageError(f"--group-size tensor: {qt.name} takes a block size (default {qt.default_group})")
+        if strategy == "channel":
+            strategy, g = "group", qt.default_group
     elif strategy == "tensor":
         raise UsageError("--group-size tensor: integer types use 'channel' or a group size, not one scale per tensor")
     from qtool.methods import METHODS

@@ -303,6 +303,10 @@ def load_hf_model(folder: Path):
     config = json.loads((folder / "config.json").read_text())
     if not _has_runtime((config.get("quantization_config") or {}).get("quant_method")):
         return load_gptq_dequantized(folder, config)
+    if _otf_without_runtime(config):
+        from qtool.formats.hf_quantized import read_dequantized
+
+        return model_from_state(config, read_dequantized(folder), folder)
     kw = {}
     if _asymmetric_compressed_tensors(config.get("quantization_config") or {}):
         from transformers import CompressedTensorsConfig
@@ -326,6 +330,22 @@ def _has_runtime(quant_method: str | None) -> bool:
     import importlib.util
 
     return all(importlib.util.find_spec(m) is not None for m in RUNTIMES.get(str(quant_method), ()))
+
+
+# transformers' quantizer layouts qtool writes: the package transformers needs to load each on a CPU
+# (None: no CPU runtime at all); without it `qtool eval` scores qtool's own dequantization, the math
+# tests/test_otf_formats.py holds equal to the runtime's weights.
+OTF_RUNTIMES = {"bitsandbytes": "bitsandbytes", "torchao": "torchao", "fp8": "accelerate", "fbgemm_fp8": None, "eetq": None}
+
+
+def _otf_without_runtime(config: dict) -> bool:
+    import importlib.util
+
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method not in OTF_RUNTIMES:
+        return False
+    need = OTF_RUNTIMES[method]
+    return need is None or importlib.util.find_spec(need) is None
 
 
 def _asymmetric_compressed_tensors(qconfig: dict) -> bool:

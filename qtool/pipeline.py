@@ -143,6 +143,7 @@ class LayerPlan:
     specs: dict[str, LayerSpec]  # tensor name -> spec
     notes: dict[str, str]  # tensor name -> what the format changed, for the summary
     run_notes: list[str] = field(default_factory=list)  # what the format left out, for the summary
+    kept: dict[str, str] = field(default_factory=dict)  # tensor name -> why the format keeps it unquantized
 
 
 def plan_layers(source: CheckpointSource, recipe: QuantRecipe, writer: FormatWriter) -> LayerPlan:
@@ -161,10 +162,14 @@ def plan_layers(source: CheckpointSource, recipe: QuantRecipe, writer: FormatWri
     linears = [module_of(m.name) for m in source.tensors() if m.name.endswith(".weight") and len(m.shape) == 2]
     writer.structure = source.structure
     writer.check_plan({module_of(m.name) for m in chosen}, linears, recipe)
-    choices = writer.choose_groups({module_of(m.name): m.shape[1] for m in chosen}, recipe)
+    choices = writer.choose_layouts({module_of(m.name): tuple(m.shape) for m in chosen}, recipe)
+    extra = writer.spec_options(recipe)
     for m in chosen:
         choice = choices[module_of(m.name)]
-        plan.specs[m.name] = LayerSpec(m.name, qtype, choice.strategy, choice.group_size, recipe.symmetric)
+        if choice.strategy == "keep":  # the format cannot hold this layer quantized: full precision, said why
+            plan.kept[m.name] = choice.note or "kept in full precision by the format"
+            continue
+        plan.specs[m.name] = LayerSpec(m.name, qtype, choice.strategy, choice.group_size, recipe.symmetric, **extra)
         if choice.note:
             plan.notes[m.name] = choice.note
     return plan
@@ -391,6 +396,7 @@ def run(
     else:
         plan = plan_layers(source, recipe, writer) if recipe and not writer.self_quantizing else LayerPlan({}, {})
     report = RunReport(model, str(out), writer.registry_name, recipe.to_dict() if recipe else None, writer.describe())
+    report.notes_extra = _summarize_kept(plan.kept)
     if recipe is not None and not writer.self_quantizing:
         report.notes_extra.extend(plan.run_notes + fused_expert_notes(source, writer))
     calib = stats = None
@@ -469,6 +475,14 @@ def _summarize_notes(layers: list[LayerResult]) -> list[str]:
         if layer.note:
             counts[layer.note] = counts.get(layer.note, 0) + 1
     return [f"{n} layers: {note}" for note, n in counts.items()]
+
+
+def _summarize_kept(kept: dict[str, str]) -> list[str]:
+    by_note: dict[str, list[str]] = {}
+    for name, note in kept.items():
+        by_note.setdefault(note, []).append(module_of(name))
+    return [f"{len(ms)} layers kept in full precision ({', '.join(ms[:3])}{', ...' if len(ms) > 3 else ''}): {note}"
+            for note, ms in by_note.items()]
 
 
 def _brief(report: RunReport) -> dict:

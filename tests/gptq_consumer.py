@@ -1,9 +1,15 @@
-"""Runs inside the isolated GPTQ venv (.cache/gptq-venv: transformers + optimum + gptqmodel), not
-the project's: load GPTQ folders with stock transformers, save what the loaded model computes.
+"""Runs inside an isolated consumer venv, not the project's (.cache/gptq-venv: transformers +
+optimum + gptqmodel (+ auto-round); .cache/otf-venv: transformers + bitsandbytes + torchao): load
+folders with stock transformers `from_pretrained`, save what the loaded model computes.
 
 usage: python gptq_consumer.py OUT.pt FOLDER...   (one process for all folders: imports cost ~5 s)
-OUT.pt: {folder: {"logits", "ids", "kernels", "weights", "dtype"}}, computed in bfloat16 (or what the
-loader forces: auto-round's float16)."""
+OUT.pt: {folder: {"logits", "ids", "kernels", "weights", "linears", "loading_info", "dtype"}}, in
+bfloat16 (or what the loader forces: auto-round's float16):
+  kernels       class names of the quantized modules (and of torchao's weight tensor subclasses)
+  weights       {quantized module: the [out, in] weight its kernel computes with}
+  linears       the same for every Linear-shaped module, quantized or not
+  loading_info  transformers' load report: missing / unexpected / mismatched keys
+  dtype         what the model computed in"""
 
 import os
 import sys
@@ -15,28 +21,60 @@ import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText  # noqa: E402
 
 DTYPE = torch.bfloat16
+
+
+def is_quantized(m: torch.nn.Module) -> bool:
+    """A quantized kernel module (GPTQ's qweight, bitsandbytes' Linear4bit/8bitLt, FP8Linear...) or
+    a Linear whose weight is a tensor subclass (torchao)."""
+    if hasattr(m, "qweight"):
+        return True
+    w = getattr(m, "weight", None)
+    if w is None or not hasattr(m, "in_features"):
+        return False
+    return type(m) is not torch.nn.Linear or type(w.data) is not torch.Tensor or w.dtype not in (torch.bfloat16, torch.float16, torch.float32)
+
+
+def kernel_name(m: torch.nn.Module) -> str:
+    w = getattr(m, "weight", None)
+    sub = type(w.data).__name__ if w is not None and type(w.data) is not torch.Tensor else None
+    return f"{type(m).__name__}[{sub}]" if sub else type(m).__name__
+
+
+def in_features(m: torch.nn.Module) -> int | None:
+    return getattr(m, "in_features", None) or getattr(m, "infeatures", None)  # auto-round's QuantLinear: infeatures
+
+
+def computed_weight(m: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The module applied to the identity (every output is one weight times 1) with its bias
+    zeroed, transposed to [out, in]: the weight as its kernel computes with it."""
+    bias = getattr(m, "bias", None)
+    saved = bias.detach().clone() if bias is not None else None
+    if bias is not None:
+        bias.data.zero_()
+    w = m(torch.eye(in_features(m), dtype=dtype)).float().T.contiguous()
+    if bias is not None:
+        bias.data.copy_(saved)
+    return w
+
+
 results = {}
 for folder in sys.argv[2:]:
     arch = (AutoConfig.from_pretrained(folder).architectures or [""])[0]
     auto = AutoModelForImageTextToText if arch.endswith("ForConditionalGeneration") else AutoModelForCausalLM
-    model = auto.from_pretrained(folder, dtype=DTYPE, device_map="cpu")
+    model, info = auto.from_pretrained(folder, dtype=DTYPE, device_map="cpu", output_loading_info=True)
     ids = torch.arange(3, 3 + 24).reshape(1, -1) % model.get_input_embeddings().num_embeddings
-    kernels = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
-    weights = {}
+    quantized = {n for n, m in model.named_modules() if is_quantized(m)}
+    kernels = sorted({kernel_name(m) for n, m in model.named_modules() if n in quantized})
+    weights, linears = {}, {}
     with torch.no_grad():
         logits = model(ids).logits[0].float()
-        # each quantized module's weight as its kernel computes with it: the module applied to the
-        # identity (every output is one weight times 1) with its bias zeroed, transposed to [out, in]
         for n, m in model.named_modules():
-            if hasattr(m, "qweight"):
-                bias = m.bias.clone() if getattr(m, "bias", None) is not None else None
-                if bias is not None:
-                    m.bias.zero_()
-                in_f = getattr(m, "in_features", None) or m.infeatures  # auto-round's QuantLinear: infeatures
-                weights[n] = m(torch.eye(in_f, dtype=model.dtype)).float().T.contiguous()
-                if bias is not None:
-                    m.bias.copy_(bias)
-    # "dtype": what the model computed in (auto-round forces float16 on some backends)
-    results[folder] = {"logits": logits, "ids": ids, "kernels": kernels, "weights": weights, "dtype": str(model.dtype)}
+            if in_features(m) and (hasattr(m, "weight") or hasattr(m, "qweight")):
+                linears[n] = computed_weight(m, model.dtype)
+                if n in quantized:
+                    weights[n] = linears[n]
+    info = {k: sorted(map(str, v)) for k, v in info.items() if isinstance(v, (list, set, tuple))}
+    results[folder] = {"logits": logits, "ids": ids, "kernels": kernels, "weights": weights, "linears": linears,
+                       "loading_info": info, "dtype": str(model.dtype)}
     print(folder, kernels, flush=True)
 torch.save(results, sys.argv[1])

@@ -14,6 +14,7 @@ from qtool.cli import options as opt
 from qtool.cli._app import ProgressDisplay, handle_errors, human_bytes, out, print_json
 from qtool.cli.method_options import with_method_options
 from qtool.config import make_recipe
+from qtool.formats import FORMATS
 from qtool.recipe_file import load_recipe_file, merge, recipe_kwargs
 from qtool.model.resolve import open_source
 from qtool.errors import UsageError
@@ -32,12 +33,14 @@ def _quantize(
     model: Annotated[str, typer.Argument(help="Local folder, .safetensors/.gguf file, or Hub id (org/name).")],
     method: opt.Method = "rtn",
     bits: opt.Bits = None,
-    qtype: Annotated[Optional[str], typer.Option("--qtype", help="Weight type instead of --bits: int8, int4, int3, int2, fp8.")] = None,
+    qtype: Annotated[Optional[str], typer.Option("--qtype", help="Weight type instead of --bits: int8, int4, int3, int2, fp8, nf4, fp4 (nf4/fp4: 4-bit tables, -f bitsandbytes) [default: the format's, else int4].")] = None,
     group_size: opt.GroupSize = "channel",
     asym: Annotated[Optional[bool], typer.Option("--asym/--sym", help="Asymmetric grid (with zero points) or symmetric [default: the method's: awq asymmetric, others symmetric].", show_default=False)] = None,
     fmt: opt.Format = "compressed-tensors",
     gguf_type: opt.GGUFType = None,
     imatrix: opt.Imatrix = None,
+    double_quant: Annotated[bool, typer.Option("--double-quant", help="-f bitsandbytes nf4/fp4: store the block absmax values in 8 bits (blocks of 256), as bnb_4bit_use_double_quant.")] = False,
+    activations: Annotated[Optional[str], typer.Option("--activations", help="-f torchao --qtype int8: 'int8' for dynamic per-token int8 activations (Int8DynamicActivationInt8WeightConfig) instead of weight-only.")] = None,
     out_path: opt.Out = None,
     target: Annotated[Optional[list[str]], typer.Option("--target", help="Quantize only modules matching this glob (repeatable).")] = None,
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Leave modules matching this glob unquantized (repeatable).")] = None,
@@ -83,9 +86,15 @@ def _quantize(
 
       qtool quantize ./my-model -m gptq -b 4 --dataset calib.txt --eval -o my-model-gptq
 
+      qtool quantize ./my-model -f bitsandbytes --qtype nf4 --double-quant -o my-model-nf4
+
+      qtool quantize ./my-model -f torchao --qtype int4 -g 32 -o my-model-ao-int4
+
       qtool calibrate ./my-model --dataset wikitext2 -o stats.safetensors
       qtool quantize ./my-model -m gptq -b 4 -g 128 --stats stats.safetensors
     """
+    if qtype is None and bits is None:  # a format made for one type defaults to it (bitsandbytes: nf4, fp8: fp8)
+        qtype = getattr(FORMATS.get(fmt), "default_qtype", None)
     kwargs = dict(
         method=method, bits=bits, qtype=qtype, group_size=group_size, asym=asym, fmt=fmt,
         targets=target, ignore=ignore, strict_groups=strict_groups, device=device,
@@ -96,7 +105,8 @@ def _quantize(
     if recipe_file is not None:
         kwargs = merge(kwargs, explicit_options(ctx), recipe_kwargs(load_recipe_file(recipe_file)))
     recipe = make_recipe(**kwargs)
-    writer = validate_early(recipe, recipe.format, type=gguf_type, imatrix=imatrix)  # exit 2/3 here, before anything is loaded or downloaded
+    writer = validate_early(recipe, recipe.format, type=gguf_type, imatrix=imatrix, double_quant=double_quant or None,
+                            activations=activations)  # exit 2/3 here, before anything is loaded or downloaded
     evaluation = eval_request(run_eval, eval_dataset, recipe.dataset, eval_windows, eval_seq_len)
     dest = out_path or default_out(model, recipe)
     with open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as source:

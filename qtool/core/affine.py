@@ -85,3 +85,17 @@ def quantize_float8(w: torch.Tensor, qtype: QType, *, strategy: str = "channel",
     q = (g / scale.float().unsqueeze(-1)).clamp(qtype.qmin, qtype.qmax)
     codes = q.reshape(out, cols).to(qtype.torch_dtype)
     return QuantizedWeight(qtype, codes, scale, None, strategy, None)
+
+
+def quantize_float8_blocks(w: torch.Tensor, qtype: QType, block: tuple[int, int], *, scale_dtype: torch.dtype | None = None) -> QuantizedWeight:
+    """float8 with one scale per `block` tile of rows x columns (fine-grained FP8, 128 x 128):
+    s = max|w| / 448 over the tile; a partial last tile is scaled over what it holds."""
+    out, cols = w.shape
+    r, c = block
+    scale_dtype = scale_dtype or w.dtype
+    pr, pc = (-out) % r, (-cols) % c
+    t = torch.nn.functional.pad(w.float(), (0, pc, 0, pr)).reshape((out + pr) // r, r, (cols + pc) // c, c)
+    scale = _safe_scale(t.abs().amax(dim=(1, 3)) / qtype.qmax, scale_dtype)  # [rows / r, cols / c]
+    q = (t / scale.float()[:, None, :, None]).clamp(qtype.qmin, qtype.qmax)
+    codes = q.reshape(out + pr, cols + pc)[:out, :cols].to(qtype.torch_dtype)
+    return QuantizedWeight(qtype, codes, scale, None, "block", None, block=block)

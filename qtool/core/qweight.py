@@ -1,8 +1,13 @@
 """The one object every method returns: an *unpacked* quantized weight.
 
 Codes are held one per element (int8 for integer types, in the signed range [qmin, qmax]; float8
-for fp8), with scales and zero points per (row, group). Writers do all packing, offsetting and
-renaming for their consumer; `dequantize()` is the plain-torch reference everybody agrees with.
+for fp8; uint8 table indices for lookup-table types such as NF4), with scales and zero points per
+(row, group), or per 2-D block ("block" strategy: fine-grained FP8's 128 x 128 tiles). Writers do
+all packing, offsetting and renaming for their consumer; `dequantize()` is the plain-torch
+reference everybody agrees with.
+
+Scales that are themselves quantized (bitsandbytes' double quantization) keep their dequantized
+values in `scale`, the stored decomposition in `nested` (`NestedScale.dequantize()` == `scale`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,26 @@ from qtool.qtypes import QType
 
 
 @dataclass
+class NestedScale:
+    """8-bit codes of a weight's scales, taken flat (row-major) in blocks of `block`:
+    scale = table[code] * absmax[block] + offset, computed in float32."""
+
+    codes: torch.Tensor  # [n] uint8
+    absmax: torch.Tensor  # [ceil(n / block)] float32
+    table: torch.Tensor  # [256] float32
+    offset: float
+    block: int
+
+    def dequantize(self) -> torch.Tensor:
+        vals = self.table[self.codes.long()]
+        per = self.absmax.repeat_interleave(self.block)[: vals.numel()]
+        return vals * per + torch.tensor(self.offset, dtype=torch.float32)
+
+    def storage_bits(self) -> int:
+        return self.codes.numel() * 8 + (self.absmax.numel() + self.table.numel() + 1) * 32
+
+
+@dataclass
 class QuantizedWeight:
     qtype: QType
     codes: torch.Tensor  # [out, in]; int8 signed codes, or float8
@@ -24,6 +49,8 @@ class QuantizedWeight:
     strategy: str  # "tensor" | "channel" | "group"
     group_size: int | None = None  # for "group"; the last group may be partial
     g_idx: torch.Tensor | None = None  # [in] group of each input column when not j // group_size (act-order)
+    block: tuple[int, int] | None = None  # "block" strategy: (rows, cols) per scale; scale [ceil(out/r), ceil(in/c)]
+    nested: NestedScale | None = None  # how `scale` is stored when it is itself quantized
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -41,10 +68,21 @@ class QuantizedWeight:
         """[in] -> index of the scale column that applies to each input column."""
         return column_groups(self.shape[1], self.strategy, self.group_size, self.g_idx, self.codes.device)
 
+    def values(self) -> torch.Tensor:
+        """The codes as the float32 numbers they stand for (before scaling)."""
+        if self.qtype.kind == "lut":
+            return self.qtype.table(self.codes.device)[self.codes.long()]
+        return self.codes.to(torch.float32)
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Reference dequantization, computed in float32: W = (q - z) * s."""
+        """Reference dequantization, computed in float32: W = (q - z) * s (lookup-table types:
+        q = levels[code])."""
         out, cols = self.shape
-        q = self.codes.to(torch.float32)
+        q = self.values()
+        if self.strategy == "block":
+            r, c = self.block  # type: ignore[misc]
+            s = self.scale.to(torch.float32).repeat_interleave(r, 0)[:out].repeat_interleave(c, 1)[:, :cols]
+            return (q * s).to(dtype or self.scale.dtype)
         if self.g_idx is None and (self.strategy != "group" or cols % self.group_size == 0):  # type: ignore[operator]
             # Whole groups: broadcast scales over a [out, groups, k] view instead of gathering.
             q = q.reshape(out if self.strategy != "tensor" else 1, self.n_groups, -1)
@@ -60,7 +98,8 @@ class QuantizedWeight:
 
     def storage_bits(self) -> int:
         """Bits this weight needs when stored densely: codes + scales + zero points."""
-        bits = self.codes.numel() * self.qtype.bits + self.scale.numel() * self.scale.element_size() * 8
+        bits = self.codes.numel() * self.qtype.bits
+        bits += self.nested.storage_bits() if self.nested is not None else self.scale.numel() * self.scale.element_size() * 8
         if self.zero_point is not None:
             bits += self.zero_point.numel() * self.qtype.bits
         return bits

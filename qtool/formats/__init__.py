@@ -8,3 +8,4 @@ from qtool.formats import compressed_tensors, safetensors_plain  # noqa: E402,F4
 from qtool.formats.gguf import writer as gguf_writer  # noqa: E402,F401
 from qtool.formats import gptq  # noqa: E402,F401
 from qtool.formats import awq, autoround  # noqa: E402,F401
+from qtool.formats import bitsandbytes, torchao, fp8, eetq  # noqa: E402,F401

@@ -19,7 +19,7 @@ from qtool.model.source import CheckpointSource
 
 @dataclass(frozen=True)
 class GroupChoice:
-    strategy: str
+    strategy: str  # "keep": the format leaves this layer in full precision (`note` says why)
     group_size: int | None
     note: str | None = None  # set when the format changed what was asked, shown in the summary
 
@@ -57,6 +57,11 @@ class FormatWriter(ABC):
         if self.quantizes and kind not in self.qtype_kinds:
             raise UnsupportedError(f"--format {self.registry_name} cannot hold {recipe.qtype} weights")
 
+    def choose_layouts(self, shapes: dict[str, tuple[int, int]], recipe: QuantRecipe) -> dict[str, GroupChoice]:
+        """The layout of every layer to quantize ({module: (out, in)} -> choice); formats whose
+        tiles span rows too (fine-grained FP8) override this, the others `choose_groups`."""
+        return self.choose_groups({m: s[1] for m, s in shapes.items()}, recipe)
+
     def choose_groups(self, widths: dict[str, int], recipe: QuantRecipe) -> dict[str, GroupChoice]:
         """The group layout of every layer to quantize ({module: input width} -> choice).
 
@@ -84,6 +89,10 @@ class FormatWriter(ABC):
             )
         note = f"group size {smaller[-1]} instead of {g}: {width} ({layer}) is not a multiple of {g}"
         return {m: GroupChoice("group", smaller[-1], note) for m in widths}
+
+    def spec_options(self, recipe: QuantRecipe) -> dict:
+        """LayerSpec fields the format fixes for every layer (scale dtype, FP8 blocks, double quant)."""
+        return {}
 
     def describe(self) -> str | None:
         """The format's own type choice for the run report (GGUF: the mixture), if any."""

@@ -253,19 +253,24 @@ def safetensors_report(ck: _Checkpoint, ctx: int, batch: int) -> InspectReport:
     qconfig = config.get("quantization_config") or {}
     quant_method = qconfig.get("quant_method")
     is_ct = quant_method == "compressed-tensors"
+    from qtool.inspect.otf import METHODS as OTF_METHODS, otf_rows
+
     packed = _packed_layout(config, ck.source)
+    is_otf = packed is None and quant_method in OTF_METHODS
     if is_ct:
         tensors = _ct_rows(ck.tensors, qconfig, ck.read_ints)
     elif packed is not None:
         from qtool.inspect.packed import packed_rows
 
         tensors = packed_rows(ck.tensors, packed)
+    elif is_otf:
+        tensors = otf_rows(ck.tensors, quant_method, qconfig, ck.metadata, ck.read_ints)
     else:
         tensors = [_plain_row(t) for t in ck.tensors]
     notes = []
     if ck.config is None:
         notes.append("no config.json: KV cache size unknown")
-    if quant_method and not is_ct and packed is None:
+    if quant_method and not is_ct and packed is None and not is_otf:
         notes.append(f"quant_method {quant_method!r}: tensors listed as stored, parameter counts not decoded")
     dtype = _dominant_dtype(ck.tensors)
     if is_ct:

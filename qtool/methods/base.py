@@ -23,6 +23,8 @@ class LayerSpec:
     group_size: int | None
     symmetric: bool
     scale_dtype: torch.dtype | None = None  # dtype the scales are stored in; None: the weight's own
+    block: tuple[int, int] | None = None  # "block" strategy: rows x columns per scale (fine-grained FP8)
+    double_quant: bool = False  # lookup-table types: store the block absmax values in 8 bits (bitsandbytes)
 
 
 class QuantMethod(ABC):

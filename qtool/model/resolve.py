@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from qtool.errors import FormatError
-from qtool.model.safetensors_source import AUX_FILES, SafetensorsSource, check_not_pickle_file
+from qtool.model.safetensors_source import AUX_FILES, SafetensorsSource, check_not_pickle_file, read_config
 from qtool.model.source import CheckpointSource
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -69,4 +69,8 @@ def open_source(
         check_not_pickle_file(path, allow_pickle)
         if path.suffix != ".safetensors":
             raise FormatError(f"{path}: not a model file qtool reads (.safetensors, .gguf, or a folder)")
+    from qtool.model.dequantized_source import DequantizedSource, dequantizable
+
+    if path.is_dir() and (path / "config.json").is_file() and dequantizable(read_config(path)):
+        return DequantizedSource(path)  # bitsandbytes, torchao, FP8, EETQ layouts: read dequantized
     return SafetensorsSource(path, allow_pickle=allow_pickle)
