@@ -29,7 +29,7 @@ def quantize(
     model: Annotated[str, typer.Argument(help="Local folder, .safetensors/.gguf file, or Hub id (org/name).")],
     method: opt.Method = "rtn",
     bits: opt.Bits = None,
-    qtype: Annotated[Optional[str], typer.Option("--qtype", help="Weight type instead of --bits: int8, int4, int3, int2, fp8.")] = None,
+    qtype: Annotated[Optional[str], typer.Option("--qtype", help="Weight type instead of --bits: int8, int4, int3, int2, fp8 (int6, int5, int1 for -m hqq).")] = None,
     group_size: opt.GroupSize = "channel",
     asym: Annotated[bool, typer.Option("--asym", help="Asymmetric grid (with zero points).")] = False,
     fmt: opt.Format = "compressed-tensors",

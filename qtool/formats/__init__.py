@@ -7,3 +7,4 @@ FORMATS: Registry = Registry("format")
 from qtool.formats import compressed_tensors, safetensors_plain  # noqa: E402,F401
 from qtool.formats.gguf import writer as gguf_writer  # noqa: E402,F401
 from qtool.formats import gptq  # noqa: E402,F401
+from qtool.formats import hqq  # noqa: E402,F401

@@ -27,6 +27,7 @@ class QuantMethod(ABC):
     registry_name: str
     needs_calibration: bool = False
     supported_kinds: tuple[str, ...] = ("int", "float")
+    always_asymmetric: bool = False  # its grid has zero points whatever --asym says (HQQ)
 
     @abstractmethod
     def quantize(self, w: torch.Tensor, spec: LayerSpec) -> QuantizedWeight:
