@@ -76,3 +76,26 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch
         out[..., i] = val & mask
     out = out.reshape(*lead, -1)[..., :n].to(torch.int32)
     return out.movedim(-1, dim).contiguous()
+
+
+# AWQ's nibble order (also Quark's `pack_method: reorder`): nibble j (bits 4j..4j+3) of a word
+# holds column AWQ_ORDER[j] of its block of 8 columns.
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def pack_int4_awq_order(values: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit codes [..., n] (n % 8 == 0) -> int32 words [..., n/8] in AWQ's nibble order."""
+    v = values.to(torch.int64).reshape(*values.shape[:-1], -1, 8)
+    words = torch.zeros(v.shape[:-1], dtype=torch.int64, device=v.device)
+    for j, col in enumerate(AWQ_ORDER):
+        words |= (v[..., col] & 0xF) << (4 * j)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_int4_awq_order(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4_awq_order: int32 [..., m] -> unsigned codes int32 [..., 8m]."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    out = torch.empty((*w.shape, 8), dtype=torch.int64, device=w.device)
+    for j, col in enumerate(AWQ_ORDER):
+        out[..., col] = (w >> (4 * j)) & 0xF
+    return out.reshape(*w.shape[:-1], -1).to(torch.int32)

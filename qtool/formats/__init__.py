@@ -8,3 +8,5 @@ from qtool.formats import compressed_tensors, safetensors_plain  # noqa: E402,F4
 from qtool.formats.gguf import writer as gguf_writer  # noqa: E402,F401
 from qtool.formats import gptq  # noqa: E402,F401
 from qtool.formats import hqq  # noqa: E402,F401
+from qtool.formats import quanto  # noqa: E402,F401
+from qtool.formats import quark  # noqa: E402,F401
