@@ -3,7 +3,7 @@
 format's own runtime, save what the loaded model computes; and run hqq's quantizer itself.
 
 usage: python onthefly_consumer.py OUT.pt JOB...      (one process for all jobs: imports cost seconds)
-  JOB = hqq:FOLDER | quanto:FOLDER | quark:FOLDER      -> {"logits", "ids", "modules"}
+  JOB = hqq:FOLDER | quanto:FOLDER | quark:FOLDER      -> {"logits", "ids", "modules", "weights", ...}
       | hqq-quantize:IN.pt   IN.pt = {"w": [out, in] float32, "cases": [(nbits, group_size), ...]}
                              -> {(nbits, group_size): {"W_q", "scale", "zero"}} from hqq's Quantizer
 OUT.pt: {JOB: result}. Logits in float32 for the ids 3..26 (mod vocab)."""
@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 DTYPE = torch.float32
+QUANT_MODULES = ("HQQLinear", "QLinear", "QParamsLinear")
 
 
 def load_hqq(folder):
@@ -39,11 +40,23 @@ def load_quark(folder):
 def run_model(kind, folder):
     model = {"hqq": load_hqq, "quanto": load_quanto, "quark": load_quark}[kind](folder).eval()
     ids = torch.arange(3, 3 + 24).reshape(1, -1) % model.config.vocab_size
+    dtype = model.get_input_embeddings().weight.dtype
+    weights = {}
     with torch.no_grad():
         logits = model(ids).logits[0].float()
+        # each quantized module's weight as its runtime computes with it: the module applied to the
+        # identity (every output is one weight times 1) with its bias zeroed, transposed to [out, in]
+        for n, m in model.named_modules():
+            if type(m).__name__ in QUANT_MODULES:
+                bias = m.bias.clone() if getattr(m, "bias", None) is not None else None
+                if bias is not None:
+                    m.bias.zero_()
+                weights[n] = m(torch.eye(m.in_features, dtype=dtype)).float().T.contiguous()
+                if bias is not None:
+                    m.bias.copy_(bias)
     modules = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.split(".")[0] in ("hqq", "optimum", "quark")})
     meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    return {"logits": logits, "ids": ids, "modules": modules, "meta_params": meta}
+    return {"logits": logits, "ids": ids, "modules": modules, "meta_params": meta, "weights": weights, "dtype": str(dtype)}
 
 
 def hqq_quantize(path):

@@ -120,9 +120,8 @@ class HQQWriter(FormatWriter):
     float_zero_points = True
 
     def check_recipe(self, recipe: QuantRecipe) -> None:
-        super().check_recipe(recipe)
         bits = recipe.weight_type.bits
-        if bits not in PACKING:
+        if not recipe.weight_type.is_int or bits not in PACKING:
             raise UnsupportedError(f"--format hqq holds {', '.join(map(str, sorted(PACKING)))}-bit integers, not {recipe.qtype}")
 
     def check_plan(self, quantized: set[str], linears: list[str], recipe: QuantRecipe) -> None:
