@@ -10,7 +10,7 @@ MODEL_DIR := $(CACHE)/SmolLM2-135M-Instruct-bf16
 DEMO_OUT := $(CACHE)/demo/SmolLM2-135M-Instruct-rtn-w4g64
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test bench clean llama-cpp gptq-venv autoround-venv otf-venv
+.PHONY: setup model demo test bench clean llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -74,7 +74,20 @@ $(OTF_VENV)/.installed:
 	$(OTF_VENV)/bin/pip install -q -c $(CACHE)/otf-constraints.txt transformers==5.23.0 bitsandbytes==0.50.2 torchao==0.18.0 accelerate
 	touch $@
 
-test: setup llama-cpp gptq-venv autoround-venv otf-venv
+# The runtimes of the on-the-fly formats qtool writes as files, in one venv (they agree on
+# transformers 5.23): hqq's AutoHQQHFModel (-f hqq), optimum-quanto's QuantizedModelForCausalLM
+# (-f quanto), transformers + amd-quark (-f quark); judges in tests/test_hqq.py,
+# tests/test_quanto_format.py, tests/test_quark_format.py (~12 min on a busy 2-core machine).
+OTF2_VENV := $(CACHE)/hqq-quanto-quark-venv
+hqq-quanto-quark-venv: $(OTF2_VENV)/.installed
+$(OTF2_VENV)/.installed:
+	$(PY) -m venv $(OTF2_VENV)
+	$(OTF2_VENV)/bin/pip install -q torch==2.13.0
+	echo torch==2.13.0 > $(CACHE)/hqq-quanto-quark-constraints.txt
+	$(OTF2_VENV)/bin/pip install -q -c $(CACHE)/hqq-quanto-quark-constraints.txt transformers==5.23.0 hqq==0.2.8 optimum-quanto==0.2.7 amd-quark==0.13
+	touch $@
+
+test: setup llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q $(PYTEST_ARGS)
 
 bench: model

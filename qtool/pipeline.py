@@ -267,8 +267,14 @@ def _write_quantized(
     if not torch.isfinite(qw.scale.float()).all():  # NaN/Inf in a weight reach its scales: a free check
         check_finite(name, w, where)
     err = sqnr_db(w, qw.dequantize(torch.float32))
+    note = plan.notes.get(name)
+    if qw.float_zeros and not writer.float_zero_points:  # HQQ's float zeros into an integer-zero format
+        qw = qw.with_integer_zeros(w)
+        rounded = sqnr_db(w, qw.dequantize(torch.float32))
+        note = "; ".join(filter(None, [note, f"float zero points rounded to integers: SQNR {err:.1f} -> {rounded:.1f} dB"]))
+        err = rounded
     outcome = writer.add_quantized(name, qw)  # writers move to CPU as they serialise
-    strategy, group, note, bits = spec.strategy, spec.group_size, plan.notes.get(name), qw.storage_bits()
+    strategy, group, bits = spec.strategy, spec.group_size, qw.storage_bits()
     if outcome is not None:  # a self-quantizing writer (GGUF) says which type holds it and what that changed
         strategy, group, note, bits = outcome.qtype, None, outcome.note, outcome.storage_bits
     report.layers.append(LayerResult(name, tuple(w.shape), strategy, group, err, note, stats))
@@ -504,6 +510,8 @@ def validate_early(recipe: QuantRecipe | None, fmt: str, **writer_options: objec
         if recipe.weight_type.kind not in method.supported_kinds and not writer.self_quantizing:
             raise UnsupportedError(f"--method {recipe.method} cannot produce {recipe.qtype} weights")
         check_calibration_flags(recipe, method)
+        if method.always_asymmetric:
+            recipe.symmetric = False  # HQQ optimizes zero points: its grid is asymmetric by construction
         if method.needs_calibration and writer.self_quantizing and not hasattr(writer, "calibration_specs"):
             raise UnsupportedError(f"--method {recipe.method}: --format {fmt} quantizes with its own block types; use -m rtn")
         writer.check_recipe(recipe)

@@ -65,6 +65,9 @@ QTYPES: dict[str, QType] = {
         _int(4),
         _int(3),
         _int(2),
+        _int(6),  # 6, 5 and 1 bits: HQQ's widths (-m hqq); any integer-holding format may take them
+        _int(5),
+        _int(1),
         QType("fp8_e4m3", "float", 8, -448.0, 448.0, torch.float8_e4m3fn),
         _lut("nf4", NF4_LEVELS),
         _lut("fp4", FP4_LEVELS),
@@ -72,7 +75,7 @@ QTYPES: dict[str, QType] = {
 }
 
 # What `--bits` means when no `--qtype` is given.
-BITS_TO_QTYPE = {8: "int8", 4: "int4", 3: "int3", 2: "int2"}
+BITS_TO_QTYPE = {8: "int8", 4: "int4", 3: "int3", 2: "int2", 6: "int6", 5: "int5", 1: "int1"}
 
 
 def get_qtype(name: str) -> QType:

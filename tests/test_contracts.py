@@ -89,14 +89,14 @@ def test_bad_group_sizes_are_usage_errors(bad):
 @pytest.mark.parametrize(
     "kwargs,err",
     [
-        (dict(bits=5), "--bits 5"),
+        (dict(bits=7), "--bits 7"),
         (dict(qtype="fp8", asym=True), "--asym"),
         (dict(qtype="fp8", group_size="64"), "--group-size 64"),
         (dict(bits=4, group_size="tensor"), "tensor"),
         (dict(bits=8, qtype="int4"), "contradicts"),
-        (dict(qtype="int5"), "unknown weight type"),
+        (dict(qtype="int7"), "unknown weight type"),
     ],
-    ids=["bits5", "fp8-asym", "fp8-group", "int-tensor", "bits-vs-qtype", "unknown-qtype"],
+    ids=["bits7", "fp8-asym", "fp8-group", "int-tensor", "bits-vs-qtype", "unknown-qtype"],
 )
 def test_recipe_refuses_bad_flag_combinations(kwargs, err):
     base = dict(method="rtn", bits=None, qtype=None, group_size="channel", asym=False, fmt="compressed-tensors")

@@ -10,7 +10,7 @@ import typer
 Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (or file, for single-file formats).")]
 Format = Annotated[str, typer.Option("--format", "-f", help="Output format (see `qtool formats`).")]
 Method = Annotated[str, typer.Option("--method", "-m", help="Quantization method (see `qtool formats`).")]
-Bits = Annotated[Optional[int], typer.Option("--bits", "-b", help="Weight bits: 8, 4, 3 or 2 (integer types).")]
+Bits = Annotated[Optional[int], typer.Option("--bits", "-b", help="Weight bits: 8, 4, 3 or 2 (integer types); 6, 5 and 1 for -m hqq.")]
 GroupSize = Annotated[
     str,
     typer.Option("--group-size", "-g", help="Input columns per scale: N >= 1, 'channel' (or -1) per output channel, 'tensor' (fp8)."),

@@ -33,7 +33,7 @@ def _quantize(
     model: Annotated[str, typer.Argument(help="Local folder, .safetensors/.gguf file, or Hub id (org/name).")],
     method: opt.Method = "rtn",
     bits: opt.Bits = None,
-    qtype: Annotated[Optional[str], typer.Option("--qtype", help="Weight type instead of --bits: int8, int4, int3, int2, fp8, nf4, fp4 (nf4/fp4: 4-bit tables, -f bitsandbytes) [default: the format's, else int4].")] = None,
+    qtype: Annotated[Optional[str], typer.Option("--qtype", help="Weight type instead of --bits: int8, int4, int3, int2, fp8, nf4, fp4 (nf4/fp4: 4-bit tables, -f bitsandbytes; int6, int5, int1 for -m hqq) [default: the format's, else int4].")] = None,
     group_size: opt.GroupSize = "channel",
     asym: Annotated[Optional[bool], typer.Option("--asym/--sym", help="Asymmetric grid (with zero points) or symmetric [default: the method's: awq asymmetric, others symmetric].", show_default=False)] = None,
     fmt: opt.Format = "compressed-tensors",

@@ -8,11 +8,16 @@ reference everybody agrees with.
 
 Scales that are themselves quantized (bitsandbytes' double quantization) keep their dequantized
 values in `scale`, the stored decomposition in `nested` (`NestedScale.dequantize()` == `scale`).
+
+Zero points are int8 codes on the signed grid, or (HQQ) floating point on the same signed grid:
+W = (q - z) * s either way. A writer whose format holds only integer zeros sets nothing and the
+pipeline hands it `with_integer_zeros()` (rounded, the loss reported); one that holds float zeros
+(offsets, shifts, K-type mins) sets `FormatWriter.float_zero_points`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -45,7 +50,7 @@ class QuantizedWeight:
     qtype: QType
     codes: torch.Tensor  # [out, in]; int8 signed codes, or float8
     scale: torch.Tensor  # [out, n_groups] ("tensor" strategy: [1, 1]); in the checkpoint dtype
-    zero_point: torch.Tensor | None  # [out, n_groups] int8 signed codes; None when symmetric
+    zero_point: torch.Tensor | None  # [out, n_groups] int8 signed codes (or float, HQQ); None when symmetric
     strategy: str  # "tensor" | "channel" | "group"
     group_size: int | None = None  # for "group"; the last group may be partial
     g_idx: torch.Tensor | None = None  # [in] group of each input column when not j // group_size (act-order)
@@ -59,6 +64,25 @@ class QuantizedWeight:
     @property
     def symmetric(self) -> bool:
         return self.zero_point is None
+
+    @property
+    def float_zeros(self) -> bool:
+        """Zero points that are not integers' codes (HQQ's half-quadratic solver finds real ones)."""
+        return self.zero_point is not None and self.zero_point.is_floating_point()
+
+    def with_integer_zeros(self, w: torch.Tensor | None = None) -> "QuantizedWeight":
+        """What a format that stores integer zeros can hold of a float-zero weight: the nearest
+        integer zero points, and the codes re-rounded for them from the original weight `w`
+        (without `w`, the codes stay: a constant shift of up to s/2 per group)."""
+        if not self.float_zeros:
+            return self
+        z = self.zero_point.float().round().clamp(self.qtype.qmin, self.qtype.qmax)  # type: ignore[union-attr]
+        codes = self.codes
+        if w is not None:
+            idx = self.group_index()
+            q = w.to(torch.float32) / self.scale.float()[:, idx] + z[:, idx]
+            codes = q.round_().clamp_(self.qtype.qmin, self.qtype.qmax).to(torch.int8)
+        return replace(self, codes=codes, zero_point=z.to(torch.int8))
 
     @property
     def n_groups(self) -> int:
@@ -101,5 +125,6 @@ class QuantizedWeight:
         bits = self.codes.numel() * self.qtype.bits
         bits += self.nested.storage_bits() if self.nested is not None else self.scale.numel() * self.scale.element_size() * 8
         if self.zero_point is not None:
-            bits += self.zero_point.numel() * self.qtype.bits
+            per = self.zero_point.element_size() * 8 if self.float_zeros else self.qtype.bits
+            bits += self.zero_point.numel() * per
         return bits

@@ -9,3 +9,6 @@ from qtool.formats.gguf import writer as gguf_writer  # noqa: E402,F401
 from qtool.formats import gptq  # noqa: E402,F401
 from qtool.formats import awq, autoround  # noqa: E402,F401
 from qtool.formats import bitsandbytes, torchao, fp8, eetq  # noqa: E402,F401
+from qtool.formats import hqq  # noqa: E402,F401
+from qtool.formats import quanto  # noqa: E402,F401
+from qtool.formats import quark  # noqa: E402,F401

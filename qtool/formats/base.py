@@ -43,6 +43,8 @@ class FormatWriter(ABC):
     # True when the format quantizes float tensors itself, with its own block types and per-tensor
     # rules (GGUF): the pipeline then hands it every tensor unquantized, through add_tensor().
     self_quantizing: bool = False
+    # True when the format stores float zero points (HQQ's); others get them rounded (core/qweight.py)
+    float_zero_points: bool = False
 
     def __init__(self, **options: object) -> None:
         """Format-specific options (`--type`, `--dtype`); a writer that takes none refuses any."""

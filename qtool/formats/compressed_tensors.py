@@ -131,6 +131,8 @@ class CompressedTensorsWriter(FormatWriter):
 
     def add_quantized(self, name: str, qw: QuantizedWeight) -> None:
         prefix = name[: -len(".weight")]
+        if qw.float_zeros:  # the pipeline rounds them first (with_integer_zeros); never store them silently
+            raise UnsupportedError(f"{prefix}: --format {self.registry_name} holds integer zero points, not float ones")
         trivial = torch.arange(qw.shape[1]) // (qw.group_size or qw.shape[1])
         if qw.g_idx is not None and not torch.equal(qw.g_idx.long().cpu(), trivial):
             raise UnsupportedError(f"{name}: an act-order group map (g_idx) cannot be stored in --format {self.registry_name}")

@@ -166,6 +166,8 @@ class GPTQWriter(FormatWriter):
 
     def add_quantized(self, name: str, qw: QuantizedWeight) -> None:
         prefix = name[: -len(".weight")]
+        if qw.float_zeros:  # the pipeline rounds them first (with_integer_zeros); never store them silently
+            raise UnsupportedError(f"{prefix}: --format {self.registry_name} holds integer zero points, not float ones")
         if qw.symmetric != (self.fmt == "gptq"):
             raise UnsupportedError(f"{prefix}: --format gptq writes one scheme per model; this layer's symmetry differs")
         tensors = pack_gptq(qw, self.fmt)

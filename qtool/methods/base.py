@@ -32,6 +32,7 @@ class QuantMethod(ABC):
     params: type = None  # a MethodParams dataclass (below); None: no options of its own
     needs_calibration: bool = False
     supported_kinds: tuple[str, ...] = ("int", "float")
+    always_asymmetric: bool = False  # its grid has zero points whatever --asym says (HQQ)
 
     @abstractmethod
     def quantize(self, w: torch.Tensor, spec: LayerSpec) -> QuantizedWeight:

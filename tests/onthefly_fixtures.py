@@ -1,0 +1,94 @@
+"""Shared by tests/test_hqq.py, test_quanto_format.py and test_quark_format.py: the tiny sources,
+the qtool outputs their consumer tests judge, and ONE run of tests/onthefly_consumer.py over all
+of them in the isolated venv `make hqq-quanto-quark-venv` builds (its imports dominate its time).
+Without that venv the consumer tests are skipped, saying which target builds it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import invoke_cli
+from tiny_models import build_tiny, make_config, make_model, save_random
+
+ROOT = Path(__file__).resolve().parents[1]
+CONSUMER_PY = Path(os.environ.get("QTOOL_CACHE", ROOT / ".cache")) / "hqq-quanto-quark-venv" / "bin" / "python"
+
+# name -> (source, qtool quantize flags, consumer kind)
+CASES = {
+    "hqq-h4g32": ("llama32", "-m hqq -b 4 -g 32 -f hqq", "hqq"),
+    "hqq-h3g32": ("llama32", "-m hqq -b 3 -g 32 -f hqq", "hqq"),
+    "hqq-h2g16": ("llama32", "-m hqq -b 2 -g 16 -f hqq", "hqq"),
+    "hqq-h8ch": ("llama32", "-m hqq -b 8 -g channel -f hqq", "hqq"),
+    "hqq-rtn4-tied": ("gemma2", "-m rtn -b 4 -g 32 -f hqq", "hqq"),  # tied lm_head, symmetric zero 8
+    "quanto-h4": ("llama32", "-m hqq -b 4 -g 128 -f quanto", "quanto"),  # float shift
+    "quanto-r4asym-wide": ("wide", "-m rtn -b 4 -g 128 --asym -f quanto", "quanto"),  # bf16 g128: TinyGemm path
+    "quanto-r2": ("llama32", "-m rtn -b 2 -g 128 -f quanto", "quanto"),
+    "quanto-r8": ("llama32", "-m rtn -b 8 -f quanto", "quanto"),
+    "quanto-fp8": ("llama32", "--qtype fp8 -f quanto", "quanto"),
+    "quark-r4asym": ("llama32", "-m rtn -b 4 -g 32 --asym -f quark", "quark"),
+    "quark-r4sym-bf16": ("llama", "-m rtn -b 4 -g 32 -f quark", "quark"),
+    "quark-h4": ("llama32", "-m hqq -b 4 -g 32 -f quark", "quark"),  # float zeros rounded
+    "quark-fp8": ("llama", "--qtype fp8 -f quark", "quark"),
+    "quark-fp8-tensor": ("llama32", "--qtype fp8 -g tensor -f quark", "quark"),
+}
+HQQ_CASES = [(4, 64), (3, 32), (2, 16), (8, 128), (1, 32), (5, 64)]  # (nbits, group) for hqq's own Quantizer
+
+
+def build_sources(root: Path) -> dict[str, Path]:
+    """llama (bf16), llama32 (the same weights in float32: runtimes then compute in float32, so
+    logits agree tightly), gemma2 (tied embeddings), wide (bf16, widths 256/384: quanto's g128)."""
+    src = {"llama": build_tiny("llama", root / "llama"), "gemma2": build_tiny("gemma2", root / "gemma2")}
+    make_model("llama").float().save_pretrained(root / "llama32")
+    src["llama32"] = root / "llama32"
+    cfg = make_config("llama")
+    cfg.hidden_size, cfg.intermediate_size, cfg.head_dim = 256, 384, 64
+    src["wide"] = save_random(cfg, root / "wide", 7)
+    return src
+
+
+@pytest.fixture(scope="session")
+def otf_sources(tmp_path_factory) -> dict[str, Path]:
+    return build_sources(tmp_path_factory.mktemp("otf-src"))
+
+
+@pytest.fixture(scope="session")
+def otf_outputs(otf_sources, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("otf-out")
+    outs = {}
+    for name, (src, flags, _) in CASES.items():
+        r = invoke_cli("quantize", otf_sources[src], *flags.split(), "-o", root / name, "--quiet")
+        assert r.exit_code == 0, f"{name}: {r.output}"
+        outs[name] = root / name
+    return outs
+
+
+@pytest.fixture(scope="session")
+def hqq_weight() -> torch.Tensor:
+    """A weight with heavy tails and a few outliers, where the zero point matters."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(64, 256, generator=g) * 0.02
+    w += 0.1 * (torch.rand(64, 256, generator=g) < 0.01) * torch.randn(64, 256, generator=g)
+    return w
+
+
+@pytest.fixture(scope="session")
+def otf_consumed(otf_outputs, hqq_weight, tmp_path_factory) -> dict:
+    """{case name | "hqq-quantize": consumer result} from one consumer run."""
+    if not CONSUMER_PY.exists():
+        pytest.skip(f"{CONSUMER_PY} missing: `make hqq-quanto-quark-venv` installs hqq, optimum-quanto and amd-quark there")
+    root = tmp_path_factory.mktemp("otf-consumer")
+    job = root / "hqq_job.pt"
+    torch.save({"w": hqq_weight, "cases": HQQ_CASES}, job)
+    result = root / "consumer.pt"
+    jobs = [f"{CASES[n][2]}:{p}" for n, p in otf_outputs.items()] + [f"hqq-quantize:{job}"]
+    p = subprocess.run([str(CONSUMER_PY), str(ROOT / "tests" / "onthefly_consumer.py"), str(result), *jobs],
+                       capture_output=True, text=True, timeout=1500, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    raw = torch.load(result, weights_only=False)
+    by_job = {f"{CASES[n][2]}:{p}": n for n, p in otf_outputs.items()}
+    return {by_job.get(k, "hqq-quantize"): v for k, v in raw.items()}
