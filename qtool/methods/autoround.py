@@ -1,0 +1,377 @@
+"""Learned rounding (Cheng et al., "Optimize Weight Rounding via Signed Gradient Descent", 2023/24).
+
+Per decoder block, every linear's weight W [out, in] is quantized as
+
+    s = range(lo·f_min, hi·f_max) / span,     z = round(qmin - lo·f_min / s)      (asymmetric)
+    s = max(-lo·f_min, hi·f_max) / (span / 2), z = 0                             (symmetric)
+    q = clamp(round(W / s + V) + z, qmin, qmax),   Ŵ = (q - z) · s
+
+with lo/hi the group's min/max (clamped to include 0), one rounding offset V ∈ [-0.5, 0.5] per
+weight and one pair of clipping factors f_min, f_max ∈ [0, 1] per group (§3: "SignRound"). round()
+is a straight-through estimator. V and f minimise the MSE between the float block's outputs
+(the targets) and the quantized block's outputs on the inputs the already-quantized blocks
+produced, by signed gradient descent: p ← p − lr_t · sign(∂L/∂p), lr_t = lr · (1 − t / iters)
+(lr = 1 / iters by default, so that V moves at most ~0.5 over the run). The iteration with the
+lowest loss is kept. Iteration 0 (V = 0, f = 1) is exactly round-to-nearest, so the kept result is
+never worse than RTN on the measured batch.
+
+The grid is the one `core/affine.py` uses (compressed-tensors' convention; llama.cpp's signed
+symmetric scale where the type asks for it), scales are rounded to the storage dtype inside the
+forward, so the returned codes are exactly those the tuned forward saw.
+
+`iters = 0` is the cheap mode: importance-weighted round-to-nearest, where each group's clipping
+factor is searched on a grid to minimise Σ_j imp_j (W_ij − Ŵ_ij)², imp_j = mean x_j² over the
+calibration tokens reaching the linear.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from qtool.core.grouping import to_groups
+from qtool.core.qweight import QuantizedWeight
+from qtool.errors import NumericalError, UsageError
+from qtool.methods.base import LayerSpec
+from qtool.qtypes import QType
+
+
+# -- parameters ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AutoRoundParams:
+    iters: int = 200  # signed-gradient steps per block; 0: importance-weighted RTN
+    lr: float | None = None  # None: 1 / iters
+    batch_size: int = 8  # calibration samples per step
+    seed: int = 0  # batch order
+    amp: bool = False  # bf16 autocast of the block forward (loss and parameters stay float32)
+    clip_grid: int = 20  # iters = 0: clipping factors searched (1.0 down to 1 - clip_range)
+    clip_range: float = 0.5
+
+    def validate(self, samples: int | None = None) -> None:
+        if self.iters < 0:
+            raise UsageError(f"--iters {self.iters}: must be >= 0 (0 = importance-weighted round-to-nearest)")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UsageError(f"--lr {self.lr}: must be > 0")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size {self.batch_size}: must be >= 1")
+        if samples is not None and self.batch_size > samples:
+            raise UsageError(f"--batch-size {self.batch_size}: larger than --samples {samples}")
+        if self.clip_grid < 1 or not 0 <= self.clip_range < 1:
+            raise UsageError("clip_grid must be >= 1 and clip_range in [0, 1)")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
+
+
+@dataclass
+class BlockTuneStats:
+    """One block's tuning run, for the report."""
+
+    init_loss: float  # MSE at iteration 0 (round-to-nearest), on its batch
+    best_loss: float
+    best_iter: int
+    iters_run: int
+    seconds: float = 0.0
+    warning: str | None = None  # e.g. the loss became NaN at iteration t: reverted to the best
+    losses: list[float] = field(default_factory=list)
+
+
+# -- the grid -----------------------------------------------------------------------------------------
+class LinearGrid:
+    """One linear's fixed data (weight groups, their ranges) and its trainable V, f_min, f_max."""
+
+    def __init__(self, w: torch.Tensor, spec: LayerSpec) -> None:
+        if not spec.qtype.is_int:
+            raise UsageError(f"{spec.name}: autoround produces integer weights, not {spec.qtype.name}")
+        if spec.strategy not in ("channel", "group"):
+            raise UsageError(f"{spec.name}: autoround supports per-channel or grouped scales, not {spec.strategy!r}")
+        self.spec = spec
+        self.shape = tuple(w.shape)
+        self.scale_dtype = spec.scale_dtype or w.dtype
+        w32 = w.detach().to(torch.float32)
+        self.groups = to_groups(w32, spec.group_size) if spec.strategy == "group" else w32.unsqueeze(1)  # [out, G, k]
+        lo, hi = torch.aminmax(self.groups, dim=-1)
+        self.lo, self.hi = lo.clamp(max=0), hi.clamp(min=0)
+        if spec.qtype.signed_scale and spec.symmetric:  # the peak keeps its sign (lands on qmin)
+            self.peak = self.groups.gather(-1, self.groups.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        self.V = torch.zeros_like(self.groups)
+        self.fmin = torch.ones_like(self.lo)
+        self.fmax = torch.ones_like(self.hi)
+
+    def params(self) -> list[torch.Tensor]:
+        return [self.V, self.fmin, self.fmax]
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params()]
+
+    def restore(self, snap: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, s in zip(self.params(), snap):
+                p.copy_(s)
+
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            self.V.clamp_(-0.5, 0.5)
+            self.fmin.clamp_(0, 1)
+            self.fmax.clamp_(0, 1)
+
+    def scale_zero(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """s [out, G] (float32 holding a storage-dtype value; differentiable in f), z [out, G] or None."""
+        qt = self.spec.qtype
+        span = qt.qmax - qt.qmin
+        lo, hi = self.lo * self.fmin, self.hi * self.fmax
+        if self.spec.symmetric:
+            if qt.signed_scale:
+                s = torch.where(self.peak < 0, self.peak * self.fmin, self.peak * self.fmax) / qt.qmin
+            else:
+                s = torch.maximum(-lo, hi) / (span / 2)
+            z = None
+        else:
+            s = (hi - lo) / span
+        s = s.to(self.scale_dtype).to(torch.float32)  # the stored scale (the cast passes gradients)
+        s = torch.where(s == 0, torch.ones_like(s), s)  # as core/affine: an all-zero range gets scale 1
+        if not self.spec.symmetric:
+            z = _round_ste(qt.qmin - lo / s).clamp(qt.qmin, qt.qmax)
+        return s, z
+
+    def qdq(self) -> torch.Tensor:
+        """Ŵ [out, in] float32, differentiable in V, f_min, f_max (the reference autograd path)."""
+        qt = self.spec.qtype
+        s, z = self.scale_zero()
+        s3 = s.unsqueeze(-1)
+        x = _round_ste(self.groups / s3 + self.V)
+        if z is None:
+            w = x.clamp(qt.qmin, qt.qmax) * s3
+        else:
+            z3 = z.unsqueeze(-1)
+            w = ((x + z3).clamp(qt.qmin, qt.qmax) - z3) * s3
+        return w.reshape(self.shape[0], -1)[:, : self.shape[1]]
+
+    @torch.no_grad()
+    def result(self) -> QuantizedWeight:
+        """The integer codes, scales and zero points of the current parameters."""
+        qt, spec = self.spec.qtype, self.spec
+        s, z = self.scale_zero()
+        q = torch.round(self.groups / s.unsqueeze(-1) + self.V)
+        if z is not None:
+            q += z.unsqueeze(-1)
+        q = q.clamp_(qt.qmin, qt.qmax).to(torch.int8).reshape(self.shape[0], -1)[:, : self.shape[1]].contiguous()
+        zero = None if z is None else z.to(torch.int8)
+        return QuantizedWeight(qt, q, s.to(self.scale_dtype), zero, spec.strategy,
+                               spec.group_size if spec.strategy == "group" else None)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+# -- tuning a block -----------------------------------------------------------------------------------
+def _stack(hidden: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    return hidden if isinstance(hidden, torch.Tensor) else torch.cat([h.reshape(1, *h.shape[-2:]) for h in hidden])
+
+
+def _forward(block: torch.nn.Module, x: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
+    args, kwargs = call
+    out = block(x, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _Swapped:
+    """While active, each named linear of `block` computes x @ Ŵᵀ with Ŵ from `weights[name]` (the
+    module itself, its weight and bias, stay untouched: the rounding wraps around it)."""
+
+    def __init__(self, block: torch.nn.Module, names: list[str]) -> None:
+        self.block, self.names = block, names
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> "_Swapped":
+        for n in self.names:
+            lin = self.block.get_submodule(n)
+            lin.forward = self._make(n, lin)
+        return self
+
+    def _make(self, name: str, lin: torch.nn.Linear):
+        def forward(x):
+            return torch.nn.functional.linear(x, self.weights[name].to(x.dtype), lin.bias)
+
+        return forward
+
+    def __exit__(self, *exc) -> None:
+        for n in self.names:
+            del self.block.get_submodule(n).forward
+
+
+@torch.no_grad()
+def block_outputs(block: torch.nn.Module, hidden: list[torch.Tensor] | torch.Tensor, call: tuple[tuple, dict],
+                  batch_size: int = 8) -> torch.Tensor:
+    """The block's outputs [n, L, hidden] on stacked inputs, `batch_size` samples per forward."""
+    x = _stack(hidden)
+    return torch.cat([_forward(block, x[i : i + batch_size], call) for i in range(0, x.shape[0], batch_size)])
+
+
+def tune_block(
+    block: torch.nn.Module,
+    specs: dict[str, LayerSpec],
+    hidden: list[torch.Tensor] | torch.Tensor,
+    call: tuple[tuple, dict],
+    targets: torch.Tensor,
+    params: AutoRoundParams = AutoRoundParams(),
+    *,
+    block_name: str = "block",
+    weights: dict[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, QuantizedWeight], BlockTuneStats]:
+    """Learned rounding of the linears `specs` names (module names inside `block`).
+
+    hidden: the block's inputs, per sample [1, L, h] (or stacked [n, L, h]); call: the (args,
+    kwargs) the model passes the block besides them; targets [n, L, h]: the float block's outputs.
+    weights: the checkpoint's weights per name (their dtype sets the scale dtype); default the
+    module's own. The block's parameters are left unchanged."""
+    import time
+
+    t0 = time.perf_counter()
+    x_all = _stack(hidden)
+    n = x_all.shape[0]
+    params.validate(n)
+    names = list(specs)
+    grids = {m: LinearGrid(weights[m] if weights else block.get_submodule(m).weight, specs[m]) for m in names}
+    trainable = [p for g in grids.values() for p in g.params()]
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    gen = torch.Generator().manual_seed(params.seed)
+    order, pos = torch.randperm(n, generator=gen), 0
+    lr = params.learning_rate
+    best, best_loss, best_iter, init_loss = None, math.inf, 0, math.nan
+    losses: list[float] = []
+    warning = None
+    device_type = x_all.device.type
+    try:
+        with _Swapped(block, names) as sw:
+            for t in range(params.iters):
+                if pos + params.batch_size > n:  # reshuffle; the incomplete tail is skipped (as AutoRound's sampler)
+                    order, pos = torch.randperm(n, generator=gen), 0
+                idx = order[pos : pos + params.batch_size]
+                pos += params.batch_size
+                sw.weights = {m: g.qdq() for m, g in grids.items()}
+                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=params.amp):
+                    out = _forward(block, x_all[idx], call)
+                loss = torch.nn.functional.mse_loss(out.float(), targets[idx].float())
+                value = float(loss)
+                losses.append(value)
+                if t == 0:
+                    init_loss = value
+                if not math.isfinite(value):
+                    if best is None:
+                        raise NumericalError(f"{block_name}: the block's output loss is {value} at the first iteration (NaN/Inf in its inputs or weights)")
+                    warning = f"{block_name}: loss became {value} at iteration {t}; reverted to iteration {best_iter}"
+                    break
+                if value < best_loss:
+                    best_loss, best_iter = value, t
+                    best = {m: g.snapshot() for m, g in grids.items()}
+                if t == params.iters - 1:
+                    break  # the last update would never be measured
+                for p in trainable:
+                    p.grad = None
+                loss.backward()
+                step = lr * (1 - t / params.iters)
+                with torch.no_grad():
+                    for p in trainable:
+                        if p.grad is not None:
+                            p.sub_(p.grad.sign(), alpha=step)
+                for g in grids.values():
+                    g.clamp_()
+    finally:
+        for p in trainable:
+            p.requires_grad_(False)
+            p.grad = None
+        for p in frozen:
+            p.requires_grad_(True)
+    if best is not None:
+        for m, g in grids.items():
+            g.restore(best[m])
+    stats = BlockTuneStats(init_loss, best_loss if best is not None else math.nan, best_iter, len(losses),
+                           time.perf_counter() - t0, warning, losses)
+    return {m: g.result() for m, g in grids.items()}, stats
+
+
+# -- iters = 0: importance-weighted round-to-nearest ---------------------------------------------------
+def importance_rtn(w: torch.Tensor, spec: LayerSpec, importance: torch.Tensor | None,
+                   params: AutoRoundParams = AutoRoundParams()) -> QuantizedWeight:
+    """Per group, the clipping factor f ∈ {1, 1 - r/grid, ...} (both ends shrunk by f) minimising
+    Σ_j imp_j (W_ij − Ŵ_ij)²; imp [in] (None: uniform). f = 1 is plain round-to-nearest."""
+    g = LinearGrid(w, spec)
+    cols = g.shape[1]
+    imp = torch.ones(cols) if importance is None else importance.detach().to(torch.float32).clamp(min=0)
+    imp = imp + 1e-8 * imp.mean().clamp(min=1e-12)  # channels no token reached still count a little
+    if spec.strategy == "group":
+        imp_g = to_groups(imp.unsqueeze(0), spec.group_size)  # [1, G, k], zero-padded
+    else:
+        imp_g = imp.view(1, 1, -1)
+    best_err = None
+    best_f = torch.ones_like(g.lo)
+    with torch.no_grad():
+        for i in range(params.clip_grid + 1):
+            f = 1.0 - params.clip_range * i / params.clip_grid
+            g.fmin.fill_(f)
+            g.fmax.fill_(f)
+            s, z = g.scale_zero()
+            q = torch.round(g.groups / s.unsqueeze(-1))
+            if z is not None:
+                zz = z.unsqueeze(-1)
+                deq = ((q + zz).clamp_(spec.qtype.qmin, spec.qtype.qmax) - zz) * s.unsqueeze(-1)
+            else:
+                deq = q.clamp_(spec.qtype.qmin, spec.qtype.qmax) * s.unsqueeze(-1)
+            err = ((deq - g.groups).square_() * imp_g).sum(-1)  # [out, G]
+            if best_err is None:
+                best_err = err
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_f = torch.where(better, torch.full_like(best_f, f), best_f)
+        g.fmin.copy_(best_f)
+        g.fmax.copy_(best_f)
+    return g.result()
+
+
+class ImportanceCollector:
+    """Forward-pre-hooks summing x² per input channel of each named linear (for `importance_rtn`)."""
+
+    def __init__(self, block: torch.nn.Module, names: list[str]) -> None:
+        self.sum_x2: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self._handles = [block.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            s = x.square().sum(0)
+            self.sum_x2[name] = s if name not in self.sum_x2 else self.sum_x2[name].add_(s)
+            self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
+
+        return hook
+
+    def mean_x2(self, name: str) -> torch.Tensor | None:
+        return self.sum_x2[name] / self.tokens[name] if name in self.sum_x2 else None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def rtn_block(block: torch.nn.Module, specs: dict[str, LayerSpec], hidden, call, params: AutoRoundParams = AutoRoundParams(),
+              weights: dict[str, torch.Tensor] | None = None) -> dict[str, QuantizedWeight]:
+    """iters = 0 for a whole block: one pass of the float block collects each linear's importance."""
+    names = list(specs)
+    col = ImportanceCollector(block, names)
+    try:
+        block_outputs(block, hidden, call, params.batch_size)
+    finally:
+        col.remove()
+    return {m: importance_rtn(weights[m] if weights else block.get_submodule(m).weight, specs[m], col.mean_x2(m), params)
+            for m in names}
