@@ -137,17 +137,20 @@ class LinearGrid:
             z = _round_ste(qt.qmin - lo / s).clamp(qt.qmin, qt.qmax)
         return s, z
 
-    def qdq(self) -> torch.Tensor:
-        """Ŵ [out, in] float32, differentiable in V, f_min, f_max (the reference autograd path)."""
+    def qdq(self, fused: bool = True) -> torch.Tensor:
+        """Ŵ [out, in] float32, differentiable in V, f_min, f_max. `fused`: one autograd node for the
+        per-weight part (`_FusedQDQ`); otherwise the plain autograd reference."""
         qt = self.spec.qtype
         s, z = self.scale_zero()
-        s3 = s.unsqueeze(-1)
-        x = _round_ste(self.groups / s3 + self.V)
-        if z is None:
-            w = x.clamp(qt.qmin, qt.qmax) * s3
+        if fused:
+            w = _FusedQDQ.apply(self.groups, self.V, s, z, qt.qmin, qt.qmax)
         else:
-            z3 = z.unsqueeze(-1)
-            w = ((x + z3).clamp(qt.qmin, qt.qmax) - z3) * s3
+            s3 = s.unsqueeze(-1)
+            if z is None:
+                w = _round_ste(self.groups / s3 + self.V).clamp(qt.qmin, qt.qmax) * s3
+            else:  # z added before rounding, as core/affine does (round-half-even ties then agree)
+                z3 = z.unsqueeze(-1)
+                w = (_round_ste(self.groups / s3 + self.V + z3).clamp(qt.qmin, qt.qmax) - z3) * s3
         return w.reshape(self.shape[0], -1)[:, : self.shape[1]]
 
     @torch.no_grad()
@@ -155,10 +158,10 @@ class LinearGrid:
         """The integer codes, scales and zero points of the current parameters."""
         qt, spec = self.spec.qtype, self.spec
         s, z = self.scale_zero()
-        q = torch.round(self.groups / s.unsqueeze(-1) + self.V)
+        q = self.groups / s.unsqueeze(-1) + self.V
         if z is not None:
             q += z.unsqueeze(-1)
-        q = q.clamp_(qt.qmin, qt.qmax).to(torch.int8).reshape(self.shape[0], -1)[:, : self.shape[1]].contiguous()
+        q = q.round_().clamp_(qt.qmin, qt.qmax).to(torch.int8).reshape(self.shape[0], -1)[:, : self.shape[1]].contiguous()
         zero = None if z is None else z.to(torch.int8)
         return QuantizedWeight(qt, q, s.to(self.scale_dtype), zero, spec.strategy,
                                spec.group_size if spec.strategy == "group" else None)
@@ -167,6 +170,39 @@ class LinearGrid:
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
     """round(x) forward, identity backward."""
     return x + (torch.round(x) - x).detach()
+
+
+class _FusedQDQ(torch.autograd.Function):
+    """Ŵ = (clamp(round(W / s + V) + z) − z) · s with a straight-through round, as one node.
+
+    Backward, with g = ∂L/∂Ŵ and m = 1 where the clamp did not bite (torch's clamp passes the
+    gradient on its bounds too):  ∂V = g·m·s;  ∂s = Σ_k g·(q − z) − Σ_k g·m·W / s;
+    ∂z = s · Σ_k g·(m − 1). Saves a bool mask and q − z instead of the reference's chain of
+    intermediates; `LinearGrid.qdq(fused=False)` is the reference it is tested against."""
+
+    @staticmethod
+    def forward(ctx, W, V, s, z, qmin, qmax):
+        s3 = s.unsqueeze(-1)
+        x = torch.div(W, s3).add_(V)
+        if z is not None:
+            x.add_(z.unsqueeze(-1))
+        x.round_()
+        mask = (x >= qmin) & (x <= qmax)
+        x.clamp_(qmin, qmax)
+        if z is not None:
+            x.sub_(z.unsqueeze(-1))
+        ctx.save_for_backward(W, s, mask, x)
+        ctx.has_zero = z is not None
+        return x * s3
+
+    @staticmethod
+    def backward(ctx, g):
+        W, s, mask, qz = ctx.saved_tensors
+        gm = g * mask
+        dV = gm * s.unsqueeze(-1)
+        ds = torch.einsum("ogk,ogk->og", g, qz) - torch.einsum("ogk,ogk->og", gm, W) / s
+        dz = (gm.sum(-1) - g.sum(-1)) * s if ctx.has_zero else None
+        return None, dV, ds, dz, None, None
 
 
 # -- tuning a block -----------------------------------------------------------------------------------
@@ -262,7 +298,7 @@ def tune_block(
                 with torch.autocast(device_type, dtype=torch.bfloat16, enabled=params.amp):
                     out = _forward(block, x_all[idx], call)
                 loss = torch.nn.functional.mse_loss(out.float(), targets[idx].float())
-                value = float(loss)
+                value = float(loss.detach())
                 losses.append(value)
                 if t == 0:
                     init_loss = value
@@ -321,12 +357,12 @@ def importance_rtn(w: torch.Tensor, spec: LayerSpec, importance: torch.Tensor | 
             g.fmin.fill_(f)
             g.fmax.fill_(f)
             s, z = g.scale_zero()
-            q = torch.round(g.groups / s.unsqueeze(-1))
+            q = g.groups / s.unsqueeze(-1)
             if z is not None:
                 zz = z.unsqueeze(-1)
-                deq = ((q + zz).clamp_(spec.qtype.qmin, spec.qtype.qmax) - zz) * s.unsqueeze(-1)
+                deq = ((q + zz).round_().clamp_(spec.qtype.qmin, spec.qtype.qmax) - zz) * s.unsqueeze(-1)
             else:
-                deq = q.clamp_(spec.qtype.qmin, spec.qtype.qmax) * s.unsqueeze(-1)
+                deq = q.round_().clamp_(spec.qtype.qmin, spec.qtype.qmax) * s.unsqueeze(-1)
             err = ((deq - g.groups).square_() * imp_g).sum(-1)  # [out, G]
             if best_err is None:
                 best_err = err
