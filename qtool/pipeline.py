@@ -265,10 +265,15 @@ def _calibrated(
     report: RunReport,
     on_event: EventSink,
     method,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None,
+    stats=None,
 ) -> None:
-    """Calibration methods: non-block tensors pass through; blocks go through the block-wise engine."""
-    from qtool.engine.blockwise import PassThrough, run_blockwise
+    """Calibration methods: non-block tensors pass through; blocks go through the block-level
+    engine (engine/block_engine.py), which hands back replaced float tensors (AWQ's rescaled norms)
+    in place of the checkpoint's. `stats` (--stats, for methods that can use it): statistics from a
+    file instead of calibration windows."""
+    from qtool.engine.block_engine import BlockNote, run_block_method
+    from qtool.engine.blockwise import PassThrough
 
     check_block_linears_only(plan, report.recipe["method"])
     for m in source.tensors():
@@ -277,13 +282,18 @@ def _calibrated(
             _add_tensor(m.name, source.get_tensor(m.name), report, writer)
     source.release()
     progress = lambda stage, done, total, item: on_event(Event(stage, done, total, item))  # noqa: E731
-    for item in run_blockwise(source, plan.specs, method, input_ids, progress=progress):
+    items = run_block_method(source, plan.specs, method, input_ids, device=report.recipe.get("device", "cpu"), stats=stats,
+                             progress=progress)
+    for item in items:
+        if isinstance(item, BlockNote):
+            report.notes_extra.append(item.text)
+            continue
         report.params_total += item.tensor.numel() if isinstance(item, PassThrough) else item.weight.numel()
         if isinstance(item, PassThrough):
             _add_tensor(item.name, item.tensor, report, writer)
             continue
-        stats = _layer_stats(item.stats, item.shares_hessian_with, None)
-        _write_quantized(item.name, item.weight, item.qw, plan.specs[item.name], plan, report, writer, str(source.path), stats)
+        stats_d = _layer_stats(item.stats, item.shares_hessian_with, None)
+        _write_quantized(item.name, item.weight, item.qw, plan.specs[item.name], plan, report, writer, str(source.path), stats_d)
 
 
 def _add_tensor(name: str, t: torch.Tensor, report: RunReport, writer: FormatWriter) -> None:
@@ -298,7 +308,7 @@ def _add_tensor(name: str, t: torch.Tensor, report: RunReport, writer: FormatWri
 def _layer_stats(st, owner: str | None, me: str | None) -> dict:
     """A calibration method's per-layer figures for the report; `owner` names the layer whose
     Hessian this one shares (None, or equal to `me`, when its own)."""
-    d = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in st.__dict__.items()}
+    d = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in (st if isinstance(st, dict) else st.__dict__).items()}
     d["shares_hessian_with"] = None if owner == me else owner
     return d
 
@@ -350,8 +360,9 @@ def run(
     with atomic_output(out, overwrite=overwrite, is_dir=writer.output_is_dir) as tmp:
         writer.begin(tmp, source, recipe)
         try:
-            if calib is not None:
-                _calibrated(source, writer, plan, report, on_event, method, calib.input_ids)
+            if calib is not None or (stats is not None and getattr(method, "uses_stats", ())):  # block-level
+                _calibrated(source, writer, plan, report, on_event, method, calib.input_ids if calib else None,
+                            stats if calib is None else None)
             else:
                 _stream(source, writer, plan, report, on_event, method, stats)
             report.notes = report.notes_extra + _summarize_notes(report.layers)

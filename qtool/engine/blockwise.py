@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 import torch
 
 from qtool.errors import UnsupportedError
-from qtool.methods.base import LayerSpec
+from qtool.methods.base import LayerSpec, StopForward
 from qtool.model.source import CheckpointSource
 
 Progress = Callable[[str, int, int, str], None]  # (stage, done, total, item)
@@ -53,8 +53,7 @@ class PassThrough:
     tensor: torch.Tensor
 
 
-class _Stop(Exception):
-    pass
+_Stop = StopForward  # the one early-stop exception BlockInputs.run understands
 
 
 def build_skeleton(config: dict) -> torch.nn.Module:

@@ -6,3 +6,4 @@ METHODS: Registry = Registry("method")
 
 from qtool.methods import rtn  # noqa: E402,F401  (registers "rtn")
 from qtool.methods import gptq  # noqa: E402,F401  (registers "gptq")
+from qtool.methods import awq  # noqa: E402,F401  (registers "awq")

@@ -29,7 +29,7 @@ share one Hessian; `GPTQMethod` factors it once for all of them (`factor_hessian
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -38,7 +38,7 @@ from qtool.core.grouping import to_groups
 from qtool.core.qweight import QuantizedWeight
 from qtool.errors import NumericalError, UsageError
 from qtool.methods import METHODS
-from qtool.methods.base import LayerSpec, QuantMethod
+from qtool.methods.base import BlockInputs, BlockMethod, BlockResult, LayerSpec, MethodParams, MethodProgress
 from qtool.qtypes import QType
 
 MAX_DAMP_RETRIES = 6  # damping x10 each time a factorisation fails: 1e-2 -> 1e4 of mean(diag H)
@@ -46,13 +46,14 @@ SUB_BLOCK = 16  # columns per inner sub-block of the fast schedule (see _loop_fa
 
 
 @dataclass(frozen=True)
-class GPTQParams:
+class GPTQParams(MethodParams):
     """The method's own parameters, validated at the boundary."""
 
-    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal (reference: percdamp)
-    block_size: int = 128  # columns per lazy batch update
-    act_order: bool = False
-    static_groups: bool = False
+    damp: float = field(default=0.01, metadata={"help": "Damping, a fraction of mean(diag H) added to its diagonal."})
+    block_size: int = field(default=128, metadata={"help": "Columns per lazy batch update."})
+    act_order: bool = field(default=False, metadata={"help": "Quantize columns by decreasing activation energy (diag H)."})
+    static_groups: bool = field(default=False, metadata={
+        "help": "Group scales from the original weights, before error updates (keeps groups contiguous with --act-order)."})
 
     def __post_init__(self) -> None:
         if not (0 < self.damp < 1e3):
@@ -313,11 +314,13 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float
 
 # -- the method -------------------------------------------------------------------------------------
 @METHODS.register("gptq")
-class GPTQMethod(QuantMethod):
+class GPTQMethod(BlockMethod):
     """GPTQ (Frantar et al. 2022): second-order error compensation from calibration Hessians."""
 
+    params = GPTQParams
     needs_calibration = True
     supported_kinds = ("int",)
+    true_sequential = True  # see engine/blockwise.py: groups see their quantized predecessors
 
     def __init__(self, **params: object) -> None:
         self.params = GPTQParams(**params)  # type: ignore[arg-type]
@@ -352,3 +355,34 @@ class GPTQMethod(QuantMethod):
                                  scale_dtype=spec.scale_dtype, factor=self._factor(H))
         except NumericalError as e:
             raise NumericalError(f"{spec.name}: {e}") from None
+
+    def quantize_block(self, block, inputs: BlockInputs, specs: dict[str, LayerSpec], targets, progress: MethodProgress) -> BlockResult:
+        """One block, true-sequential (engine/blockwise.py's docstring): per input group, the
+        Hessians from a pass in which the groups before it hold their quantized weights."""
+        from qtool.engine.block_engine import input_groups
+        from qtool.engine.blockwise import HessianCollector
+        from qtool.errors import UnsupportedError
+
+        groups, _ = input_groups(block, inputs, list(specs)) if self.true_sequential else ([list(specs)], {})
+        result = BlockResult({})
+        for gi, group in enumerate(groups):
+            progress(gi, len(groups), group[0])
+            last = group[-1] if self.true_sequential and len(groups) > 1 else None
+            collector = HessianCollector({m: block.get_submodule(m) for m in group}, stop_after=last)
+            try:
+                inputs.run(block, before_each=collector.new_pass)
+            finally:
+                collector.remove()
+            for m in group:
+                if m not in collector.owner:
+                    raise UnsupportedError(f"{inputs.prefix}.{m}.weight: the model's forward never called this layer on the calibration data")
+                lin = block.get_submodule(m)
+                # float32 copy of the checkpoint's values (exact); the engine's spec carries the scale dtype
+                qw, st = self.quantize_with_stats(lin.weight.detach(), specs[m], collector.hessian(m))
+                with torch.no_grad():
+                    lin.weight.copy_(qw.dequantize(torch.float32))
+                result.quantized[m], result.stats[m] = qw, asdict(st)
+                result.shares[m] = collector.owner[m]
+            del collector
+        progress(len(groups), len(groups), "")
+        return result

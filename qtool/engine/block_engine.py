@@ -1,0 +1,171 @@
+"""The block-level method engine: every calibration method that works on whole decoder blocks
+(qtool/methods/base.py `BlockMethod`: GPTQ, AWQ, learned rounding...) runs through `run_block_method`.
+
+The engine owns, and methods never repeat:
+  * block order and materialisation (engine/blockwise.py `BlockRunner`: the model's own modules,
+    one block in memory at a time, float32 from the checkpoint);
+  * device placement: the block, its inputs and the arguments the model passes it go to `device`;
+  * activation storage: the calibration samples' hidden states between blocks, in RAM or
+    memory-mapped on disk when they would not fit (engine/activations.py, chosen automatically);
+  * the float targets for methods with `wants_targets`: the unquantized block's outputs on the
+    inputs the already-quantized blocks before it produce (computed once per block, before the
+    method touches the block);
+  * the hand-over: the method's float replacements (rescaled norms...) rounded to the checkpoint
+    dtype and loaded, its QuantizedWeights dequantized into the block, then one forward of that
+    block gives the next block's inputs (sequential); NaN/Inf there stops the run (NumericalError
+    naming the block);
+  * what the pipeline receives: QuantizedLinear / PassThrough items (engine/blockwise.py), a
+    replaced tensor instead of the checkpoint's, and BlockNote items for the report.
+  * progress: ("quantize", block, blocks, prefix) per block, ("iterate", done, total, item) per
+    iteration inside a block where the method iterates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator
+
+import torch
+
+from qtool.engine.activations import ActivationStore, choose_storage
+from qtool.engine.blockwise import BlockRunner, HessianCollector, PassThrough, Progress, QuantizedLinear
+from qtool.errors import NumericalError, UnsupportedError
+from qtool.methods.base import BlockInputs, BlockMethod, BlockResult, LayerSpec
+from qtool.model.source import CheckpointSource
+
+PROBE_TOKENS = 16  # with --stats: the length of the one probe sample that discovers the block's structure
+
+
+@dataclass
+class BlockNote:
+    """A remark for the run report (e.g. linears AWQ could only clip)."""
+
+    text: str
+
+
+def to_device(obj, device: torch.device):
+    """Tensors inside nested tuples/lists/dicts moved to `device`; everything else unchanged."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def input_groups(block: torch.nn.Module, inputs: BlockInputs, modules: list[str]) -> tuple[list[list[str]], dict[str, str]]:
+    """The linears `modules` grouped by shared input tensor, in the order the forward reaches them
+    (found on sample 0, nothing accumulated), and each one's group owner (the group's first).
+    Linears the sample never reached come last, as one group, each its own owner."""
+    probe = HessianCollector({m: block.get_submodule(m) for m in modules}, hessians=False)
+    try:
+        inputs.run(block, samples=[0], before_each=probe.new_pass)
+    finally:
+        probe.remove()
+    groups: dict[str, list[str]] = {}
+    for m in probe.order:
+        groups.setdefault(probe.owner[m], []).append(m)
+    unseen = [m for m in modules if m not in probe.owner]
+    return list(groups.values()) + ([unseen] if unseen else []), {m: probe.owner.get(m, m) for m in modules}
+
+
+def forward_into(block: torch.nn.Module, inputs: BlockInputs, store: ActivationStore, what: str) -> None:
+    """The block on every sample, outputs written into `store`; NaN/Inf stops the run."""
+    for i in range(len(inputs)):
+        out = inputs.run(block, samples=[i])[0]
+        if not torch.isfinite(out).all():
+            raise NumericalError(f"{inputs.prefix}: NaN/Inf in the {what} block's output (calibration sample {i}); "
+                                 "nothing was written")
+        store[i] = out.to("cpu", torch.float32)
+
+
+def set_tensor(block: torch.nn.Module, key: str, value: torch.Tensor) -> None:
+    """Overwrite the block's parameter or buffer `key` (state-dict name) in place."""
+    mod_name, _, attr = key.rpartition(".")
+    t = getattr(block.get_submodule(mod_name) if mod_name else block, attr)
+    with torch.no_grad():
+        t.copy_(value.to(t.device, t.dtype))
+
+
+def check_result(prefix: str, result: BlockResult, names: dict[str, str], block: torch.nn.Module) -> None:
+    missing = [m for m in names if m not in result.quantized]
+    if missing:
+        raise UnsupportedError(f"{names[missing[0]]}: the method returned no quantized weight for this layer")
+    keys = set(block.state_dict().keys())
+    unknown = [k for k in result.replaced if k not in keys]
+    if unknown:
+        raise UnsupportedError(f"{prefix}.{unknown[0]}: the method replaced a tensor this block does not have")
+
+
+def run_block_method(
+    source: CheckpointSource,
+    specs: dict[str, LayerSpec],
+    method: BlockMethod,
+    input_ids: torch.Tensor | None,
+    *,
+    device: str | torch.device = "cpu",
+    stats=None,
+    progress: Progress = lambda *a: None,
+) -> Iterator[QuantizedLinear | PassThrough | BlockNote]:
+    """Yields, block by block, every tensor of every decoder block (tensor names as the checkpoint
+    has them). `specs`: tensor name -> LayerSpec. `stats` (a CalibStats, `--stats`): the method
+    takes its input statistics from it and the blocks see one short probe sample only (not
+    sequential); `input_ids` is then ignored."""
+    device = torch.device(device)
+    if stats is not None:
+        input_ids = torch.arange(PROBE_TOKENS).unsqueeze(0) % int(source.config.get("vocab_size") or PROBE_TOKENS)
+    runner = BlockRunner(source, input_ids, progress)
+    store = ActivationStore.from_tensors(runner.hidden, choose_storage(len(runner.hidden), tuple(runner.hidden[0].shape)))
+    runner.hidden = []
+    n = len(runner.prefixes)
+    metas = {m.name: m for m in source.tensors()}
+    for b, prefix, block in runner.blocks():
+        progress("quantize", b, n, prefix)
+        names = runner.linears(prefix, block, specs)  # module inside the block -> tensor name
+        block.to(device)
+        inputs = BlockInputs(prefix, store, to_device(runner.calls[b], device), device, stats)
+        targets = None
+        if method.wants_targets:
+            targets = ActivationStore.like(store)
+            forward_into(block, inputs, targets, "float")
+        block_specs = {m: _with_scale_dtype(specs[t], metas[t].dtype) for m, t in names.items()}
+
+        def iterate(done: int, total: int, item: str, _p=prefix) -> None:
+            progress("iterate", done, total, f"{_p} {item}".strip())
+
+        result = method.quantize_block(block, inputs, block_specs, targets, iterate)
+        check_result(prefix, result, names, block)
+        replaced = {k: t.to("cpu", metas[f"{prefix}.{k}"].dtype) for k, t in result.replaced.items()}
+        for k, t in replaced.items():
+            set_tensor(block, k, t)
+        for m, qw in result.quantized.items():
+            set_tensor(block, f"{m}.weight", qw.dequantize(torch.float32))
+        for text in result.notes:
+            yield BlockNote(text)
+        done = set()
+        for m, qw in result.quantized.items():
+            key = f"{m}.weight"
+            w = replaced.get(key)
+            owner = result.shares.get(m)
+            yield QuantizedLinear(names[m], source.get_tensor(names[m]) if w is None else w, qw,
+                                  result.stats.get(m, {}), None if owner in (None, m) else names[owner])
+            done.add(key)
+        for k in block.state_dict().keys():
+            if k not in done:
+                yield PassThrough(f"{prefix}.{k}", replaced[k] if k in replaced else source.get_tensor(f"{prefix}.{k}"))
+        del targets
+        nxt = ActivationStore.like(store)  # sequential: the next block's inputs come from this quantized block
+        forward_into(block, inputs, nxt, "quantized")
+        store = nxt
+    progress("quantize", n, n, "")
+
+
+def _with_scale_dtype(spec: LayerSpec, dtype: torch.dtype) -> LayerSpec:
+    """Methods see the block in float32; scales are stored in the checkpoint dtype unless the format said otherwise."""
+    return spec if spec.scale_dtype is not None else replace(spec, scale_dtype=dtype)
+
+
+BlockItems = Callable[..., Iterator[QuantizedLinear | PassThrough | BlockNote]]
