@@ -6,6 +6,7 @@ hidden states from the model's embedding and position embeddings from its own ro
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,7 +167,7 @@ def test_minibatches_and_determinism(blk):
     seed another batch order."""
     layer, hidden, call, targets, names, weights = blk
     specs = _specs(names, "int4", 32)
-    runs = [tune_block(layer, specs, hidden, call, targets, AutoRoundParams(iters=8, batch_size=4, seed=s), weights=weights)
+    runs = [tune_block(layer, specs, hidden, call, targets, AutoRoundParams(iters=8, batch_size=4, batch_seed=s), weights=weights)
             for s in (7, 7, 8)]
     (a, sa), (b, sb), (c, sc) = runs
     assert sa.losses == sb.losses
@@ -218,7 +219,7 @@ def test_nan_loss_reverts_to_best_and_names_the_block(blk):
 ])
 def test_bad_parameters(kw, msg):
     with pytest.raises(UsageError, match=msg):
-        AutoRoundParams(**kw).validate(samples=16)
+        AutoRoundParams(**kw).validate(samples=16)  # the first four fail in the constructor already
 
 
 def test_float_and_tensor_specs_refused():
@@ -253,3 +254,87 @@ def test_importance_weighted_rtn(blk):
     assert tot_imp < 0.9 * tot_rtn
     qws = rtn_block(layer, specs, hidden, call, weights=weights)
     assert _block_mse(blk, qws) < _block_mse(blk, rtn)
+
+
+# -- end to end ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory, wikitext_path) -> tuple[Path, str]:
+    """Calibration file (qtool.calib reads its first half) and a held-out passage from elsewhere."""
+    text = wikitext_path.read_text(encoding="utf-8")
+    calib = tmp_path_factory.mktemp("calib") / "calib.txt"
+    calib.write_text(text[:60_000], encoding="utf-8")
+    return calib, text[-4000:]
+
+
+def _quantize(model: Path, out: Path, method: str, calib: Path | None, **method_params) -> dict:
+    """The pipeline as `qtool quantize` drives it: int4 g32, compressed-tensors."""
+    from qtool.config import make_recipe
+    from qtool.model.resolve import open_source
+    from qtool.pipeline import run, validate_early
+
+    recipe = make_recipe(method=method, bits=4, qtype=None, group_size="32", asym=False, fmt="compressed-tensors",
+                         dataset=str(calib) if calib else None, samples=8, seq_len=64, method_params=method_params)
+    writer = validate_early(recipe, "compressed-tensors")
+    with open_source(str(model)) as src:
+        return run(str(model), src, out, writer, recipe).to_dict()
+
+
+@pytest.fixture(scope="module")
+def e2e(tiny_byte_llama, texts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ar-e2e")
+    return {name: (root / name, _quantize(tiny_byte_llama, root / name, m, calib, **kw)) for name, m, calib, kw in [
+        ("autoround", "autoround", texts[0], dict(iters=20, batch_size=4)),
+        ("iters0", "autoround", texts[0], dict(iters=0)),
+        ("rtn", "rtn", None, {}),
+    ]}
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits[0].float()
+
+
+def _held_out_ids(model_dir: Path, held_out: str) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)(held_out, return_tensors="pt").input_ids[:, :192]
+
+
+def test_transformers_loads_autoround_compressed_tensors_and_predicts_our_logits(e2e, tiny_byte_llama, texts):
+    """transformers + compressed-tensors load the output; its logits are those of the float model
+    holding our own dequantized weights (QuantizedWeight.dequantize via the format reader)."""
+    from transformers import AutoModelForCausalLM
+
+    from qtool.formats.compressed_tensors import read_dequantized
+
+    out, report = e2e["autoround"]
+    ids = _held_out_ids(tiny_byte_llama, texts[1])
+    got = _logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), ids)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_byte_llama, dtype=torch.float32)
+    res = ref.load_state_dict(read_dequantized(out), strict=False)
+    assert not res.unexpected_keys and not res.missing_keys
+    want = _logits(ref, ids)
+    # the same weights in float32 on both sides; only matmul summation order may differ
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+    layers = report["layers"]
+    assert len(layers) == 14
+    for layer in layers:
+        st = layer["gptq"]  # the method's per-layer figures
+        assert st["iters"] == 20 and st["loss"] <= st["loss_rtn"] and 0 <= st["best_iter"] < 20
+
+
+def test_autoround_beats_rtn_on_held_out_text(e2e, tiny_byte_llama, texts):
+    """KL(original || quantized) of next-token distributions on text calibration never saw: learned
+    rounding (20 iterations) below importance-weighted RTN (iters 0) below plain RTN."""
+    from transformers import AutoModelForCausalLM
+
+    ids = _held_out_ids(tiny_byte_llama, texts[1])
+    p = torch.log_softmax(_logits(AutoModelForCausalLM.from_pretrained(tiny_byte_llama, dtype=torch.float32), ids), -1)
+
+    def kl(name: str) -> float:
+        q = torch.log_softmax(_logits(AutoModelForCausalLM.from_pretrained(e2e[name][0], dtype=torch.float32), ids), -1)
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    k = {name: kl(name) for name in e2e}
+    assert k["autoround"] < k["rtn"], k
+    assert k["iters0"] < k["rtn"], k

@@ -27,6 +27,7 @@ calibration tokens reaching the linear.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -34,20 +35,24 @@ import torch
 from qtool.core.grouping import to_groups
 from qtool.core.qweight import QuantizedWeight
 from qtool.errors import NumericalError, UsageError
-from qtool.methods.base import LayerSpec
+from qtool.methods import METHODS
+from qtool.methods.base import BlockInputs, BlockMethod, BlockResult, LayerSpec, MethodParams, MethodProgress
 from qtool.qtypes import QType
 
 
 # -- parameters ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class AutoRoundParams:
-    iters: int = 200  # signed-gradient steps per block; 0: importance-weighted RTN
-    lr: float | None = None  # None: 1 / iters
-    batch_size: int = 8  # calibration samples per step
-    seed: int = 0  # batch order
-    amp: bool = False  # bf16 autocast of the block forward (loss and parameters stay float32)
-    clip_grid: int = 20  # iters = 0: clipping factors searched (1.0 down to 1 - clip_range)
-    clip_range: float = 0.5
+class AutoRoundParams(MethodParams):
+    iters: int = field(default=200, metadata={"help": "Signed-gradient steps per block; 0: importance-weighted round-to-nearest (no tuning)."})
+    lr: float | None = field(default=None, metadata={"help": "Step size of the rounding offsets and clipping factors [default: 1 / iters], decayed linearly to 0."})
+    batch_size: int = field(default=8, metadata={"help": "Calibration samples per tuning step (at most --samples)."})
+    batch_seed: int = field(default=0, metadata={"help": "Seed of the order in which tuning steps draw their samples."})
+    amp: bool = field(default=False, metadata={"help": "Run the block forward under bf16 autocast while tuning (parameters and loss stay float32)."})
+    clip_grid: int = field(default=20, metadata={"help": "--iters 0: clipping factors searched per group (1 down to 1 - max_shrink)."})
+    max_shrink: float = field(default=0.5, metadata={"help": "--iters 0: largest fraction of a group's range the clipping search may cut."})
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self, samples: int | None = None) -> None:
         if self.iters < 0:
@@ -58,8 +63,10 @@ class AutoRoundParams:
             raise UsageError(f"--batch-size {self.batch_size}: must be >= 1")
         if samples is not None and self.batch_size > samples:
             raise UsageError(f"--batch-size {self.batch_size}: larger than --samples {samples}")
-        if self.clip_grid < 1 or not 0 <= self.clip_range < 1:
-            raise UsageError("clip_grid must be >= 1 and clip_range in [0, 1)")
+        if not 1 <= self.clip_grid <= 1000:
+            raise UsageError(f"--clip-grid {self.clip_grid}: expected 1..1000 factors")
+        if not 0 <= self.max_shrink < 1:
+            raise UsageError(f"--clip-range {self.max_shrink}: expected a fraction in [0, 1)")
 
     @property
     def learning_rate(self) -> float:
@@ -77,6 +84,7 @@ class BlockTuneStats:
     seconds: float = 0.0
     warning: str | None = None  # e.g. the loss became NaN at iteration t: reverted to the best
     losses: list[float] = field(default_factory=list)
+    unreached: list[str] = field(default_factory=list)  # linears no calibration token reached: round-to-nearest
 
 
 # -- the grid -----------------------------------------------------------------------------------------
@@ -223,6 +231,7 @@ class _Swapped:
     def __init__(self, block: torch.nn.Module, names: list[str]) -> None:
         self.block, self.names = block, names
         self.weights: dict[str, torch.Tensor] = {}
+        self.called: set[str] = set()  # linears the forward reached (an unrouted expert never is)
 
     def __enter__(self) -> "_Swapped":
         for n in self.names:
@@ -232,6 +241,7 @@ class _Swapped:
 
     def _make(self, name: str, lin: torch.nn.Linear):
         def forward(x):
+            self.called.add(name)
             return torch.nn.functional.linear(x, self.weights[name].to(x.dtype), lin.bias)
 
         return forward
@@ -259,15 +269,15 @@ def tune_block(
     *,
     block_name: str = "block",
     weights: dict[str, torch.Tensor] | None = None,
+    progress: MethodProgress = lambda *a: None,
 ) -> tuple[dict[str, QuantizedWeight], BlockTuneStats]:
     """Learned rounding of the linears `specs` names (module names inside `block`).
 
     hidden: the block's inputs, per sample [1, L, h] (or stacked [n, L, h]); call: the (args,
     kwargs) the model passes the block besides them; targets [n, L, h]: the float block's outputs.
     weights: the checkpoint's weights per name (their dtype sets the scale dtype); default the
-    module's own. The block's parameters are left unchanged."""
-    import time
-
+    module's own. The block's parameters are left unchanged. A linear no calibration token reaches
+    (an MoE expert never routed to) gets no gradient and stays round-to-nearest (`stats.unreached`)."""
     t0 = time.perf_counter()
     x_all = _stack(hidden)
     n = x_all.shape[0]
@@ -276,52 +286,39 @@ def tune_block(
     grids = {m: LinearGrid(weights[m] if weights else block.get_submodule(m).weight, specs[m]) for m in names}
     trainable = [p for g in grids.values() for p in g.params()]
     frozen = [p for p in block.parameters() if p.requires_grad]
+    sampler = _BatchSampler(n, params.batch_size, params.batch_seed)
+    st = BlockTuneStats(math.nan, math.inf, 0, 0)
+    best = None
     for p in frozen:
         p.requires_grad_(False)
-    for p in trainable:
-        p.requires_grad_(True)
-    gen = torch.Generator().manual_seed(params.seed)
-    order, pos = torch.randperm(n, generator=gen), 0
-    lr = params.learning_rate
-    best, best_loss, best_iter, init_loss = None, math.inf, 0, math.nan
-    losses: list[float] = []
-    warning = None
-    device_type = x_all.device.type
     try:
+        for p in trainable:
+            p.requires_grad_(True)
         with _Swapped(block, names) as sw:
             for t in range(params.iters):
-                if pos + params.batch_size > n:  # reshuffle; the incomplete tail is skipped (as AutoRound's sampler)
-                    order, pos = torch.randperm(n, generator=gen), 0
-                idx = order[pos : pos + params.batch_size]
-                pos += params.batch_size
+                idx = sampler.next().to(x_all.device)
                 sw.weights = {m: g.qdq() for m, g in grids.items()}
-                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=params.amp):
+                with torch.autocast(x_all.device.type, dtype=torch.bfloat16, enabled=params.amp):
                     out = _forward(block, x_all[idx], call)
                 loss = torch.nn.functional.mse_loss(out.float(), targets[idx].float())
                 value = float(loss.detach())
-                losses.append(value)
+                st.losses.append(value)
                 if t == 0:
-                    init_loss = value
+                    st.init_loss, st.unreached = value, sorted(set(names) - sw.called)
                 if not math.isfinite(value):
                     if best is None:
-                        raise NumericalError(f"{block_name}: the block's output loss is {value} at the first iteration (NaN/Inf in its inputs or weights)")
-                    warning = f"{block_name}: loss became {value} at iteration {t}; reverted to iteration {best_iter}"
+                        raise NumericalError(f"{block_name}: the block's output loss is {value} at the first "
+                                             "iteration (NaN/Inf in its inputs or weights)")
+                    st.warning = f"{block_name}: loss became {value} at iteration {t}; reverted to iteration {st.best_iter}"
                     break
-                if value < best_loss:
-                    best_loss, best_iter = value, t
+                if value < st.best_loss:
+                    st.best_loss, st.best_iter = value, t
                     best = {m: g.snapshot() for m, g in grids.items()}
-                if t == params.iters - 1:
-                    break  # the last update would never be measured
-                for p in trainable:
-                    p.grad = None
-                loss.backward()
-                step = lr * (1 - t / params.iters)
-                with torch.no_grad():
-                    for p in trainable:
-                        if p.grad is not None:
-                            p.sub_(p.grad.sign(), alpha=step)
-                for g in grids.values():
-                    g.clamp_()
+                progress(t + 1, params.iters, f"loss {value:.3g}")
+                if t < params.iters - 1:  # the last update would never be measured
+                    _sign_step(loss, trainable, params.learning_rate * (1 - t / params.iters))
+                    for g in grids.values():
+                        g.clamp_()
     finally:
         for p in trainable:
             p.requires_grad_(False)
@@ -331,9 +328,35 @@ def tune_block(
     if best is not None:
         for m, g in grids.items():
             g.restore(best[m])
-    stats = BlockTuneStats(init_loss, best_loss if best is not None else math.nan, best_iter, len(losses),
-                           time.perf_counter() - t0, warning, losses)
-    return {m: g.result() for m, g in grids.items()}, stats
+    st.iters_run, st.seconds = len(st.losses), time.perf_counter() - t0
+    return {m: g.result() for m, g in grids.items()}, st
+
+
+def _sign_step(loss: torch.Tensor, params: list[torch.Tensor], lr: float) -> None:
+    """p ← p − lr · sign(∂loss/∂p) (signed gradient descent, §3)."""
+    for p in params:
+        p.grad = None
+    loss.backward()
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p.sub_(p.grad.sign(), alpha=lr)
+
+
+class _BatchSampler:
+    """Batches of distinct samples in a seeded shuffled order; a new order when the rest of one is
+    shorter than a batch (its tail skipped), as AutoRound's sampler does."""
+
+    def __init__(self, n: int, batch: int, seed: int) -> None:
+        self.n, self.batch = n, batch
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order, self.pos = torch.randperm(n, generator=self.gen), 0
+
+    def next(self) -> torch.Tensor:
+        if self.pos + self.batch > self.n:
+            self.order, self.pos = torch.randperm(self.n, generator=self.gen), 0
+        self.pos += self.batch
+        return self.order[self.pos - self.batch : self.pos]
 
 
 # -- iters = 0: importance-weighted round-to-nearest ---------------------------------------------------
@@ -353,7 +376,7 @@ def importance_rtn(w: torch.Tensor, spec: LayerSpec, importance: torch.Tensor | 
     best_f = torch.ones_like(g.lo)
     with torch.no_grad():
         for i in range(params.clip_grid + 1):
-            f = 1.0 - params.clip_range * i / params.clip_grid
+            f = 1.0 - params.max_shrink * i / params.clip_grid
             g.fmin.fill_(f)
             g.fmax.fill_(f)
             s, z = g.scale_zero()
@@ -411,3 +434,34 @@ def rtn_block(block: torch.nn.Module, specs: dict[str, LayerSpec], hidden, call,
         col.remove()
     return {m: importance_rtn(weights[m] if weights else block.get_submodule(m).weight, specs[m], col.mean_x2(m), params)
             for m in names}
+
+
+# -- the method -------------------------------------------------------------------------------------
+@METHODS.register("autoround", aliases=("auto-round", "signround"))
+class AutoRoundMethod(BlockMethod):
+    """Learned rounding (SignRound) per decoder block; `iters = 0`: importance-weighted RTN."""
+
+    params = AutoRoundParams
+
+    def __init__(self, **params: object) -> None:
+        self.params = AutoRoundParams(**params)  # type: ignore[arg-type]
+        self.wants_targets = self.params.iters > 0
+
+    def check_samples(self, samples: int) -> None:
+        """--batch-size against --samples, from the flags alone."""
+        self.params.validate(samples)
+
+    def quantize_block(self, block, inputs: BlockInputs, specs: dict[str, LayerSpec], targets, progress: MethodProgress) -> BlockResult:
+        x = torch.cat([inputs.sample(i) for i in range(len(inputs))])
+        if self.params.iters == 0:
+            qws = rtn_block(block, specs, x, inputs.call, self.params)
+            return BlockResult(qws, stats={m: {"iters": 0, "clip": "importance-weighted"} for m in qws})
+        tg = torch.cat([targets[i].to(inputs.device, torch.float32) for i in range(len(targets))])
+        qws, st = tune_block(block, specs, x, inputs.call, tg, self.params, block_name=inputs.prefix, progress=progress)
+        del x, tg
+        notes = [st.warning] if st.warning else []
+        if st.unreached:
+            notes.append(f"autoround: {inputs.prefix}: no calibration token reached {', '.join(st.unreached)}: round-to-nearest")
+        figures = {"loss_rtn": st.init_loss, "loss": st.best_loss, "best_iter": st.best_iter, "iters": st.iters_run,
+                   "block_seconds": round(st.seconds, 3)}
+        return BlockResult(qws, stats={m: dict(figures) for m in qws}, notes=notes)
