@@ -72,7 +72,7 @@ def make_recipe(
     bits: int | None,
     qtype: str | None,
     group_size: str | None,
-    asym: bool,
+    asym: bool | None,
     fmt: str,
     targets: list[str] | None = None,
     ignore: list[str] | None = None,
@@ -106,7 +106,14 @@ def make_recipe(
             raise UsageError(f"--asym: {qt.name} is symmetric only")
     elif strategy == "tensor":
         raise UsageError("--group-size tensor: integer types use 'channel' or a group size, not one scale per tensor")
-    params = {k: v for k, v in (method_params or {}).items() if v is not None and v is not False}
+    from qtool.methods import METHODS
+    from qtool.methods.params import resolve
+
+    method_cls = METHODS.get(method)
+    if asym is None:  # the method's default grid: AWQ is asymmetric, the others symmetric
+        asym = qt.kind == "int" and not getattr(method_cls, "default_symmetric", True)
+    # the method's full option set, validated by its declaration (what recipe files and model cards record)
+    params = resolve(method, {k: v for k, v in (method_params or {}).items() if v is not None})
     return QuantRecipe(
         method=method,
         qtype=qt.name,

@@ -318,6 +318,10 @@ def open_stats(recipe: QuantRecipe, source: CheckpointSource, plan: LayerPlan):
     from qtool.calib.stats import CalibStats
 
     stats = CalibStats(Path(recipe.stats))
+    needs = getattr(METHODS.get(recipe.method), "uses_stats", ())
+    if "xtx" in needs and not stats.has_hessians:
+        raise UsageError(f"--stats {recipe.stats}: saved without Hessians (Σ XᵀX; `qtool calibrate --no-hessian`); "
+                         f"--method {recipe.method} needs it; re-run `qtool calibrate` without --no-hessian")
     check_block_linears_only(plan, recipe.method)
     shapes = {m.name: m.shape for m in source.tensors()}
     stats.check_model(source.config, {n: shapes[n] for n in plan.specs})
@@ -351,7 +355,8 @@ def run(
     if method is not None and method.needs_calibration and recipe.stats:
         stats = open_stats(recipe, source, plan)
         report.calibration = {**stats.calibration, "stats_file": str(recipe.stats), "sequential": False}
-        report.notes_extra = [f"Hessians from {recipe.stats}: activations of the unquantized model (not sequential)"]
+        what = "Hessians" if hasattr(method, "quantize_with_stats") else "activation statistics"
+        report.notes_extra = [f"{what} from {recipe.stats}: activations of the unquantized model (not sequential)"]
     elif method is not None and method.needs_calibration:
         on_event(Event("calibrate", 0, 1, recipe.dataset or ""))
         calib = load_calibration_for(source, recipe)
@@ -360,7 +365,7 @@ def run(
     with atomic_output(out, overwrite=overwrite, is_dir=writer.output_is_dir) as tmp:
         writer.begin(tmp, source, recipe)
         try:
-            if calib is not None or (stats is not None and getattr(method, "uses_stats", ())):  # block-level
+            if calib is not None or (stats is not None and not hasattr(method, "quantize_with_stats")):  # block-level
                 _calibrated(source, writer, plan, report, on_event, method, calib.input_ids if calib else None,
                             stats if calib is None else None)
             else:
@@ -458,6 +463,8 @@ def check_calibration_flags(recipe: QuantRecipe, method_cls) -> None:
         raise UsageError("--stats and --dataset: give one (--stats reuses the statistics of a `qtool calibrate` run)")
     if method_cls.needs_calibration:
         if recipe.stats:
+            if hasattr(method_cls, "uses_stats") and not method_cls.uses_stats:
+                raise UsageError(f"--stats: --method {recipe.method} needs calibration data run through the model (give --dataset)")
             method_cls(**params)
             return
         if not recipe.dataset:

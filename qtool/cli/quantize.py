@@ -12,7 +12,9 @@ from rich.table import Table
 
 from qtool.cli import options as opt
 from qtool.cli._app import ProgressDisplay, handle_errors, human_bytes, out, print_json
+from qtool.cli.method_options import with_method_options
 from qtool.config import make_recipe
+from qtool.recipe_file import load_recipe_file, merge, recipe_kwargs
 from qtool.model.resolve import open_source
 from qtool.errors import UsageError
 from qtool.pipeline import EvalRequest, RunReport, check_architecture, run, validate_early
@@ -25,13 +27,14 @@ def default_out(model: str, recipe) -> Path:
 
 
 @handle_errors
-def quantize(
+def _quantize(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Local folder, .safetensors/.gguf file, or Hub id (org/name).")],
     method: opt.Method = "rtn",
     bits: opt.Bits = None,
     qtype: Annotated[Optional[str], typer.Option("--qtype", help="Weight type instead of --bits: int8, int4, int3, int2, fp8.")] = None,
     group_size: opt.GroupSize = "channel",
-    asym: Annotated[bool, typer.Option("--asym", help="Asymmetric grid (with zero points).")] = False,
+    asym: Annotated[Optional[bool], typer.Option("--asym/--sym", help="Asymmetric grid (with zero points) or symmetric [default: the method's: awq asymmetric, others symmetric].", show_default=False)] = None,
     fmt: opt.Format = "compressed-tensors",
     gguf_type: opt.GGUFType = None,
     imatrix: opt.Imatrix = None,
@@ -47,11 +50,8 @@ def quantize(
     samples: opt.Samples = 128,
     seq_len: opt.SeqLen = 512,
     seed: opt.Seed = 0,
-    stats: Annotated[Optional[Path], typer.Option("--stats", help="gptq: reuse the Hessians of a `qtool calibrate` file instead of running calibration data.")] = None,
-    damp: Annotated[Optional[float], typer.Option("--damp", help="gptq: damping, a fraction of mean(diag H) [default: 0.01].")] = None,
-    act_order: Annotated[bool, typer.Option("--act-order", help="gptq: quantize columns by decreasing activation energy (diag H).")] = False,
-    static_groups: Annotated[bool, typer.Option("--static-groups", help="gptq: group scales from the original weights, before error updates (keeps groups contiguous with --act-order).")] = False,
-    block_size: Annotated[Optional[int], typer.Option("--block-size", help="gptq: columns per lazy batch update [default: 128].")] = None,
+    stats: Annotated[Optional[Path], typer.Option("--stats", help="gptq, awq: reuse the statistics of a `qtool calibrate` file instead of running calibration data (not sequential).")] = None,
+    recipe_file: Annotated[Optional[Path], typer.Option("--recipe", help="Recipe file (YAML or JSON; the fields of a model card's Recipe section); options given here override it.")] = None,
     run_eval: Annotated[bool, typer.Option("--eval", help="After writing, score the output against the input model (perplexity, KL divergence, top-1 agreement); the figures go into --json and the model card.")] = False,
     eval_dataset: Annotated[Optional[Path], typer.Option("--eval-dataset", help="Text file for --eval [default: the --dataset file, its second half, which calibration never reads].")] = None,
     eval_windows: Annotated[int, typer.Option("--eval-windows", min=1, help="Windows of --eval-seq-len tokens scored by --eval.")] = 32,
@@ -62,6 +62,7 @@ def quantize(
     overwrite: opt.Overwrite = False,
     json_out: opt.Json = False,
     quiet: opt.Quiet = False,
+    **method_options: object,
 ) -> None:
     """Quantize a model and write it in a format runtimes load.
 
@@ -84,15 +85,18 @@ def quantize(
       qtool calibrate ./my-model --dataset wikitext2 -o stats.safetensors
       qtool quantize ./my-model -m gptq -b 4 -g 128 --stats stats.safetensors
     """
-    recipe = make_recipe(
+    kwargs = dict(
         method=method, bits=bits, qtype=qtype, group_size=group_size, asym=asym, fmt=fmt,
         targets=target, ignore=ignore, strict_groups=strict_groups, device=device,
         dataset=dataset, dataset_config=dataset_config, split=split, text_field=text_field,
         samples=samples, seq_len=seq_len, seed=seed, stats=str(stats) if stats else None,
-        method_params={"damp": damp, "act_order": act_order, "static_groups": static_groups, "block_size": block_size},
+        method_params={k: v for k, v in method_options.items() if v is not None},
     )
-    writer = validate_early(recipe, fmt, type=gguf_type, imatrix=imatrix)  # exit 2/3 here, before anything is loaded or downloaded
-    evaluation = eval_request(run_eval, eval_dataset, dataset, eval_windows, eval_seq_len)
+    if recipe_file is not None:
+        kwargs = merge(kwargs, explicit_options(ctx), recipe_kwargs(load_recipe_file(recipe_file)))
+    recipe = make_recipe(**kwargs)
+    writer = validate_early(recipe, recipe.format, type=gguf_type, imatrix=imatrix)  # exit 2/3 here, before anything is loaded or downloaded
+    evaluation = eval_request(run_eval, eval_dataset, recipe.dataset, eval_windows, eval_seq_len)
     dest = out_path or default_out(model, recipe)
     with open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as source:
         check_architecture(source.config, model)
@@ -104,6 +108,18 @@ def quantize(
         print_json(report.to_dict())
     else:
         print_summary(report)
+
+
+quantize = with_method_options(_quantize)
+
+
+def explicit_options(ctx: typer.Context) -> set[str]:
+    """make_recipe keywords whose `quantize` option was given on the command line (or environment)."""
+    from click.core import ParameterSource
+
+    names = {"target": "targets"}
+    given = {n for n in ctx.params if ctx.get_parameter_source(n) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    return {names.get(n, n) for n in given}
 
 
 def eval_request(run_eval: bool, eval_dataset: Path | None, dataset: str | None, windows: int, seq_len: int) -> EvalRequest | None:
@@ -138,7 +154,7 @@ def print_summary(r: RunReport) -> None:
         c = r.calibration
         src = f" (from {c['stats_file']})" if c.get("stats_file") else ""
         t.add_row("calibration", f"{c['spec']}: {c['samples']} x {c['seq_len']} tokens, seed {c['seed']}{src}")
-        damps = sorted({layer.gptq["damp"] for layer in r.layers if layer.gptq})
+        damps = sorted({layer.gptq["damp"] for layer in r.layers if layer.gptq and "damp" in layer.gptq})
         if damps:
             t.add_row("damping", ", ".join(f"{d:g}" for d in damps) + " x mean(diag H)")
     if r.eval:

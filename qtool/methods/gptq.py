@@ -320,6 +320,7 @@ class GPTQMethod(BlockMethod):
     params = GPTQParams
     needs_calibration = True
     supported_kinds = ("int",)
+    uses_stats = ("xtx",)  # --stats: Hessians per layer (pipeline._stream, not block-level)
     true_sequential = True  # see engine/blockwise.py: groups see their quantized predecessors
 
     def __init__(self, **params: object) -> None:
