@@ -5,6 +5,7 @@ hidden states from the model's embedding and position embeddings from its own ro
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from qtool.methods.autoround import (AutoRoundParams, ImportanceCollector, Linea
                                      rtn_block, tune_block)
 from qtool.methods.base import LayerSpec
 from qtool.qtypes import QType, get_qtype
+from conftest import invoke_cli
 from tests.tiny_models import make_model
 
 N, L = 16, 32
@@ -266,26 +268,21 @@ def texts(tmp_path_factory, wikitext_path) -> tuple[Path, str]:
     return calib, text[-4000:]
 
 
-def _quantize(model: Path, out: Path, method: str, calib: Path | None, **method_params) -> dict:
-    """The pipeline as `qtool quantize` drives it: int4 g32, compressed-tensors."""
-    from qtool.config import make_recipe
-    from qtool.model.resolve import open_source
-    from qtool.pipeline import run, validate_early
-
-    recipe = make_recipe(method=method, bits=4, qtype=None, group_size="32", asym=False, fmt="compressed-tensors",
-                         dataset=str(calib) if calib else None, samples=8, seq_len=64, method_params=method_params)
-    writer = validate_early(recipe, "compressed-tensors")
-    with open_source(str(model)) as src:
-        return run(str(model), src, out, writer, recipe).to_dict()
+def _quantize(model: Path, out: Path, *args: object) -> dict:
+    """`qtool quantize MODEL -b 4 -g 32 -f compressed-tensors ARGS --json` in-process -> its report."""
+    res = invoke_cli("quantize", model, "-b", "4", "-g", "32", "-f", "compressed-tensors", *args, "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
 
 
 @pytest.fixture(scope="module")
 def e2e(tiny_byte_llama, texts, tmp_path_factory):
     root = tmp_path_factory.mktemp("ar-e2e")
-    return {name: (root / name, _quantize(tiny_byte_llama, root / name, m, calib, **kw)) for name, m, calib, kw in [
-        ("autoround", "autoround", texts[0], dict(iters=20, batch_size=4)),
-        ("iters0", "autoround", texts[0], dict(iters=0)),
-        ("rtn", "rtn", None, {}),
+    calib = ("--dataset", texts[0], "--samples", "8", "--seq-len", "64")
+    return {name: (root / name, _quantize(tiny_byte_llama, root / name, *args)) for name, args in [
+        ("autoround", ("-m", "autoround", "--iters", "20", "--batch-size", "4", *calib)),
+        ("iters0", ("-m", "autoround", "--iters", "0", *calib)),
+        ("rtn", ("-m", "rtn")),
     ]}
 
 
@@ -338,3 +335,18 @@ def test_autoround_beats_rtn_on_held_out_text(e2e, tiny_byte_llama, texts):
     k = {name: kl(name) for name in e2e}
     assert k["autoround"] < k["rtn"], k
     assert k["iters0"] < k["rtn"], k
+
+
+@pytest.mark.parametrize("args, msg", [
+    (("--iters", "-1"), "--iters -1"),
+    (("--lr", "0"), "--lr 0"),
+    (("--lr", "-0.01"), "--lr -0.01"),
+    (("--batch-size", "9"), "--batch-size 9: larger than --samples 8"),
+])
+def test_cli_refuses_bad_options_before_loading(tmp_path, args, msg):
+    """Exit 2 naming the option, from the flags alone: the model path does not even exist."""
+    res = invoke_cli("quantize", tmp_path / "no-such-model", "-m", "autoround", "-b", "4", "--dataset", "wikitext2",
+                     "--samples", "8", *args, "-o", tmp_path / "out")
+    assert res.exit_code == 2, res.output
+    assert msg in res.output.replace("\n", " ")
+    assert not (tmp_path / "out").exists()

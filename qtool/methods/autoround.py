@@ -44,7 +44,7 @@ from qtool.qtypes import QType
 @dataclass(frozen=True)
 class AutoRoundParams(MethodParams):
     iters: int = field(default=200, metadata={"help": "Signed-gradient steps per block; 0: importance-weighted round-to-nearest (no tuning)."})
-    lr: float | None = field(default=None, metadata={"help": "Step size of the rounding offsets and clipping factors [default: 1 / iters], decayed linearly to 0."})
+    lr: float | None = field(default=None, metadata={"help": "Step size of the rounding offsets and clipping factors, decayed linearly to 0 over the iterations; unset: 1 / iters."})
     batch_size: int = field(default=8, metadata={"help": "Calibration samples per tuning step (at most --samples)."})
     batch_seed: int = field(default=0, metadata={"help": "Seed of the order in which tuning steps draw their samples."})
     amp: bool = field(default=False, metadata={"help": "Run the block forward under bf16 autocast while tuning (parameters and loss stay float32)."})
