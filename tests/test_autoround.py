@@ -16,7 +16,7 @@ from qtool.core.affine import quantize_int
 from qtool.errors import NumericalError, UsageError
 from qtool.methods.autoround import (AutoRoundParams, ImportanceCollector, LinearGrid, block_outputs, importance_rtn,
                                      rtn_block, tune_block)
-from qtool.methods.base import LayerSpec
+from qtool.methods.base import BlockInputs, LayerSpec
 from qtool.qtypes import QType, get_qtype
 from conftest import invoke_cli
 from tests.tiny_models import make_model
@@ -124,7 +124,7 @@ def test_ste_gradients_reach_every_parameter(blk):
     """One backward through the block: the rounding offsets and both clipping factors of every
     linear get non-zero gradients (the straight-through round lets them through)."""
     layer, hidden, call, targets, names, weights = blk
-    from qtool.methods.autoround import _Swapped, _stack, _forward
+    from qtool.methods.autoround import _forward, _stack, _Swapped
 
     grids = {m: LinearGrid(weights[m], s) for m, s in _specs(names, sym=False).items()}
     layer.requires_grad_(False)
@@ -175,6 +175,34 @@ def test_minibatches_and_determinism(blk):
     assert sa.losses == sb.losses
     assert all(torch.equal(a[m].codes, b[m].codes) and torch.equal(a[m].scale, b[m].scale) for m in names)
     assert sa.losses != sc.losses
+
+
+def test_a_linear_no_token_reaches_stays_round_to_nearest(blk):
+    """Like an MoE expert the router never picks: a linear of the block the forward never calls gets
+    no gradient, keeps RTN's codes, and is reported; the others are still tuned."""
+    layer, hidden, call, targets, names, weights = blk
+    layer.add_module("idle", torch.nn.Linear(96, 64, bias=False))
+    try:
+        specs = _specs(names + ["idle"])
+        w = {**weights, "idle": layer.idle.weight.detach().to(torch.bfloat16)}
+        qws, st = tune_block(layer, specs, hidden, call, targets, AutoRoundParams(iters=4, lr=0.01, batch_size=N), weights=w)
+        assert st.unreached == ["idle"]
+        assert torch.equal(qws["idle"].codes, quantize_int(w["idle"], specs["idle"].qtype, strategy="group", group_size=32).codes)
+        assert st.best_loss < st.init_loss
+    finally:
+        del layer.idle
+
+
+def test_samples_gathered_per_batch_equal_stacked(blk, monkeypatch):
+    """Inputs too large to stack on the device are gathered batch by batch: the same run."""
+    import qtool.methods.autoround as ar
+
+    layer, hidden, call, targets, names, weights = blk
+    p = AutoRoundParams(iters=3, batch_size=4)
+    a, sa = tune_block(layer, _specs(names), hidden, call, targets, p, weights=weights)
+    monkeypatch.setattr(ar, "STACK_BYTES", 0)
+    b, sb = tune_block(layer, _specs(names), hidden, call, list(targets), p, weights=weights)
+    assert sa.losses == sb.losses and all(torch.equal(a[m].codes, b[m].codes) for m in names)
 
 
 def test_bf16_autocast_runs(blk):
@@ -254,7 +282,7 @@ def test_importance_weighted_rtn(blk):
         assert e_imp <= e_rtn * (1 + 1e-6), m
         tot_imp, tot_rtn = tot_imp + e_imp, tot_rtn + e_rtn
     assert tot_imp < 0.9 * tot_rtn
-    qws = rtn_block(layer, specs, hidden, call, weights=weights)
+    qws = rtn_block(layer, specs, BlockInputs("model.layers.0", hidden, call, torch.device("cpu")), weights=weights)
     assert _block_mse(blk, qws) < _block_mse(blk, rtn)
 
 

@@ -218,6 +218,34 @@ def _stack(hidden: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
     return hidden if isinstance(hidden, torch.Tensor) else torch.cat([h.reshape(1, *h.shape[-2:]) for h in hidden])
 
 
+STACK_BYTES = 1 << 30  # samples held stacked on the device up to this size; beyond, gathered per step
+
+
+class _Samples:
+    """Per-sample tensors [1, L, h] (a list, an ActivationStore, or stacked [n, L, h]) read as
+    batches on `device`: stacked there once when small, else gathered batch by batch (memory stays
+    near one batch above what the engine already holds)."""
+
+    def __init__(self, seq, device: torch.device | None = None) -> None:
+        self.seq, self.n = seq, len(seq)
+        first = seq[0]
+        self.device = device or first.device
+        self.stacked = None
+        if isinstance(seq, torch.Tensor) and seq.device == self.device:
+            self.stacked = seq
+        elif self.n * first.numel() * 4 <= STACK_BYTES:
+            self.stacked = torch.cat([seq[i].reshape(1, *first.shape[-2:]).to(self.device, torch.float32) for i in range(self.n)])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.stacked is not None:
+            return self.stacked[idx.to(self.stacked.device)]
+        shape = self.seq[0].shape[-2:]
+        return torch.cat([self.seq[i].reshape(1, *shape) for i in idx.tolist()]).to(self.device, torch.float32)
+
+
 def _forward(block: torch.nn.Module, x: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
     args, kwargs = call
     out = block(x, *args, **kwargs)
@@ -273,14 +301,16 @@ def tune_block(
 ) -> tuple[dict[str, QuantizedWeight], BlockTuneStats]:
     """Learned rounding of the linears `specs` names (module names inside `block`).
 
-    hidden: the block's inputs, per sample [1, L, h] (or stacked [n, L, h]); call: the (args,
-    kwargs) the model passes the block besides them; targets [n, L, h]: the float block's outputs.
+    hidden: the block's inputs, per sample [1, L, h] (a list or ActivationStore, or stacked
+    [n, L, h]); call: the (args, kwargs) the model passes the block besides them; targets: the
+    float block's outputs, likewise. Batches go to the block's device.
     weights: the checkpoint's weights per name (their dtype sets the scale dtype); default the
     module's own. The block's parameters are left unchanged. A linear no calibration token reaches
     (an MoE expert never routed to) gets no gradient and stays round-to-nearest (`stats.unreached`)."""
     t0 = time.perf_counter()
-    x_all = _stack(hidden)
-    n = x_all.shape[0]
+    device = next(block.parameters()).device
+    xs, ys = _Samples(hidden, device), _Samples(targets, device)
+    n = len(xs)
     params.validate(n)
     names = list(specs)
     grids = {m: LinearGrid(weights[m] if weights else block.get_submodule(m).weight, specs[m]) for m in names}
@@ -296,11 +326,11 @@ def tune_block(
             p.requires_grad_(True)
         with _Swapped(block, names) as sw:
             for t in range(params.iters):
-                idx = sampler.next().to(x_all.device)
+                idx = sampler.next()
                 sw.weights = {m: g.qdq() for m, g in grids.items()}
-                with torch.autocast(x_all.device.type, dtype=torch.bfloat16, enabled=params.amp):
-                    out = _forward(block, x_all[idx], call)
-                loss = torch.nn.functional.mse_loss(out.float(), targets[idx].float())
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=params.amp):
+                    out = _forward(block, xs.batch(idx), call)
+                loss = torch.nn.functional.mse_loss(out.float(), ys.batch(idx))
                 value = float(loss.detach())
                 st.losses.append(value)
                 if t == 0:
@@ -423,13 +453,13 @@ class ImportanceCollector:
             h.remove()
 
 
-def rtn_block(block: torch.nn.Module, specs: dict[str, LayerSpec], hidden, call, params: AutoRoundParams = AutoRoundParams(),
+def rtn_block(block: torch.nn.Module, specs: dict[str, LayerSpec], inputs: BlockInputs, params: AutoRoundParams = AutoRoundParams(),
               weights: dict[str, torch.Tensor] | None = None) -> dict[str, QuantizedWeight]:
     """iters = 0 for a whole block: one pass of the float block collects each linear's importance."""
     names = list(specs)
     col = ImportanceCollector(block, names)
     try:
-        block_outputs(block, hidden, call, params.batch_size)
+        inputs.run(block)
     finally:
         col.remove()
     return {m: importance_rtn(weights[m] if weights else block.get_submodule(m).weight, specs[m], col.mean_x2(m), params)
@@ -452,13 +482,11 @@ class AutoRoundMethod(BlockMethod):
         self.params.validate(samples)
 
     def quantize_block(self, block, inputs: BlockInputs, specs: dict[str, LayerSpec], targets, progress: MethodProgress) -> BlockResult:
-        x = torch.cat([inputs.sample(i) for i in range(len(inputs))])
         if self.params.iters == 0:
-            qws = rtn_block(block, specs, x, inputs.call, self.params)
+            qws = rtn_block(block, specs, inputs, self.params)
             return BlockResult(qws, stats={m: {"iters": 0, "clip": "importance-weighted"} for m in qws})
-        tg = torch.cat([targets[i].to(inputs.device, torch.float32) for i in range(len(targets))])
-        qws, st = tune_block(block, specs, x, inputs.call, tg, self.params, block_name=inputs.prefix, progress=progress)
-        del x, tg
+        qws, st = tune_block(block, specs, inputs.hidden, inputs.call, targets, self.params, block_name=inputs.prefix,
+                             progress=progress)
         notes = [st.warning] if st.warning else []
         if st.unreached:
             notes.append(f"autoround: {inputs.prefix}: no calibration token reached {', '.join(st.unreached)}: round-to-nearest")
