@@ -536,7 +536,9 @@ def check_calibration_flags(recipe: QuantRecipe, method_cls) -> None:
                              "or --stats FILE from `qtool calibrate`")
         if recipe.samples < 1 or recipe.seq_len < 2:
             raise UsageError(f"--samples {recipe.samples} / --seq-len {recipe.seq_len}: need >= 1 sample of >= 2 tokens")
-        method_cls(**params)  # validates the method's own options
+        inst = method_cls(**params)  # validates the method's own options
+        if hasattr(inst, "check_samples"):  # options bounded by --samples (autoround's --batch-size)
+            inst.check_samples(recipe.samples)
         return
     if recipe.dataset:
         raise UsageError(f"--dataset: --method {recipe.method} uses no calibration data")

@@ -37,6 +37,9 @@ def fields_of(params_cls) -> list[dataclasses.Field]:
 
 def _field_type(params_cls, f: dataclasses.Field) -> type:
     t = typing.get_type_hints(params_cls).get(f.name, f.type)
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    if len(args) == 1 and len(typing.get_args(t)) == 2:  # `float | None`: None = a default the method derives (autoround's lr)
+        t = args[0]
     if t not in (bool, int, float, str):
         raise TypeError(f"{params_cls.__name__}.{f.name}: method parameters are bool, int, float or str, not {t}")
     return t

@@ -1,0 +1,110 @@
+"""`qtool quantize -m autoround -f gguf -t TYPE`: learned rounding on each tensor's GGUF grid (the
+writer's calibration specs, as for GPTQ): the 32-wide legacy types store the learned codes and
+fp16 scales exactly; llama.cpp runs the file.
+
+Models and helpers are test_gptq_gguf.py's (tiny llama with SmolLM2's tokenizer, uneven channel
+energy in the embedding)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from test_gptq_gguf import BLOCK_LINEARS, build_llama, held_out_ids, hf_logits, kl_of_block_linears, stored
+
+SAMPLES, SEQ_LEN, ITERS = 8, 64, 20
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smollm2_dir) -> Path:
+    return build_llama(tmp_path_factory.mktemp("ar-gguf") / "tiny", smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory, wikitext_path) -> tuple[Path, str]:
+    text = wikitext_path.read_text(encoding="utf-8")
+    calib = tmp_path_factory.mktemp("calib") / "calib.txt"
+    calib.write_text(text[:60_000], encoding="utf-8")
+    return calib, text[-6000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, texts, tmp_path_factory):
+    from conftest import invoke_cli
+
+    root = tmp_path_factory.mktemp("runs")
+    made: dict[str, tuple[Path, dict]] = {}
+
+    def get(method: str, gguf_type: str = "Q4_0") -> tuple[Path, dict]:
+        if (method, gguf_type) not in made:
+            out = root / f"{method}-{gguf_type}.gguf"
+            extra = ("--dataset", texts[0], "--samples", SAMPLES, "--seq-len", SEQ_LEN, "--iters", ITERS) if method == "autoround" else ()
+            res = invoke_cli("quantize", tiny, "-m", method, "-f", "gguf", "-t", gguf_type, *extra, "-o", out, "--json")
+            assert res.exit_code == 0, res.output
+            made[(method, gguf_type)] = out, json.loads(res.stdout)
+        return made[(method, gguf_type)]
+
+    return get
+
+
+def _reference(tiny: Path, texts, gguf_type: str) -> dict[str, torch.Tensor]:
+    """Our learned-rounding weights for the writer's specs, the same windows, through the block
+    engine outside the CLI and the writer (tuning is deterministic for a seed and thread count)."""
+    from qtool.config import make_recipe
+    from qtool.engine.block_engine import run_block_method
+    from qtool.engine.blockwise import QuantizedLinear
+    from qtool.formats.gguf.writer import GGUFWriter
+    from qtool.methods import METHODS
+    from qtool.model.resolve import open_source
+    from qtool.pipeline import load_calibration_for
+
+    recipe = make_recipe(method="autoround", bits=None, qtype=None, group_size=None, asym=None, fmt="gguf",
+                         dataset=str(texts[0]), samples=SAMPLES, seq_len=SEQ_LEN, method_params={"iters": ITERS})
+    with open_source(str(tiny)) as source:
+        specs = GGUFWriter(type=gguf_type).calibration_specs(source, recipe)
+        calib = load_calibration_for(source, recipe)
+        return {item.name: item.qw.dequantize(torch.float32)
+                for item in run_block_method(source, specs, METHODS.get("autoround")(**recipe.method_params), calib.input_ids)
+                if isinstance(item, QuantizedLinear)}
+
+
+def test_q4_0_file_holds_exactly_our_learned_weights(runs, tiny, texts):
+    path, report = runs("autoround")
+    want = _reference(tiny, texts, "Q4_0")
+    got = stored(path)
+    assert sorted(want) == sorted(BLOCK_LINEARS)
+    for name in BLOCK_LINEARS:
+        assert torch.equal(got[name], want[name]), name
+    layers = {r["name"]: r for r in report["layers"]}
+    for name in BLOCK_LINEARS:
+        st = layers[name]["gptq"]  # the method's figures
+        assert layers[name]["strategy"] == "Q4_0" and st["iters"] == ITERS and st["loss"] <= st["loss_rtn"]
+    rtn = stored(runs("rtn")[0])  # llama.cpp's own Q4_0 rounding of the same tensors differs
+    assert all(not torch.equal(rtn[n], got[n]) for n in BLOCK_LINEARS)
+
+
+def test_learned_q4_0_beats_llama_cpp_rounding_on_held_out_text(runs, tiny, texts):
+    """KL of the block linears' quantization alone (test_gptq_gguf.kl_of_block_linears)."""
+    ids = held_out_ids(tiny, texts[1], 256)
+    kl_ar = kl_of_block_linears(tiny, ids, runs("autoround")[0])
+    kl_rtn = kl_of_block_linears(tiny, ids, runs("rtn")[0])
+    print(f"KL autoround {kl_ar:.4g} vs llama.cpp Q4_0 {kl_rtn:.4g}")
+    assert kl_ar < kl_rtn, (kl_ar, kl_rtn)
+
+
+def test_llama_cpp_runs_our_learned_weights(runs, tiny, texts):
+    lct = pytest.importorskip("llama_cpp_tools")
+    pytest.importorskip("llama_cpp")
+    path, _ = runs("autoround")
+    ids = held_out_ids(tiny, texts[1])
+    got = lct.gguf_next_token_logits(path, ids)
+    ours = hf_logits(tiny, ids, stored(path))
+    base = hf_logits(tiny, ids)
+    # the same bound as for GPTQ's Q4_0 file: llama.cpp rounds activations to 8 bits (Q8_0 dot products)
+    assert np.abs(got - ours).max() <= 0.25
+    assert np.abs(got - ours).max() < 0.3 * np.abs(got - base).max()
+    assert (got.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
