@@ -15,6 +15,7 @@ from qtool.cli._app import ProgressDisplay, handle_errors, human_bytes, out, pri
 from qtool.config import make_recipe
 from qtool.model.resolve import open_source
 from qtool.errors import UsageError
+from qtool.publish import check_push_flags
 from qtool.pipeline import EvalRequest, RunReport, check_architecture, run, validate_early
 
 
@@ -60,6 +61,9 @@ def quantize(
     token: opt.Token = None,
     allow_pickle: opt.AllowPickle = False,
     overwrite: opt.Overwrite = False,
+    push_to_hub: opt.PushToHub = None,
+    private: opt.Private = False,
+    push_branch: opt.PushBranch = None,
     json_out: opt.Json = False,
     quiet: opt.Quiet = False,
 ) -> None:
@@ -81,6 +85,8 @@ def quantize(
 
       qtool quantize ./my-model -m gptq -b 4 --dataset calib.txt --eval -o my-model-gptq
 
+      qtool quantize ./my-model -b 4 -g 128 -o my-model-w4 --push-to-hub me/my-model-w4   # needs HF_TOKEN
+
       qtool calibrate ./my-model --dataset wikitext2 -o stats.safetensors
       qtool quantize ./my-model -m gptq -b 4 -g 128 --stats stats.safetensors
     """
@@ -94,12 +100,17 @@ def quantize(
     writer = validate_early(recipe, fmt, type=gguf_type, imatrix=imatrix)  # exit 2/3 here, before anything is loaded or downloaded
     evaluation = eval_request(run_eval, eval_dataset, dataset, eval_windows, eval_seq_len)
     dest = out_path or default_out(model, recipe)
+    publish = check_push_flags(push_to_hub, token, private, push_branch, overwrite)  # before any weight is read
     with open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as source:
         check_architecture(source.config, model)
         with ProgressDisplay(not (json_out or quiet)) as progress:
             report = run(model, source, dest, writer, recipe, overwrite=overwrite, evaluation=evaluation, on_event=progress)
     if note := getattr(writer, "imatrix_note", None):
         report.notes.append(note)
+    if publish is not None:
+        from qtool.publish import push
+
+        report.published = push(dest, publish, progress=not (json_out or quiet))
     if json_out:
         print_json(report.to_dict())
     else:
@@ -146,6 +157,9 @@ def print_summary(r: RunReport) -> None:
         t.add_row("eval", f"ppl {e['perplexity']:.4f} (base {e['base_perplexity']:.4f}, x{e['ppl_ratio']:.4f}), "
                           f"KLD {e['kld_mean']:.5f}, top-1 {100 * e['top1_agreement']:.2f} % "
                           f"({e['windows']} x {e['seq_len']} tokens of {Path(e['dataset']).name}, {e['part']} part)")
+    if r.published:
+        t.add_row("published", f"{r.published['url']} ({len(r.published['files'])} files"
+                               + (f", branch {r.published['branch']}" if r.published.get("branch") else "") + ")")
     for n in r.notes:
         t.add_row("[yellow]note[/]", n)
     out.print(t)
