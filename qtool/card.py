@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 from qtool import __version__
 
@@ -32,13 +33,20 @@ def _size(n: int) -> str:
     return f"{n:.1f} TiB"
 
 
+def is_hub_id(model: str) -> bool:
+    """`org/name` that is not a local path: what the Hub accepts as `base_model` metadata."""
+    from pathlib import Path
+
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model)) and not Path(model).exists()
+
+
 def model_card(report: dict, base_model: str) -> str:
     """`report`: RunReport.to_dict() (output_bytes may still be 0: sizes come from input/bpw)."""
     r = report.get("recipe") or {}
     name = report["output"].rstrip("/").rsplit("/", 1)[-1]
     fmt = report["format"]
     tags = ["qtool", "quantized", r.get("method", ""), fmt]
-    front = ["---", f"base_model: {base_model}", "tags:"] + [f"- {t}" for t in tags if t] + ["---", ""]
+    front = ["---"] + ([f"base_model: {base_model}"] if is_hub_id(base_model) else []) + ["tags:"] + [f"- {t}" for t in tags if t] + ["---", ""]
     lines = [f"# {name}", "", f"`{base_model}` quantized with qtool {__version__}: {_recipe_line(r) if r else fmt}.", ""]
     rows = [("format", fmt + (f" ({report['format_type']})" if report.get("format_type") else "")),
             ("quantized", f"{len(report.get('layers', []))} layers, {report['params_quantized']:,} of {report['params_total']:,} parameters"),

@@ -71,6 +71,7 @@ class RunReport:
     notes: list[str] = field(default_factory=list)
     calibration: dict | None = None  # provenance of the calibration windows (calibration methods)
     eval: dict | None = None  # `--eval`: qtool eval's figures for the output against the input model
+    published: dict | None = None  # `--push-to-hub`: repo, url, commit, files uploaded
     notes_extra: list[str] = field(default_factory=list, repr=False)  # run-level notes, ahead of per-layer ones
 
     @property

@@ -27,12 +27,24 @@ _snapshot_download.py and utils/_http.py); a dataset repository answers the same
   `Content-Range: bytes a-b/size`), which `get_safetensors_metadata` relies on.
 * `GET /api/agent-harnesses`: the empty registry huggingface_hub asks for when building headers.
 
+Uploads (`create_repo`, `create_branch`, `upload_folder`/`upload_file`/`create_commit` through the
+legacy LFS protocol, which huggingface_hub takes when `HF_HUB_DISABLE_XET=1`, as `hub_env` sets),
+each needing `Authorization: Bearer <token>` with the hub's `token`:
+
+* `POST /api/validate-yaml` (the model card's metadata must parse as a YAML mapping).
+* `POST /api/repos/create` (409 when it exists), `POST /api/models/{repo}/branch/{branch}`.
+* `POST /api/models/{repo}/preupload/{rev}`: LFS for the `LFS_SUFFIXES`, regular otherwise.
+* `POST /{repo}.git/info/lfs/objects/batch` -> an upload action `PUT /lfs-upload/{oid}` (the
+  sha256 checked), then `POST /api/models/{repo}/commit/{rev}` (NDJSON: header, file, lfsFile).
+  `fail_uploads=True` answers every LFS PUT with 403: an upload that fails halfway.
+
 Errors carry `X-Error-Code` as the Hub's do: `RepoNotFound` (401), `RevisionNotFound` and
 `EntryNotFound` (404), so huggingface_hub raises its usual typed exceptions.
 """
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import hashlib
 import json
@@ -64,31 +76,57 @@ class ServedRequest:
 
 @dataclass(frozen=True)
 class _File:
-    path: Path
+    path: Path  # on disk, or only the name (uploaded files keep their bytes in `data`)
     size: int
     blob_sha1: str  # git blob id
     sha256: str
+    data: bytes | None = None
 
     @property
     def lfs(self) -> bool:
         return self.path.suffix in LFS_SUFFIXES
 
+    @classmethod
+    def of(cls, path: Path, data: bytes, keep: bool) -> "_File":
+        return cls(path, len(data), hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(),
+                   hashlib.sha256(data).hexdigest(), data if keep else None)
+
+    def read(self) -> bytes:
+        return self.data if self.data is not None else self.path.read_bytes()
+
 
 class _Repo:
-    def __init__(self, repo_id: str, root: Path) -> None:
+    def __init__(self, repo_id: str, root: Path | None, private: bool = False) -> None:
         self.repo_id = repo_id  # the key: "org/name", or "datasets/org/name" for a dataset repository
         self.name = repo_id.removeprefix("datasets/")
+        self.private = private
         self.files: dict[str, _File] = {}
-        for p in sorted(root.rglob("*")):
+        for p in sorted(root.rglob("*")) if root is not None else []:
             if p.is_file() and ".cache" not in p.relative_to(root).parts:
-                data = p.read_bytes()
-                self.files[p.relative_to(root).as_posix()] = _File(
-                    p, len(data), hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(), hashlib.sha256(data).hexdigest()
-                )
-        digest = hashlib.sha1(repo_id.encode())
+                self.files[p.relative_to(root).as_posix()] = _File.of(p, p.read_bytes(), keep=False)
+        self.branches: dict[str, dict[str, _File]] = {}  # other than main: their files
+        self.commits: list[dict] = []  # uploads: {"branch", "summary", "files"}
+        self._rehash()
+
+    def _rehash(self) -> None:
+        digest = hashlib.sha1(self.repo_id.encode())
         for name, f in self.files.items():
             digest.update(f"{name}\0{f.sha256}\n".encode())
         self.sha = digest.hexdigest()
+
+    def files_at(self, rev: str) -> dict[str, _File] | None:
+        if rev in ("main", self.sha):
+            return self.files
+        return self.branches.get(rev)
+
+    def commit(self, branch: str, summary: str, added: dict[str, _File], deleted: list[str]) -> str:
+        files = self.files if branch == "main" else self.branches[branch]
+        files.update(added)
+        for name in deleted:
+            files.pop(name, None)
+        self.commits.append({"branch": branch, "summary": summary, "files": sorted(added)})
+        self._rehash()
+        return hashlib.sha1(f"{self.sha}{len(self.commits)}".encode()).hexdigest()
 
     def info(self, blobs: bool) -> dict:
         siblings = []
@@ -102,7 +140,7 @@ class _Repo:
         return {
             "_id": self.sha[:24], "id": self.name, "modelId": self.name, "author": self.name.split("/")[0],
             "sha": self.sha, "lastModified": "2024-01-01T00:00:00.000Z", "createdAt": "2024-01-01T00:00:00.000Z",
-            "private": False, "disabled": False, "gated": False, "downloads": 0, "likes": 0, "tags": [],
+            "private": self.private, "disabled": False, "gated": False, "downloads": 0, "likes": 0, "tags": [],
             "library_name": "transformers", "siblings": siblings,
         }
 
@@ -125,14 +163,24 @@ class _Repo:
 
 
 class FakeHub(str):
-    """The endpoint URL (use it as HF_ENDPOINT) plus the log of what the server answered."""
+    """The endpoint URL (use it as HF_ENDPOINT) plus the log of what the server answered, and the
+    repositories (uploads land there: `hub.repo_files("org/name")`)."""
 
     requests: list[ServedRequest]
+    repos: dict[str, _Repo]
+    token: str
 
-    def __new__(cls, url: str, log: list[ServedRequest]) -> "FakeHub":
+    def __new__(cls, url: str, log: list[ServedRequest], repos: dict | None = None, token: str = "") -> "FakeHub":
         obj = super().__new__(cls, url)
         obj.requests = log
+        obj.repos = repos if repos is not None else {}
+        obj.token = token
         return obj
+
+    def repo_files(self, repo: str, branch: str = "main") -> dict[str, bytes]:
+        """{file name: bytes} of a repository's branch."""
+        files = self.repos[repo].files_at(branch) or {}
+        return {name: f.read() for name, f in files.items()}
 
     @property
     def url(self) -> str:
@@ -173,7 +221,11 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
     return (start, end) if start <= end and start < size else "invalid"
 
 
-def _make_handler(repos: dict[str, _Repo], log: list[ServedRequest], lock: threading.Lock):
+def _make_handler(repos: dict[str, _Repo], log: list[ServedRequest], lock: threading.Lock, token: str = "",
+                  fail_uploads: bool = False):
+    lfs_store: dict[str, bytes] = {}  # sha256 -> bytes PUT by an LFS upload, until a commit names them
+    announced: set[str] = set()  # oids an authenticated LFS batch request handed an upload URL for
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -185,6 +237,12 @@ def _make_handler(repos: dict[str, _Repo], log: list[ServedRequest], lock: threa
 
         def do_GET(self):  # noqa: N802
             self._route(head=False)
+
+        def do_POST(self):  # noqa: N802
+            self._write_route("POST")
+
+        def do_PUT(self):  # noqa: N802
+            self._write_route("PUT")
 
         # -- plumbing ----------------------------------------------------------------------------
         def _send(self, status: int, body: bytes = b"", headers: dict | None = None, *, head: bool = False,
@@ -218,7 +276,7 @@ def _make_handler(repos: dict[str, _Repo], log: list[ServedRequest], lock: threa
             return None, path
 
         def _check_rev(self, repo: _Repo, rev: str, head: bool, file: str | None = None) -> bool:
-            if unquote(rev) in ("main", repo.sha):
+            if repo.files_at(unquote(rev)) is not None:
                 return True
             self._error(404, "RevisionNotFound", f"Invalid rev id: {unquote(rev)}", head, repo.repo_id, file)
             return False
@@ -262,7 +320,7 @@ def _make_handler(repos: dict[str, _Repo], log: list[ServedRequest], lock: threa
         def _resolve(self, repo: _Repo, rev: str, file: str, head: bool):
             if not self._check_rev(repo, rev, head, file):
                 return
-            f = repo.files.get(file)
+            f = repo.files_at(unquote(rev)).get(file)
             base = {"X-Repo-Commit": repo.sha, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
             if f is None:
                 return self._error(404, "EntryNotFound", f"{file} does not exist", head, repo.repo_id, file, base)
@@ -276,30 +334,147 @@ def _make_handler(repos: dict[str, _Repo], log: list[ServedRequest], lock: threa
                                   repo=repo.repo_id, file=file)
             if head:
                 return self._send(200, b"", hdrs, head=True, repo=repo.repo_id, file=file, length=f.size)
-            with open(f.path, "rb") as fh:
-                if rng is None:
-                    return self._send(200, fh.read(), hdrs, repo=repo.repo_id, file=file)
-                start, end = rng
-                fh.seek(start)
-                body = fh.read(end - start + 1)
+            data = f.read()
+            if rng is None:
+                return self._send(200, data, hdrs, repo=repo.repo_id, file=file)
+            start, end = rng
+            body = data[start:end + 1]
             self._send(206, body, {**hdrs, "Content-Range": f"bytes {start}-{end}/{f.size}"},
                        repo=repo.repo_id, file=file, served_range=(start, end))
+
+        # -- uploads ---------------------------------------------------------------------------
+        def _body(self) -> bytes:
+            n = int(self.headers.get("Content-Length") or 0)
+            return self.rfile.read(n) if n else b""
+
+        def _write_route(self, verb: str):
+            parts = urlsplit(self.path)
+            path = unquote(parts.path)
+            body = self._body()
+            if verb == "PUT" and path.startswith("/lfs-upload/"):  # a pre-signed URL from the batch answer: no token
+                return self._lfs_put(path.rsplit("/", 1)[-1], body)
+            if self.headers.get("Authorization") != f"Bearer {token}" or not token:
+                return self._error(401, "Unauthorized", "Invalid credentials in Authorization header", False)
+            if verb == "POST" and path == "/api/validate-yaml":  # the model card's metadata, before a commit
+                return self._validate_yaml(json.loads(body or b"{}").get("content", ""))
+            if verb == "POST" and path == "/api/repos/create":
+                return self._create_repo(json.loads(body or b"{}"))
+            if verb == "POST" and path.endswith(".git/info/lfs/objects/batch"):
+                return self._lfs_batch(json.loads(body))
+            if verb == "POST" and path.startswith("/api/models/"):
+                repo, rest = self._find_repo(path[len("/api/models/"):])
+                if repo is None:
+                    return self._error(404, "RepoNotFound", "Repository not found", False)
+                m = re.fullmatch(r"/(preupload|commit|branch)/(.+)", rest)
+                if m and m.group(1) == "preupload":
+                    return self._preupload(repo, json.loads(body))
+                if m and m.group(1) == "commit":
+                    return self._commit(repo, unquote(m.group(2)), body)
+                if m and m.group(1) == "branch":
+                    return self._branch(repo, unquote(m.group(2)))
+            self._error(404, "NotFound", f"fake hub: no route for {verb} {path}", False)
+
+        def _validate_yaml(self, content: str):
+            import yaml
+
+            m = re.match(r"^---\n(.*?)\n---\s*\n", content, re.S)  # the card's front matter, as the Hub reads it
+            try:
+                meta = yaml.safe_load(m.group(1)) if m else {}
+            except yaml.YAMLError as e:
+                return self._send(400, json.dumps({"errors": [{"message": f"invalid YAML: {e}"}]}).encode())
+            if not isinstance(meta, dict):
+                return self._send(400, json.dumps({"errors": [{"message": "metadata must be a mapping"}]}).encode())
+            bases = meta.get("base_model") or []
+            for b in [bases] if isinstance(bases, str) else bases:  # the Hub checks these are model ids
+                if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(b)):
+                    return self._send(400, json.dumps({"errors": [{"message": f'"base_model" is not a model id: {b}'}]}).encode())
+            self._json({"errors": [], "warnings": []}, False)
+
+        def _create_repo(self, payload: dict):
+            repo_id = f"{payload.get('organization')}/{payload['name']}" if payload.get("organization") else payload["name"]
+            with lock:
+                exists = repo_id in repos
+                if not exists:
+                    repos[repo_id] = _Repo(repo_id, None, private=payload.get("visibility") == "private")
+            url = f"http://{self.headers['Host']}/{repo_id}"
+            if exists:  # the Hub's 409 names the existing repo's url, which create_repo(exist_ok=True) returns
+                body = json.dumps({"error": "You already created this model repo", "url": url}).encode()
+                return self._send(409, body, {"X-Error-Code": "RepoExists"}, repo=repo_id)
+            self._json({"url": url, "name": repo_id, "id": repo_id}, False, repo_id)
+
+        def _branch(self, repo: _Repo, branch: str):
+            with lock:
+                if branch == "main" or branch in repo.branches:
+                    return self._error(409, "BranchExists", f"Reference already exists: {branch}", False, repo.repo_id)
+                repo.branches[branch] = dict(repo.files)
+            self._json({}, False, repo.repo_id)
+
+        def _preupload(self, repo: _Repo, payload: dict):
+            files = [{"path": f["path"], "uploadMode": "lfs" if Path(f["path"]).suffix in LFS_SUFFIXES else "regular",
+                      "shouldIgnore": False} for f in payload.get("files", [])]
+            self._json({"files": files}, False, repo.repo_id)
+
+        def _lfs_batch(self, payload: dict):
+            host = f"http://{self.headers['Host']}"
+            with lock:
+                announced.update(o["oid"] for o in payload.get("objects", []))
+            objs = [{"oid": o["oid"], "size": o["size"], "authenticated": True,
+                     "actions": {"upload": {"href": f"{host}/lfs-upload/{o['oid']}", "header": {}}}}
+                    for o in payload.get("objects", [])]
+            body = json.dumps({"transfer": "basic", "objects": objs}).encode()
+            self._send(200, body, {"Content-Type": "application/vnd.git-lfs+json"})
+
+        def _lfs_put(self, oid: str, data: bytes):
+            if fail_uploads:
+                return self._error(403, "Forbidden", "fake hub: uploads refused (fail_uploads)", False)
+            if oid not in announced:
+                return self._error(403, "Forbidden", "fake hub: no batch announced this upload", False)
+            if hashlib.sha256(data).hexdigest() != oid:
+                return self._error(400, "BadRequest", "sha256 mismatch", False)
+            with lock:
+                lfs_store[oid] = data
+            self._send(200, b"{}")
+
+        def _commit(self, repo: _Repo, rev: str, body: bytes):
+            if repo.files_at(rev) is None:
+                return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", False, repo.repo_id)
+            added, deleted, summary = {}, [], ""
+            for line in body.splitlines():
+                item = json.loads(line)
+                v = item["value"]
+                if item["key"] == "header":
+                    summary = v.get("summary", "")
+                elif item["key"] == "file":
+                    added[v["path"]] = _File.of(Path(v["path"]), base64.b64decode(v["content"]), keep=True)
+                elif item["key"] == "lfsFile":
+                    if v["oid"] not in lfs_store:
+                        return self._error(400, "BadRequest", f"LFS object {v['oid']} was never uploaded", False, repo.repo_id)
+                    added[v["path"]] = _File.of(Path(v["path"]), lfs_store[v["oid"]], keep=True)
+                elif item["key"] in ("deletedFile", "deletedFolder"):
+                    deleted.append(v["path"])
+            branch = "main" if rev == repo.sha else rev
+            with lock:
+                oid = repo.commit(branch, summary, added, deleted)
+            host = f"http://{self.headers['Host']}"
+            self._json({"commitUrl": f"{host}/{repo.repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None},
+                       False, repo.repo_id)
 
     return Handler
 
 
 @contextmanager
-def fake_hub(repos: dict[str, Path]) -> Iterator[FakeHub]:
+def fake_hub(repos: dict[str, Path], *, token: str = "hf_fake_write_token", fail_uploads: bool = False) -> Iterator[FakeHub]:
     """Serve `{repo_id: folder}` as Hub model repositories (`{"datasets/org/name": folder}` as a dataset
-    repository); yields the endpoint URL (with its log)."""
+    repository); yields the endpoint URL (with its log). Uploads need `token`; `fail_uploads` makes
+    every LFS upload fail (403)."""
     log: list[ServedRequest] = []
     served = {repo_id: _Repo(repo_id, Path(folder)) for repo_id, folder in repos.items()}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(served, log, threading.Lock()))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(served, log, threading.Lock(), token, fail_uploads))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="fake-hub", daemon=True)
     thread.start()
     try:
-        yield FakeHub(f"http://127.0.0.1:{server.server_address[1]}", log)
+        yield FakeHub(f"http://127.0.0.1:{server.server_address[1]}", log, served, token)
     finally:
         server.shutdown()
         server.server_close()

@@ -27,7 +27,8 @@ def test_eval_figures_are_qtool_eval_and_go_into_the_card(tiny_byte_llama, wiki_
         assert e[k] == pytest.approx(ref[k], rel=1e-6), k
     assert e["kld_mean"] > 0 and 0 < e["top1_agreement"] <= 1
     card = (out / "README.md").read_text(encoding="utf-8")
-    assert card.startswith("---\nbase_model: ") and "## Quality" in card
+    assert card.startswith("---\n") and "## Quality" in card
+    assert "base_model:" not in card.split("---")[1] and str(tiny_byte_llama) in card  # a local path is no Hub model id
     assert f"{e['perplexity']:.4f}" in card and f"{e['kld_mean']:.6f}" in card
     recipe = json.loads(re.search(r"```json\n(.*?)\n```", card, re.S).group(1))
     assert recipe == rep["recipe"]

@@ -15,6 +15,7 @@ from qtool.convert import plan_repack
 from qtool.model.quantized_source import QuantizedSource, open_quantized
 from qtool.model.resolve import open_source
 from qtool.pipeline import run
+from qtool.publish import check_push_flags, push
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "f16": torch.float16, "fp16": torch.float16, "float16": torch.float16, "f32": torch.float32, "fp32": torch.float32, "float32": torch.float32}
 
@@ -31,6 +32,9 @@ def export(
     token: opt.Token = None,
     allow_pickle: opt.AllowPickle = False,
     overwrite: opt.Overwrite = False,
+    push_to_hub: opt.PushToHub = None,
+    private: opt.Private = False,
+    push_branch: opt.PushBranch = None,
     json_out: opt.Json = False,
     quiet: opt.Quiet = False,
 ) -> None:
@@ -50,6 +54,7 @@ def export(
         raise UsageError(f"--dtype {dtype!r}: choose one of bf16, f16, f32")
     if out_path is None:
         raise UsageError("--out/-o is required for export")
+    publish = check_push_flags(push_to_hub, token, private, push_branch, overwrite)  # before any weight is read
     writer = writer_cls(dtype=DTYPES[dtype.lower()] if dtype else None, type=gguf_type, imatrix=imatrix)
     with open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as raw:
         source = open_quantized(raw)  # a quantized folder: layers dequantized, or repacked as stored
@@ -62,7 +67,9 @@ def export(
             recipe, method = plan_repack(source, writer)  # type: ignore[arg-type]
         with ProgressDisplay(not (json_out or quiet)) as progress:
             report = run(model, source, out_path, writer, recipe, overwrite=overwrite, on_event=progress, method=method)
-    d = {k: v for k, v in report.to_dict().items() if k in ("model", "output", "format", "seconds", "input_bytes", "output_bytes", "params_total")}
+    if publish is not None:
+        report.published = push(out_path, publish, progress=not (json_out or quiet))
+    d = {k: v for k, v in report.to_dict().items() if k in ("model", "output", "format", "seconds", "input_bytes", "output_bytes", "params_total", "published")}
     notes = [n for n in [getattr(writer, "imatrix_note", None)] if n]
     if isinstance(source, QuantizedSource):
         kept = f"codes kept exactly ({len(report.layers)} layers)" if repack else "dequantized"
@@ -73,3 +80,5 @@ def export(
         out.print(f"wrote {report.output} ({report.format}, {report.params_total:,} parameters, {human_bytes(report.output_bytes)}) in {report.seconds:.1f} s")
         for n in notes:
             out.print(f"note: {n}")
+        if report.published:
+            out.print(f"published {report.published['url']} ({len(report.published['files'])} files)")

@@ -44,3 +44,13 @@ TextField = Annotated[Optional[str], typer.Option("--text-field", help="Record f
 Samples = Annotated[int, typer.Option("--samples", help="Calibration windows.")]
 SeqLen = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration window.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the calibration window offsets.")]
+# publishing (quantize, export)
+PushToHub = Annotated[
+    Optional[str],
+    typer.Option("--push-to-hub", help="After the output is complete, upload it to this Hub repo (ORG/NAME); its model card becomes the repo's README.", rich_help_panel="Publish"),
+]
+Private = Annotated[bool, typer.Option("--private", help="--push-to-hub: create the repo private.", rich_help_panel="Publish")]
+PushBranch = Annotated[
+    Optional[str],
+    typer.Option("--push-branch", help="--push-to-hub: upload to this branch (created if missing) [default: main].", rich_help_panel="Publish"),
+]

@@ -18,6 +18,7 @@ from qtool.formats import FORMATS
 from qtool.recipe_file import load_recipe_file, merge, recipe_kwargs
 from qtool.model.resolve import open_source
 from qtool.errors import UsageError
+from qtool.publish import check_push_flags
 from qtool.pipeline import EvalRequest, RunReport, check_model, run, validate_early
 
 
@@ -64,6 +65,9 @@ def _quantize(
     allow_pickle: opt.AllowPickle = False,
     trust_remote_code: opt.TrustRemoteCode = False,
     overwrite: opt.Overwrite = False,
+    push_to_hub: opt.PushToHub = None,
+    private: opt.Private = False,
+    push_branch: opt.PushBranch = None,
     json_out: opt.Json = False,
     quiet: opt.Quiet = False,
     **method_options: object,
@@ -90,6 +94,8 @@ def _quantize(
 
       qtool quantize ./my-model -f torchao --qtype int4 -g 32 -o my-model-ao-int4
 
+      qtool quantize ./my-model -b 4 -g 128 -o my-model-w4 --push-to-hub me/my-model-w4   # needs HF_TOKEN
+
       qtool calibrate ./my-model --dataset wikitext2 -o stats.safetensors
       qtool quantize ./my-model -m gptq -b 4 -g 128 --stats stats.safetensors
     """
@@ -109,12 +115,17 @@ def _quantize(
                             activations=activations)  # exit 2/3 here, before anything is loaded or downloaded
     evaluation = eval_request(run_eval, eval_dataset, recipe.dataset, eval_windows, eval_seq_len)
     dest = out_path or default_out(model, recipe)
+    publish = check_push_flags(push_to_hub, token, private, push_branch, overwrite)  # before any weight is read
     with open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as source:
         check_model(source, model, trust_remote_code)
         with ProgressDisplay(not (json_out or quiet)) as progress:
             report = run(model, source, dest, writer, recipe, overwrite=overwrite, evaluation=evaluation, on_event=progress)
     if note := getattr(writer, "imatrix_note", None):
         report.notes.append(note)
+    if publish is not None:
+        from qtool.publish import push
+
+        report.published = push(dest, publish, progress=not (json_out or quiet))
     if json_out:
         print_json(report.to_dict())
     else:
@@ -172,6 +183,9 @@ def print_summary(r: RunReport) -> None:
         t.add_row("eval", f"ppl {e['perplexity']:.4f} (base {e['base_perplexity']:.4f}, x{e['ppl_ratio']:.4f}), "
                           f"KLD {e['kld_mean']:.5f}, top-1 {100 * e['top1_agreement']:.2f} % "
                           f"({e['windows']} x {e['seq_len']} tokens of {Path(e['dataset']).name}, {e['part']} part)")
+    if r.published:
+        t.add_row("published", f"{r.published['url']} ({len(r.published['files'])} files"
+                               + (f", branch {r.published['branch']}" if r.published.get("branch") else "") + ")")
     for n in r.notes:
         t.add_row("[yellow]note[/]", n)
     out.print(t)

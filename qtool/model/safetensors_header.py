@@ -89,6 +89,8 @@ def parse_header(raw: bytes, where: str, actual_data_size: int | None = None) ->
     if not isinstance(obj, dict):
         raise FormatError(f"{where}: corrupted safetensors header (not a JSON object)")
     metadata = obj.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise FormatError(f"{where}: corrupted safetensors header (__metadata__ must map strings to strings)")
     entries: dict[str, HeaderEntry] = {}
     for name, info in obj.items():
         entries[name] = _entry(name, info, where)
@@ -112,7 +114,7 @@ def _entry(name: str, info: object, where: str) -> HeaderEntry:
         begin, end = (int(x) for x in info["data_offsets"])  # type: ignore[index]
     except (KeyError, TypeError, ValueError):
         raise FormatError(f"{where}: corrupted safetensors header entry for tensor {name!r}") from None
-    if dtype not in ST_ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in ST_ITEMSIZE:
         raise FormatError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
     e = HeaderEntry(name, dtype, shape, begin, end)
     if any(d < 0 for d in shape) or begin < 0 or end < begin or end - begin != e.numel * ST_ITEMSIZE[dtype]:
