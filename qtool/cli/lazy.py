@@ -40,10 +40,18 @@ def docstring_of(module: str, function: str) -> str:
         raise ImportError(f"no module named {module!r}")
     with open(spec.origin, encoding="utf-8") as f:
         tree = ast.parse(f.read(), filename=spec.origin)
+    funcs = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    wrapped = {}  # `quantize = with_method_options(_quantize)`: the command is a wrapped function
     for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == function:
-            return inspect.cleandoc(ast.get_docstring(node, clean=False) or "")
-    raise ImportError(f"{module} defines no function {function!r}")
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and node.value.args:
+            arg = node.value.args[0]
+            for target in node.targets:
+                if isinstance(target, ast.Name) and isinstance(arg, ast.Name):
+                    wrapped[target.id] = arg.id
+    node = funcs.get(function) or funcs.get(wrapped.get(function, ""))
+    if node is None:
+        raise ImportError(f"{module} defines no function {function!r}")
+    return inspect.cleandoc(ast.get_docstring(node, clean=False) or "")
 
 
 def load_command(name: str, module: str, function: str) -> TyperCommand:
