@@ -20,7 +20,7 @@ from qtool.config import QuantRecipe
 from qtool.core.qweight import QuantizedWeight
 from qtool.errors import UnsupportedError
 from qtool.formats import FORMATS
-from qtool.formats.hf_quantized import DEQUANTIZERS, HFQuantizedWriter, group_modules, load_folder
+from qtool.formats.hf_quantized import HFQuantizedWriter, group_modules, load_folder, register_reader
 from qtool.qtypes import get_qtype
 
 
@@ -49,7 +49,7 @@ class EETQWriter(HFQuantizedWriter):
         return {"quant_method": "eetq", "weights": "int8", "modules_to_not_convert": self.not_converted()}
 
 
-def read_quantized(folder: Path) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
+def read_quantized(folder: Path, config: dict | None = None) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
     tensors, _ = load_folder(folder)
     modules, rest = group_modules(tensors, ("weight", "weight_scales"))
     qws = {}
@@ -61,9 +61,4 @@ def read_quantized(folder: Path) -> tuple[dict[str, QuantizedWeight], dict[str, 
     return qws, rest
 
 
-def _dequantized(folder: Path, config: dict) -> dict[str, torch.Tensor]:
-    qws, rest = read_quantized(folder)
-    return {**rest, **{f"{p}.weight": qw.dequantize(torch.float32) for p, qw in qws.items()}}
-
-
-DEQUANTIZERS["eetq"] = _dequantized
+register_reader("eetq", read_quantized)
