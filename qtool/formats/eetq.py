@@ -6,8 +6,14 @@ Symmetric, one fp16 scale per output row (qtool's int8 grid, scales rounded to f
 codes are chosen). The runtime is a CUDA kernel (`w8_a16_gemm`, fetched by transformers from the
 Hub's kernels-community/quantization-eetq); nothing runs it on a CPU. tests/test_otf_formats.py
 checks these tensors against `EetqLinear`'s parameters and, where CUDA is present, loads the
-folder and compares what the kernel computes with qtool's dequantization. EETQ's own quantizer
-(`quant_weights`) may reorder the int8 matrix for its kernel; that is what the GPU test decides.
+folder and compares what the kernel computes with qtool's dequantization.
+
+UNPROVEN on a GPU: transformers' own EETQ path stores what the kernel package's
+`quant_weights(w.T, int8, False)` returns, and that package also exposes `preprocess_weights`
+(the CUTLASS mixed-GEMM reordering of FasterTransformer/TensorRT-LLM: row permutation and
+interleaving, architecture-dependent). If the stored int8 matrix must be in that order, this
+plain transposed layout loads without MISSING keys but computes wrong outputs; the GPU test
+(`test_gpu_loads_fbgemm_fp8_and_eetq`) is the judge.
 """
 
 from __future__ import annotations
