@@ -13,6 +13,11 @@ LOADERS = {
     "compressed-tensors": ("transformers (with `compressed-tensors` installed), vLLM", ""),
     "gptq": ("transformers with `optimum` and `gptqmodel` installed (GPTQModel kernels)", ""),
     "safetensors": ("transformers", ""),
+    "bitsandbytes": ("transformers with `bitsandbytes` (>= 0.48 runs on CPU too) and `accelerate` installed", ""),
+    "torchao": ("transformers with `torchao==0.18` installed (CPU or GPU)", ""),
+    "fp8": ("transformers (fine-grained FP8: FP8 kernels on GPUs of compute capability >= 8.9, dequantized to bf16 elsewhere)", ""),
+    "fbgemm-fp8": ("transformers with `fbgemm-gpu-genai` on a CUDA GPU (no CPU runtime)", ""),
+    "eetq": ("transformers with `kernels` on a CUDA GPU (it fetches kernels-community/quantization-eetq; no CPU runtime)", ""),
 }
 
 

@@ -33,7 +33,7 @@ from qtool.core.qweight import NestedScale, QuantizedWeight
 from qtool.errors import FormatError, UnsupportedError
 from qtool.formats import FORMATS
 from qtool.formats.base import GroupChoice
-from qtool.formats.hf_quantized import DEQUANTIZERS, HFQuantizedWriter, group_modules, load_folder
+from qtool.formats.hf_quantized import HFQuantizedWriter, group_modules, load_folder, register_reader
 from qtool.qtypes import get_qtype
 
 BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' 4-bit blocksizes
@@ -166,9 +166,4 @@ def read_quantized(folder: Path, config: dict) -> tuple[dict[str, QuantizedWeigh
     return qws, rest
 
 
-def _dequantized(folder: Path, config: dict) -> dict[str, torch.Tensor]:
-    qws, rest = read_quantized(folder, config)
-    return {**rest, **{f"{p}.weight": qw.dequantize(torch.float32) for p, qw in qws.items()}}
-
-
-DEQUANTIZERS["bitsandbytes"] = _dequantized
+register_reader("bitsandbytes", read_quantized)

@@ -6,8 +6,14 @@ Symmetric, one fp16 scale per output row (qtool's int8 grid, scales rounded to f
 codes are chosen). The runtime is a CUDA kernel (`w8_a16_gemm`, fetched by transformers from the
 Hub's kernels-community/quantization-eetq); nothing runs it on a CPU. tests/test_otf_formats.py
 checks these tensors against `EetqLinear`'s parameters and, where CUDA is present, loads the
-folder and compares what the kernel computes with qtool's dequantization. EETQ's own quantizer
-(`quant_weights`) may reorder the int8 matrix for its kernel; that is what the GPU test decides.
+folder and compares what the kernel computes with qtool's dequantization.
+
+UNPROVEN on a GPU: transformers' own EETQ path stores what the kernel package's
+`quant_weights(w.T, int8, False)` returns, and that package also exposes `preprocess_weights`
+(the CUTLASS mixed-GEMM reordering of FasterTransformer/TensorRT-LLM: row permutation and
+interleaving, architecture-dependent). If the stored int8 matrix must be in that order, this
+plain transposed layout loads without MISSING keys but computes wrong outputs; the GPU test
+(`test_gpu_loads_fbgemm_fp8_and_eetq`) is the judge.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from qtool.config import QuantRecipe
 from qtool.core.qweight import QuantizedWeight
 from qtool.errors import UnsupportedError
 from qtool.formats import FORMATS
-from qtool.formats.hf_quantized import DEQUANTIZERS, HFQuantizedWriter, group_modules, load_folder
+from qtool.formats.hf_quantized import HFQuantizedWriter, group_modules, load_folder, register_reader
 from qtool.qtypes import get_qtype
 
 
@@ -49,7 +55,7 @@ class EETQWriter(HFQuantizedWriter):
         return {"quant_method": "eetq", "weights": "int8", "modules_to_not_convert": self.not_converted()}
 
 
-def read_quantized(folder: Path) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
+def read_quantized(folder: Path, config: dict | None = None) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
     tensors, _ = load_folder(folder)
     modules, rest = group_modules(tensors, ("weight", "weight_scales"))
     qws = {}
@@ -61,9 +67,4 @@ def read_quantized(folder: Path) -> tuple[dict[str, QuantizedWeight], dict[str, 
     return qws, rest
 
 
-def _dequantized(folder: Path, config: dict) -> dict[str, torch.Tensor]:
-    qws, rest = read_quantized(folder)
-    return {**rest, **{f"{p}.weight": qw.dequantize(torch.float32) for p, qw in qws.items()}}
-
-
-DEQUANTIZERS["eetq"] = _dequantized
+register_reader("eetq", read_quantized)

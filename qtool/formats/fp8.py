@@ -29,7 +29,7 @@ from qtool.core.qweight import QuantizedWeight
 from qtool.errors import UnsupportedError
 from qtool.formats import FORMATS
 from qtool.formats.base import GroupChoice
-from qtool.formats.hf_quantized import DEQUANTIZERS, HFQuantizedWriter, group_modules, load_folder
+from qtool.formats.hf_quantized import HFQuantizedWriter, group_modules, load_folder, register_reader
 from qtool.qtypes import get_qtype
 
 BLOCK = (128, 128)
@@ -92,7 +92,7 @@ class FbgemmFP8Writer(_Float8Writer):
         return {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0, "modules_to_not_convert": self.not_converted()}
 
 
-def read_quantized(folder: Path) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
+def read_quantized(folder: Path, config: dict | None = None) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
     """A fine-grained FP8 or FBGEMM FP8 folder -> ({module: QuantizedWeight}, {name: other tensor})."""
     tensors, _ = load_folder(folder)
     modules, rest = group_modules(tensors, ("weight", "weight_scale_inv", "weight_scale"))
@@ -108,10 +108,5 @@ def read_quantized(folder: Path) -> tuple[dict[str, QuantizedWeight], dict[str, 
     return qws, rest
 
 
-def _dequantized(folder: Path, config: dict) -> dict[str, torch.Tensor]:
-    qws, rest = read_quantized(folder)
-    return {**rest, **{f"{p}.weight": qw.dequantize(torch.float32) for p, qw in qws.items()}}
-
-
-DEQUANTIZERS["fp8"] = _dequantized
-DEQUANTIZERS["fbgemm_fp8"] = _dequantized
+register_reader("fp8", read_quantized)
+register_reader("fbgemm_fp8", read_quantized)

@@ -125,6 +125,17 @@ def group_modules(tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...]) -
     return modules, rest
 
 
+def register_reader(method: str, read: Callable[[Path, dict], tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]]) -> None:
+    """Register a format's reader ({module: QuantizedWeight}, {name: other tensor}) as the
+    dequantizer of its `quant_method`."""
+
+    def dequantize(folder: Path, config: dict) -> dict[str, torch.Tensor]:
+        qws, rest = read(folder, config)
+        return {**rest, **{f"{p}.weight": qw.dequantize(torch.float32) for p, qw in qws.items()}}
+
+    DEQUANTIZERS[method] = dequantize
+
+
 def read_dequantized(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """A folder in one of these layouts -> plain state dict, through its registered dequantizer."""
     from qtool.errors import UnsupportedError

@@ -30,7 +30,7 @@ from qtool.config import QuantRecipe
 from qtool.core.qweight import QuantizedWeight
 from qtool.errors import FormatError, UnsupportedError, UsageError
 from qtool.formats import FORMATS
-from qtool.formats.hf_quantized import DEQUANTIZERS, HFQuantizedWriter, load_folder
+from qtool.formats.hf_quantized import HFQuantizedWriter, register_reader, load_folder
 from qtool.qtypes import get_qtype
 
 ACTIVATIONS = ("int8",)
@@ -167,7 +167,7 @@ class TorchAOWriter(HFQuantizedWriter):
         }
 
 
-def read_quantized(folder: Path) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
+def read_quantized(folder: Path, config: dict | None = None) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
     """A torchao safetensors folder -> ({module: QuantizedWeight}, {name: plain tensor})."""
     tensors, metadata = load_folder(folder)
     names = json.loads(metadata.get("tensor_names", "[]"))
@@ -185,9 +185,4 @@ def read_quantized(folder: Path) -> tuple[dict[str, QuantizedWeight], dict[str, 
     return qws, rest
 
 
-def _dequantized(folder: Path, config: dict) -> dict[str, torch.Tensor]:
-    qws, rest = read_quantized(folder)
-    return {**rest, **{f"{p}.weight": qw.dequantize(torch.float32) for p, qw in qws.items()}}
-
-
-DEQUANTIZERS["torchao"] = _dequantized
+register_reader("torchao", read_quantized)
