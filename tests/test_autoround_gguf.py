@@ -16,6 +16,8 @@ import torch
 
 from test_gptq_gguf import BLOCK_LINEARS, build_llama, held_out_ids, hf_logits, kl_of_block_linears, stored
 
+pytestmark = pytest.mark.slow  # SmolLM2's tokenizer (smollm2_dir), 49152-token vocabulary: ~95 s CPU here
+
 SAMPLES, SEQ_LEN, ITERS = 8, 64, 20
 
 
@@ -88,7 +90,8 @@ def test_q4_0_file_holds_exactly_our_learned_weights(runs, tiny, texts):
 
 
 def test_learned_q4_0_beats_llama_cpp_rounding_on_held_out_text(runs, tiny, texts):
-    """KL of the block linears' quantization alone (test_gptq_gguf.kl_of_block_linears)."""
+    """KL of the block linears' quantization alone (test_gptq_gguf.kl_of_block_linears); measured
+    0.0163 (20 iterations on 8 x 64 tokens) vs 0.0183 for llama.cpp's Q4_0 rounding."""
     ids = held_out_ids(tiny, texts[1], 256)
     kl_ar = kl_of_block_linears(tiny, ids, runs("autoround")[0])
     kl_rtn = kl_of_block_linears(tiny, ids, runs("rtn")[0])
