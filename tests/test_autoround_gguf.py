@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from test_gptq_gguf import BLOCK_LINEARS, build_llama, held_out_ids, hf_logits, kl_of_block_linears, stored
+from test_gptq_gguf import texts  # noqa: F401  (fixture: calibration file, held-out text)
 
 pytestmark = pytest.mark.slow  # SmolLM2's tokenizer (smollm2_dir), 49152-token vocabulary: ~95 s CPU here
 
@@ -24,14 +25,6 @@ SAMPLES, SEQ_LEN, ITERS = 8, 64, 20
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm2_dir) -> Path:
     return build_llama(tmp_path_factory.mktemp("ar-gguf") / "tiny", smollm2_dir)
-
-
-@pytest.fixture(scope="module")
-def texts(tmp_path_factory, wikitext_path) -> tuple[Path, str]:
-    text = wikitext_path.read_text(encoding="utf-8")
-    calib = tmp_path_factory.mktemp("calib") / "calib.txt"
-    calib.write_text(text[:60_000], encoding="utf-8")
-    return calib, text[-6000:]
 
 
 @pytest.fixture(scope="module")
