@@ -110,8 +110,11 @@ def make_recipe(
     from qtool.methods.params import resolve
 
     method_cls = METHODS.get(method)
-    if asym is None:  # the method's default grid: AWQ is asymmetric, the others symmetric
-        asym = qt.kind == "int" and not getattr(method_cls, "default_symmetric", True)
+    if asym is None:  # the method's default grid (AWQ asymmetric, the others symmetric), unless the format has its own grids
+        from qtool.formats import FORMATS
+
+        own_grids = fmt in FORMATS and getattr(FORMATS.get(fmt), "self_quantizing", False)
+        asym = qt.kind == "int" and not own_grids and not getattr(method_cls, "default_symmetric", True)
     # the method's full option set, validated by its declaration (what recipe files and model cards record)
     params = resolve(method, {k: v for k, v in (method_params or {}).items() if v is not None})
     return QuantRecipe(

@@ -284,9 +284,10 @@ def _calibrated(
     progress = lambda stage, done, total, item: on_event(Event(stage, done, total, item))  # noqa: E731
     items = run_block_method(source, plan.specs, method, input_ids, device=report.recipe.get("device", "cpu"), stats=stats,
                              progress=progress)
+    block_notes: dict[str, int] = {}  # the same remark from many blocks is said once, with a count
     for item in items:
         if isinstance(item, BlockNote):
-            report.notes_extra.append(item.text)
+            block_notes[item.text] = block_notes.get(item.text, 0) + 1
             continue
         report.params_total += item.tensor.numel() if isinstance(item, PassThrough) else item.weight.numel()
         if isinstance(item, PassThrough):
@@ -294,6 +295,7 @@ def _calibrated(
             continue
         stats_d = _layer_stats(item.stats, item.shares_hessian_with, None)
         _write_quantized(item.name, item.weight, item.qw, plan.specs[item.name], plan, report, writer, str(source.path), stats_d)
+    report.notes_extra += [f"{text} ({n} block{'s' if n > 1 else ''})" for text, n in block_notes.items()]
 
 
 def _add_tensor(name: str, t: torch.Tensor, report: RunReport, writer: FormatWriter) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,8 @@ def test_method_returns_unpacked_weight_that_dequantizes_to_the_input_shape(name
     w = torch.randn(12, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     strategy, g = ("group", 32) if qt.is_int else ("channel", None)
     spec = LayerSpec("x.weight", qt, strategy, g, True)
+    if method.needs_calibration and not hasattr(method, "quantize_with_stats"):
+        pytest.skip(f"{name} works on whole blocks only: test_block_method_contract")
     if method.needs_calibration:  # calibration methods take the layer's input statistics too
         qw, _ = method.quantize_with_stats(w, spec, torch.eye(64))
     else:
@@ -114,3 +117,78 @@ def test_extension_point_readmes_name_paths_that_exist(readme):
     text = (ROOT / readme).read_text()
     for path in re.findall(r"`((?:qtool|tests|kernels|calib_data)/[\w/.]+\.py)`", text):
         assert (ROOT / path).exists() or "<name>" in path, f"{readme} names {path}, which does not exist"
+
+
+# -- block-level methods and method parameters ---------------------------------------------------
+def _tiny_block():
+    """Decoder block 0 of a tiny random llama (MHA, so that every AWQ fold exists) and its BlockInputs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qtool.engine.blockwise import capture_layer_inputs
+    from qtool.methods.base import BlockInputs
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=4, initializer_range=0.1)
+    model = LlamaForCausalLM(cfg).eval()
+    hidden, calls = capture_layer_inputs(model, model.model.layers, torch.randint(0, 64, (3, 16)))
+    return model.model.layers[0], BlockInputs("model.layers.0", hidden, calls[0], torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", [n for n, c in METHODS if isinstance(c, type) and hasattr(c, "quantize_block")])
+def test_block_method_contract(name):
+    """Every block-level method: one QuantizedWeight per requested linear, in the spec's grid and
+    scale dtype; replaced tensors name the block's own state; stats are JSON scalars; and the block
+    carrying the result (replacements + dequantized weights) computes finite outputs close to the float block's."""
+    from qtool.methods.base import BlockResult
+
+    block, inputs = _tiny_block()
+    cls = METHODS.get(name)
+    method = cls()
+    linears = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    sym = getattr(cls, "default_symmetric", True)
+    specs = {m: LayerSpec(f"model.layers.0.{m}.weight", get_qtype("int4"), "group", 32, sym, torch.bfloat16) for m in linears}
+    float_out = inputs.run(block)
+    shapes = {m: tuple(block.get_submodule(m).weight.shape) for m in linears}
+    keys = set(block.state_dict())
+    result = method.quantize_block(block, inputs, specs, float_out if cls.wants_targets else None, lambda *a: None)
+    assert isinstance(result, BlockResult) and set(result.quantized) == set(linears)
+    for m, qw in result.quantized.items():
+        assert isinstance(qw, QuantizedWeight) and qw.shape == shapes[m] and qw.scale.dtype == torch.bfloat16
+        assert qw.symmetric == sym and qw.group_size == 32
+        assert int(qw.codes.min()) >= -8 and int(qw.codes.max()) <= 7
+    assert set(result.replaced) <= keys
+    json.dumps(result.stats)
+    with torch.no_grad():
+        for k, t in result.replaced.items():
+            dict(block.named_parameters())[k].copy_(t)
+        for m, qw in result.quantized.items():
+            block.get_submodule(m).weight.copy_(qw.dequantize(torch.float32))
+    for a, b in zip(float_out, inputs.run(block)):
+        assert torch.isfinite(b).all() and float((a - b).norm() / a.norm()) < 0.2
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_method_parameters_are_declared_once_and_drive_the_cli(name):
+    """A method's options are its `params` dataclass: every field has a default and a help text,
+    appears in `qtool quantize --help` under the method's panel, and round-trips through a recipe."""
+    import dataclasses
+
+    from conftest import invoke_cli
+    from qtool.methods.base import MethodParams
+    from qtool.methods.params import flag_of, resolve
+
+    cls = METHODS.get(name)
+    if cls.params is None:
+        assert resolve(name, {}) == {}
+        return
+    assert issubclass(cls.params, MethodParams) and dataclasses.is_dataclass(cls.params)
+    fields = dataclasses.fields(cls.params)
+    assert fields and all(f.default is not dataclasses.MISSING and f.metadata.get("help") for f in fields)
+    text = invoke_cli("quantize", "--help").output
+    assert f"{name} options" in text or f"/ {name}" in text or f"{name} /" in text
+    for f in fields:
+        assert flag_of(f.name) in text, f.name
+    full = resolve(name, {})
+    assert full == dataclasses.asdict(cls.params())
+    cls(**full)  # the recorded full set is accepted back

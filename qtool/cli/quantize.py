@@ -115,10 +115,9 @@ quantize = with_method_options(_quantize)
 
 def explicit_options(ctx: typer.Context) -> set[str]:
     """make_recipe keywords whose `quantize` option was given on the command line (or environment)."""
-    from click.core import ParameterSource
-
     names = {"target": "targets"}
-    given = {n for n in ctx.params if ctx.get_parameter_source(n) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    given = {p.name for p in ctx.command.params
+             if getattr(ctx.get_parameter_source(p.name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")}
     return {names.get(n, n) for n in given}
 
 

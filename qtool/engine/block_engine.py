@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import torch
 
 from qtool.engine.activations import ActivationStore, choose_storage
-from qtool.engine.blockwise import BlockRunner, HessianCollector, PassThrough, Progress, QuantizedLinear
+from qtool.engine.blockwise import BlockRunner, PassThrough, Progress, QuantizedLinear, groups_from_probe
 from qtool.errors import NumericalError, UnsupportedError
 from qtool.methods.base import BlockInputs, BlockMethod, BlockResult, LayerSpec
 from qtool.model.source import CheckpointSource
@@ -60,16 +60,7 @@ def input_groups(block: torch.nn.Module, inputs: BlockInputs, modules: list[str]
     """The linears `modules` grouped by shared input tensor, in the order the forward reaches them
     (found on sample 0, nothing accumulated), and each one's group owner (the group's first).
     Linears the sample never reached come last, as one group, each its own owner."""
-    probe = HessianCollector({m: block.get_submodule(m) for m in modules}, hessians=False)
-    try:
-        inputs.run(block, samples=[0], before_each=probe.new_pass)
-    finally:
-        probe.remove()
-    groups: dict[str, list[str]] = {}
-    for m in probe.order:
-        groups.setdefault(probe.owner[m], []).append(m)
-    unseen = [m for m in modules if m not in probe.owner]
-    return list(groups.values()) + ([unseen] if unseen else []), {m: probe.owner.get(m, m) for m in modules}
+    return groups_from_probe(block, modules, lambda before: inputs.run(block, samples=[0], before_each=before))
 
 
 def forward_into(block: torch.nn.Module, inputs: BlockInputs, store: ActivationStore, what: str) -> None:
@@ -150,7 +141,7 @@ def run_block_method(
             key = f"{m}.weight"
             w = replaced.get(key)
             owner = result.shares.get(m)
-            yield QuantizedLinear(names[m], source.get_tensor(names[m]) if w is None else w, qw,
+            yield QuantizedLinear(names[m], source.get_tensor(names[m]) if w is None else w, _on_cpu(qw),
                                   result.stats.get(m, {}), None if owner in (None, m) else names[owner])
             done.add(key)
         for k in block.state_dict().keys():
@@ -161,6 +152,14 @@ def run_block_method(
         forward_into(block, inputs, nxt, "quantized")
         store = nxt
     progress("quantize", n, n, "")
+
+
+def _on_cpu(qw):
+    """The pipeline measures and writes on the CPU, whatever --device computed on."""
+    if qw.codes.device.type == "cpu":
+        return qw
+    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    return replace(qw, codes=cpu(qw.codes), scale=cpu(qw.scale), zero_point=cpu(qw.zero_point), g_idx=cpu(qw.g_idx))
 
 
 def _with_scale_dtype(spec: LayerSpec, dtype: torch.dtype) -> LayerSpec:

@@ -252,19 +252,27 @@ class BlockRunner:
         self.hidden = outputs
 
 
-def input_groups(runner: "BlockRunner", b: int, block: torch.nn.Module, names: dict[str, str]) -> list[list[str]]:
-    """The block's linears grouped by shared input, in the order the forward reaches them (found on
-    one sample, nothing accumulated). Linears that sample never reached come last, one group."""
-    probe = HessianCollector({m: block.get_submodule(m) for m in names}, hessians=False)
+def groups_from_probe(block: torch.nn.Module, modules: list[str], run_probe) -> tuple[list[list[str]], dict[str, str]]:
+    """`modules` (linears of `block`) grouped by shared input, in the order the forward reaches
+    them, and each one's group owner; `run_probe(before_each)` runs one sample through the block.
+    Linears that sample never reached come last, one group, each its own owner."""
+    probe = HessianCollector({m: block.get_submodule(m) for m in modules}, hessians=False)
     try:
-        _run_block(block, runner.hidden[:1], runner.calls[b], before_each=probe.new_pass)
+        run_probe(probe.new_pass)
     finally:
         probe.remove()
     groups: dict[str, list[str]] = {}
     for m in probe.order:
         groups.setdefault(probe.owner[m], []).append(m)
-    unseen = [m for m in names if m not in probe.owner]
-    return list(groups.values()) + ([unseen] if unseen else [])
+    unseen = [m for m in modules if m not in probe.owner]
+    return list(groups.values()) + ([unseen] if unseen else []), {m: probe.owner.get(m, m) for m in modules}
+
+
+def input_groups(runner: "BlockRunner", b: int, block: torch.nn.Module, names: dict[str, str]) -> list[list[str]]:
+    """The block's linears grouped by shared input, in the order the forward reaches them (found on
+    one sample, nothing accumulated). Linears that sample never reached come last, one group."""
+    run = lambda before: _run_block(block, runner.hidden[:1], runner.calls[b], before_each=before)  # noqa: E731
+    return groups_from_probe(block, list(names), run)[0]
 
 
 def run_blockwise(

@@ -196,7 +196,9 @@ class AWQMethod(BlockMethod):
         from qtool.engine.block_engine import input_groups
 
         p = self.params
-        groups, _ = input_groups(block, inputs, list(specs))
+        groups, owner = input_groups(block, inputs, list(specs))
+        # linears the probe sample never reached (MoE experts) come as one group: each is its own input
+        groups = [[m for m in grp if owner[m] == o] for grp in groups for o in dict.fromkeys(owner[m] for m in grp)]
         stats = self.group_statistics(block, inputs, groups)
         folds = discover_folds(block, inputs, groups)
         total = len(groups) * p.alpha_grid

@@ -18,6 +18,12 @@ an original column j is g_idx[j] (returned on the QuantizedWeight). With static 
 groups stay the contiguous original ones and no g_idx is needed (compressed-tensors calls this
 `actorder: weight`).
 
+Group-aware order (`group_aware`, GPTQModel's act_group_aware; Gafni et al., CVPRW 2025) visits
+whole groups, by decreasing largest diag(H), columns inside each by decreasing diag(H): most of
+act-order's gain where it comes from outlier channels, with the groups kept as the original
+contiguous ones (no g_idx; every kernel runs it). Dynamic qparams are measured when a group's first
+processed column is reached, on the group's updated columns.
+
 Unlike the reference, a group that starts inside a lazy block and reaches past it is measured on
 the fully updated weights (the pending block update is applied to the slice first), so the lazy
 schedule is exactly equivalent to the column-by-column algorithm.
@@ -54,12 +60,19 @@ class GPTQParams(MethodParams):
     act_order: bool = field(default=False, metadata={"help": "Quantize columns by decreasing activation energy (diag H)."})
     static_groups: bool = field(default=False, metadata={
         "help": "Group scales from the original weights, before error updates (keeps groups contiguous with --act-order)."})
+    mse: bool = field(default=False, metadata={
+        "help": "MSE-optimal clipping of each group's range (a shrink search, norm 2.4) instead of its min/max."})
+    group_aware: bool = field(default=False, metadata={
+        "help": "Group-aware reordering (GPTQModel's act_group_aware): columns by diag H inside each group, groups by "
+                "their largest diag H; groups stay contiguous (no g_idx)."})
 
     def __post_init__(self) -> None:
         if not (0 < self.damp < 1e3):
             raise UsageError(f"--damp {self.damp}: expected a positive fraction of mean(diag H), e.g. 0.01")
         if self.block_size < 1:
             raise UsageError(f"--block-size {self.block_size}: must be >= 1")
+        if self.act_order and self.group_aware:
+            raise UsageError("--act-order and --group-aware: choose one column order")
 
 
 @dataclass(frozen=True)
@@ -121,15 +134,37 @@ def inverse_hessian_cholesky_reference(H: torch.Tensor, damp: float) -> tuple[to
     raise NumericalError(f"Hessian not positive definite even with damping {d:g} x mean(diag H)")
 
 
-def factor_hessian(H: torch.Tensor, params: GPTQParams = GPTQParams(), dtype: torch.dtype = torch.float32) -> HessianFactor:
+def group_aware_perm(diag: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Group-aware reordering (Gafni, Karnieli, Hanani, CVPRW 2025; GPTQModel's act_group_aware):
+    the processing order visits whole groups of `group_size` consecutive columns, groups by
+    decreasing largest diag H, columns inside a group by decreasing diag H. A partial last group
+    stays last, so that every group starts at a multiple of `group_size` in processing order."""
+    n = diag.shape[0]
+    full = n // group_size
+    inside = torch.argsort(diag[: full * group_size].reshape(full, group_size), dim=1, descending=True, stable=True)
+    starts = torch.arange(full, device=diag.device).unsqueeze(1) * group_size
+    order = torch.argsort(diag[: full * group_size].reshape(full, group_size).amax(1), descending=True, stable=True)
+    perm = (inside + starts)[order].reshape(-1)
+    if full * group_size < n:
+        tail = torch.arange(full * group_size, n, device=diag.device)
+        perm = torch.cat([perm, tail[torch.argsort(diag[tail], descending=True, stable=True)]])
+    return perm
+
+
+def factor_hessian(H: torch.Tensor, params: GPTQParams = GPTQParams(), dtype: torch.dtype = torch.float32,
+                   group_size: int | None = None) -> HessianFactor:
     """Dead inputs (H_jj = 0) get H_jj = 1, as in the reference (their weights are zeroed by the
     caller: those columns never see activations, so any value is optimal and zero is the cheapest);
-    act-order permutes; then the damped inverse's Cholesky factor."""
+    act-order or group-aware order permutes (`group_size`: the layer's, None per channel); then the
+    damped inverse's Cholesky factor."""
     H = H.to(dtype, copy=True)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    if params.act_order:
-        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+    if params.act_order or params.group_aware:
+        if params.act_order:
+            perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        else:
+            perm = group_aware_perm(torch.diag(H), group_size or H.shape[0])
         H = H[perm][:, perm]
     else:
         perm = torch.arange(H.shape[0], device=H.device)
@@ -142,8 +177,8 @@ class _Grid:
     loop uses them ([G, out] in the compute dtype, one contiguous row per group)."""
 
     def __init__(self, out_f: int, n_groups: int, qtype: QType, symmetric: bool, scale_dtype: torch.dtype,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        self.qtype, self.symmetric, self.scale_dtype = qtype, symmetric, scale_dtype
+                 dtype: torch.dtype, device: torch.device, mse: bool = False) -> None:
+        self.qtype, self.symmetric, self.scale_dtype, self.mse = qtype, symmetric, scale_dtype, mse
         self.scales = torch.ones(out_f, n_groups, dtype=scale_dtype, device=device)
         self.zeros = None if symmetric else torch.zeros(out_f, n_groups, dtype=torch.int8, device=device)
         self.s = torch.ones(n_groups, out_f, dtype=dtype, device=device)
@@ -151,7 +186,12 @@ class _Grid:
 
     def set(self, groups: torch.Tensor, first: int) -> None:
         """groups [out, n, k] (a partial group zero-padded) -> the qparams of groups first..first+n-1."""
-        s, z = int_qparams(groups, self.qtype, self.symmetric, self.scale_dtype)  # [out, n]
+        if self.mse:
+            from qtool.core.mse_grid import mse_qparams
+
+            s, z = mse_qparams(groups, self.qtype, self.symmetric, self.scale_dtype)
+        else:
+            s, z = int_qparams(groups, self.qtype, self.symmetric, self.scale_dtype)  # [out, n]
         n = s.shape[1]
         self.scales[:, first : first + n] = s
         self.s[first : first + n] = s.t()  # exact: the stored scale, widened
@@ -181,20 +221,22 @@ def gptq_quantize(
     scale_dtype = scale_dtype or W.dtype
     out_f, cols = W.shape
     if factor is None:
-        factor = factor_hessian(H, params, dtype)
+        factor = factor_hessian(H, params, dtype, group_size)
     W = W.to(dtype, copy=True)
     W[:, factor.dead] = 0
     g = group_size or cols
     n_groups = -(-cols // g)
-    grid = _Grid(out_f, n_groups, qtype, symmetric, scale_dtype, dtype, W.device)
+    grid = _Grid(out_f, n_groups, qtype, symmetric, scale_dtype, dtype, W.device, params.mse)
     static = group_size is None or params.static_groups
     if static:  # qparams from the original W, before any update (§4 / reference static_groups), all at once
         grid.set(to_groups(W, g), 0)
     perm = factor.perm
-    if params.act_order:
+    reordered = params.act_order or params.group_aware
+    if reordered:
         W = W[:, perm]
-    # group of the column at processing position p: dynamic groups are consecutive in processing order
-    group_at = (perm // g if static else torch.arange(cols) // g).tolist()
+    # group of the column at processing position p: act-order's dynamic groups are consecutive in
+    # processing order; group-aware order keeps the original groups (whole, at multiples of g)
+    group_at = (perm // g if static or params.group_aware else torch.arange(cols) // g).tolist()
     dynamic = None if static else g
     U = factor.U.to(dtype)
     if reference:
@@ -202,10 +244,10 @@ def gptq_quantize(
     else:
         Q, loss = _loop_fast(W, U, grid, group_at, dynamic, qtype, params.block_size)
     g_idx = None
-    if params.act_order:
+    if reordered:
         inv = torch.argsort(perm)
         Q = Q[:, inv]
-        if not static:
+        if params.act_order and not static:
             g_idx = (inv // g).to(torch.int32)  # g_idx[j] = group of original column j
     codes = Q.to(torch.int8).contiguous()
     strategy = "group" if group_size is not None else "channel"
@@ -228,7 +270,7 @@ def _loop_reference(W, U, grid: _Grid, group_at: list[int], dynamic: int | None,
     loss = 0.0
     for p in range(cols):
         if dynamic and p % dynamic == 0:
-            grid.set(W[:, p : p + dynamic].unsqueeze(1), p // dynamic)
+            grid.set(W[:, p : p + dynamic].unsqueeze(1), group_at[p])
         s, z = grid.s[group_at[p]], grid.z[group_at[p]]
         w = W[:, p].clone()
         q = (w / s + z).round().clamp(qtype.qmin, qtype.qmax)
@@ -282,7 +324,7 @@ def _loop_fast(W, U, grid: _Grid, group_at: list[int], dynamic: int | None, qtyp
                 if end > i2:
                     rest = torch.addmm(Wt[i2:end], V[i1:j1, i2:end].t(), Db[: j1 - i1], alpha=-1)
                     cur = torch.cat([cur, rest])
-                grid.set(cur.t().contiguous().unsqueeze(1), j1 // dynamic)  # [out, 1, k]: reduce along rows
+                grid.set(cur.t().contiguous().unsqueeze(1), group_at[j1])  # [out, 1, k]: reduce along rows
             Ds = Db[j1 - i1 : j2 - i1]
             DsT = Ds.t()
             vcols = V[j1:j2, j1:j2].t().contiguous().unbind(0)  # vcols[j][r] = V[j1 + r, j1 + j], 0 for r > j
@@ -325,18 +367,20 @@ class GPTQMethod(BlockMethod):
 
     def __init__(self, **params: object) -> None:
         self.params = GPTQParams(**params)  # type: ignore[arg-type]
-        self._last: tuple[torch.Tensor, HessianFactor] | None = None  # (H, its factor)
+        self._last: tuple[torch.Tensor, int | None, HessianFactor] | None = None  # (H, group size, its factor)
 
-    def _factor(self, H: torch.Tensor) -> HessianFactor:
+    def _factor(self, H: torch.Tensor, group_size: int | None = None) -> HessianFactor:
         """factor_hessian, reused while consecutive layers bring an equal H (q/k/v, gate/up share
-        their input, so the engine hands each of them the same Hessian)."""
+        their input, so the engine hands each of them the same Hessian) and, where the order
+        depends on it (group-aware), the same group size."""
+        g = group_size if self.params.group_aware else None
         if self._last is not None:
-            last_H, f = self._last
-            if last_H.shape == H.shape and last_H.dtype == H.dtype and torch.equal(last_H, H):
+            last_H, last_g, f = self._last
+            if last_g == g and last_H.shape == H.shape and last_H.dtype == H.dtype and torch.equal(last_H, H):
                 return f
         self._last = None
-        f = factor_hessian(H, self.params)
-        self._last = (H, f)
+        f = factor_hessian(H, self.params, group_size=g)
+        self._last = (H, g, f)
         return f
 
     def quantize(self, w: torch.Tensor, spec: LayerSpec) -> QuantizedWeight:
@@ -353,7 +397,7 @@ class GPTQMethod(BlockMethod):
         group = spec.group_size if spec.strategy == "group" else None
         try:
             return gptq_quantize(w, H, spec.qtype, group_size=group, symmetric=spec.symmetric, params=self.params,
-                                 scale_dtype=spec.scale_dtype, factor=self._factor(H))
+                                 scale_dtype=spec.scale_dtype, factor=self._factor(H, group))
         except NumericalError as e:
             raise NumericalError(f"{spec.name}: {e}") from None
 

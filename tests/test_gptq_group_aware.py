@@ -1,0 +1,80 @@
+"""GPTQ with group-aware reordering (`--group-aware`): the order, exactness of the fast schedule
+against the column-by-column reference, contiguous groups (no g_idx), and that it pays."""
+
+from __future__ import annotations
+
+import torch
+
+from qtool.methods.gptq import GPTQParams, group_aware_perm, gptq_quantize, output_error
+from qtool.qtypes import get_qtype
+
+
+def _layer(out=64, cols=256, seed=0):
+    """Correlated inputs with a few outlier channels (x8), as LLM activations have."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.eye(cols, dtype=torch.float64) + 0.3 * torch.randn(cols, cols, generator=g, dtype=torch.float64) / cols**0.5
+    X = torch.randn(2048, cols, generator=g, dtype=torch.float64) @ mix
+    X[:, torch.randperm(cols, generator=g)[:12]] *= 8
+    W = torch.randn(out, cols, generator=g, dtype=torch.float64) * 0.1
+    return W, 2 / X.shape[0] * X.T @ X
+
+
+def test_order_keeps_groups_whole_and_the_partial_group_last():
+    diag = torch.rand(200, generator=torch.Generator().manual_seed(1))
+    perm = group_aware_perm(diag, 32)
+    assert sorted(perm.tolist()) == list(range(200))
+    blocks = [perm[i : i + 32] for i in range(0, 192, 32)]
+    assert all(len(set((b // 32).tolist())) == 1 for b in blocks)  # one original group per block of positions
+    assert all(torch.all(diag[b][:-1] >= diag[b][1:]) for b in blocks)  # inside: by decreasing diag H
+    peaks = [float(diag[b].max()) for b in blocks]
+    assert peaks == sorted(peaks, reverse=True)  # groups by their largest diag H
+    assert set(perm[192:].tolist()) == set(range(192, 200))  # the partial group last
+
+
+def test_fast_schedule_equals_the_reference_and_needs_no_g_idx():
+    W, H = _layer(cols=200)  # a partial last group
+    p = GPTQParams(group_aware=True, block_size=48)
+    for sym in (True, False):
+        a, _ = gptq_quantize(W, H, get_qtype("int4"), group_size=32, symmetric=sym, params=p, dtype=torch.float64)
+        b, _ = gptq_quantize(W, H, get_qtype("int4"), group_size=32, symmetric=sym, params=p, dtype=torch.float64, reference=True)
+        assert torch.equal(a.codes, b.codes)
+        torch.testing.assert_close(a.scale, b.scale, rtol=1e-12, atol=0)  # scales measured on updated weights: summation order
+        assert a.g_idx is None and a.group_size == 32
+
+
+def test_group_aware_order_lowers_the_layer_error():
+    """On layers with outlier input channels, the layer-wise objective tr(ΔW H ΔWᵀ) with group-aware
+    order is below plain GPTQ's (same dynamic groups), summed over 4 seeds (measured 0.955x; act-order,
+    which needs a g_idx, 0.89x)."""
+    plain = aware = 0.0
+    for seed in range(4):
+        W, H = _layer(seed=seed)
+        for params, acc in ((GPTQParams(), "plain"), (GPTQParams(group_aware=True), "aware")):
+            qw, _ = gptq_quantize(W.float(), H.float(), get_qtype("int3"), group_size=32, symmetric=False, params=params)
+            err = output_error(W, qw.dequantize(torch.float64), H)
+            if acc == "plain":
+                plain += err
+            else:
+                aware += err
+    assert aware < 0.98 * plain, (aware, plain)
+
+
+def test_mse_ranges_never_round_worse_and_gptq_mse_fast_equals_reference():
+    """`--mse`: each group's range from a shrink search; its Σ|w - ŵ|^2.4 is never above min/max's
+    (r = 1 is a candidate), strictly below on heavy-tailed weights; the GPTQ schedules still agree."""
+    from qtool.core.affine import int_qparams
+    from qtool.core.mse_grid import _error, mse_qparams
+
+    torch.manual_seed(5)
+    w = torch.distributions.StudentT(3.0).sample((32, 4, 64)).double()
+    for sym in (True, False):
+        qt = get_qtype("int3")
+        s0, z0 = int_qparams(w, qt, sym, torch.float64)
+        s1, z1 = mse_qparams(w, qt, sym, torch.float64)
+        e0, e1 = _error(w, s0, z0, qt, 2.4), _error(w, s1, z1, qt, 2.4)
+        assert torch.all(e1 <= e0) and e1.sum() < 0.95 * e0.sum()
+    W, H = _layer(cols=96)
+    p = GPTQParams(mse=True, block_size=48)
+    a, _ = gptq_quantize(W, H, get_qtype("int4"), group_size=32, symmetric=False, params=p, dtype=torch.float64)
+    b, _ = gptq_quantize(W, H, get_qtype("int4"), group_size=32, symmetric=False, params=p, dtype=torch.float64, reference=True)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.zero_point, b.zero_point)
