@@ -309,13 +309,13 @@ def tune_block(
     t0 = time.perf_counter()
     device = next(block.parameters()).device
     xs, ys = _Samples(hidden, device), _Samples(targets, device)
-    n = len(xs)
-    params.validate(n)
+    n = len(xs)  # fewer samples than a batch (a short calibration set): every step takes them all
+    batch = min(params.batch_size, n)
     names = list(specs)
     grids = {m: LinearGrid(weights[m] if weights else block.get_submodule(m).weight, specs[m]) for m in names}
     trainable = [p for g in grids.values() for p in g.params()]
     frozen = [p for p in block.parameters() if p.requires_grad]
-    sampler = _BatchSampler(n, params.batch_size, params.batch_seed)
+    sampler = _BatchSampler(n, batch, params.batch_seed)
     st = BlockTuneStats(math.nan, math.inf, 0, 0)
     best = None
     for p in frozen:
@@ -471,6 +471,7 @@ class AutoRoundMethod(BlockMethod):
     """Learned rounding (SignRound) per decoder block; `iters = 0`: importance-weighted RTN."""
 
     params = AutoRoundParams
+    wants_targets = True  # the default, iters > 0; an instance with iters = 0 says False
 
     def __init__(self, **params: object) -> None:
         self.params = AutoRoundParams(**params)  # type: ignore[arg-type]
