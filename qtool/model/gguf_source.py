@@ -433,10 +433,14 @@ class GGUFSource(CheckpointSource):
         return written + ["generation_config.json"]
 
     def _tokenizer(self):
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+        # AutoTokenizer first reads a transformers config from the GGUF, which it cannot for the
+        # architectures read through qtool's own plan; the fast tokenizer is built from the
+        # tokenizer.* keys alone
+        auto = AutoTokenizer if self._routes is None else PreTrainedTokenizerFast
         try:
-            return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+            return auto.from_pretrained(self.path.parent, gguf_file=self.path.name)
         except (ValueError, KeyError, NotImplementedError) as e:
             model = read_field(self._reader, gguf.Keys.Tokenizer.MODEL, self.path)
             raise UnsupportedError(f"{self.path}: transformers cannot build a tokenizer from this "

@@ -78,6 +78,15 @@ def arch_spec(config: dict) -> ArchSpec:
     return spec
 
 
+def gguf_support(config: dict) -> str | None:
+    """None when `--format gguf` takes this config, else the one-line reason (for `qtool inspect`)."""
+    try:
+        arch_spec(config)
+    except UnsupportedError as e:
+        return str(e).removeprefix("--format gguf: ")
+    return None
+
+
 def check_config(config: dict, spec: ArchSpec) -> None:
     """What llama.cpp hard-codes for an architecture and a config could set otherwise: refused from
     the config, before any tensor is read, where the file would load and compute something else."""
