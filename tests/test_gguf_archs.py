@@ -51,13 +51,15 @@ OVERRIDES = {
     "deepseek_v3": dict(scoring_func="sigmoid"),
     "qwen3_moe": dict(norm_topk_prob=True),  # what Qwen3-MoE checkpoints say, and llama.cpp does
 }
-# LongRoPE (Phi-3 128k style): factors per frequency, a context 4x the original one
+# LongRoPE (Phi-3 128k style): factors per frequency, a context 32x the original one. The original
+# context is short so that both runtimes use the long factors on a 24-token prompt (transformers
+# switches past original_max_position_embeddings tokens, llama.cpp when its context is longer)
 HEAD_DIM_PHI3 = 96 // 4
-LONGROPE = dict(max_position_embeddings=512, original_max_position_embeddings=128,
+LONGROPE = dict(max_position_embeddings=512, original_max_position_embeddings=16,
                 rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=1.0,
                                      long_factor=[1.0 + 0.25 * i for i in range(HEAD_DIM_PHI3 // 2)],
                                      short_factor=[1.0 + 0.01 * i for i in range(HEAD_DIM_PHI3 // 2)],
-                                     original_max_position_embeddings=128))
+                                     original_max_position_embeddings=16))
 
 
 def tiny_config(arch: str, **extra):
@@ -200,7 +202,7 @@ def test_longrope_factors_are_written(f32_files):
     t = {x.name: np.array(x.data) for x in gguf.GGUFReader(f32_files("phi3_longrope")).tensors}
     np.testing.assert_array_equal(t["rope_factors_long.weight"], np.float32(LONGROPE["rope_parameters"]["long_factor"]))
     np.testing.assert_array_equal(t["rope_factors_short.weight"], np.float32(LONGROPE["rope_parameters"]["short_factor"]))
-    assert f["phi3.rope.scaling.attn_factor"] == pytest.approx((1 + np.log(4) / np.log(128)) ** 0.5)
+    assert f["phi3.rope.scaling.attn_factor"] == pytest.approx((1 + np.log(32) / np.log(16)) ** 0.5)
 
 
 @pytest.mark.parametrize("arch, extra, match", [
@@ -239,8 +241,9 @@ def binding():
 # (measured max |diff| below 2e-3 on logits of magnitude ~1-5; 5e-3 as in test_gguf_llama_cpp).
 @pytest.mark.parametrize("arch", ARCHS)
 def test_llama_cpp_logits_match_transformers(binding, tiny, f32_files, arch):
-    got = lct.gguf_next_token_logits(f32_files(arch), PROMPT)
-    ref = hf_logits(tiny(arch), PROMPT)
+    prompt = PROMPT * 2 if arch == "phi3_longrope" else PROMPT
+    got = lct.gguf_next_token_logits(f32_files(arch), prompt)
+    ref = hf_logits(tiny(arch), prompt)
     np.testing.assert_allclose(got, ref, atol=5e-3, rtol=0)
 
 
