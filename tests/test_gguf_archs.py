@@ -25,10 +25,9 @@ import torch
 
 from conftest import CACHE
 from qtool.errors import UnsupportedError
-from qtool.formats.gguf.writer import GGUFWriter
 from qtool.model.gguf_source import GGUFSource
 from qtool.model.resolve import open_source
-from qtool.pipeline import run
+from test_gguf_llama_cpp import binding, convert, hf_logits  # noqa: F401 (binding: a fixture)
 from tiny_models import build_tiny_with_tokenizer_of, make_config, save_random
 
 lct = pytest.importorskip("llama_cpp_tools")
@@ -87,12 +86,6 @@ def tiny(tmp_path_factory):
     return get
 
 
-def convert(folder: Path, out: Path, gguf_type: str) -> Path:
-    with open_source(str(folder)) as src:
-        run(str(folder), src, out, GGUFWriter(type=gguf_type), None, overwrite=True)
-    return out
-
-
 @pytest.fixture(scope="module")
 def f32_files(tiny, tmp_path_factory):
     made: dict[str, Path] = {}
@@ -103,14 +96,6 @@ def f32_files(tiny, tmp_path_factory):
         return made[arch]
 
     return get
-
-
-def hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].numpy()
 
 
 def fields(path: Path) -> dict:
@@ -227,16 +212,6 @@ def test_refused_from_the_config(tmp_path, arch, extra, match):
 # -- llama.cpp ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def binding():
-    if os.environ.get("QTOOL_BUILD_LLAMA_CPP"):
-        lct.ensure_binding(CACHE)
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        pytest.skip("llama_cpp binding not installed (make llama-cpp)")
-
-
 # F32 files: the same numbers in both runtimes, only kernel rounding and summation order differ
 # (measured max |diff| below 2e-3 on logits of magnitude ~1-5; 5e-3 as in test_gguf_llama_cpp).
 @pytest.mark.parametrize("arch", ARCHS)
@@ -260,7 +235,7 @@ def tools():
     if os.environ.get("QTOOL_BUILD_LLAMA_CPP"):
         return lct.ensure_llama_cpp(CACHE)
     t = lct._tools_at(lct.key_dir(CACHE))
-    if not (t.quantize.is_file() and t.python.is_file()):
+    if not lct._tools_ready(t):
         pytest.skip(f"llama-quantize / the converter venv not built under {lct.key_dir(CACHE)} (make llama-cpp)")
     return t
 
