@@ -338,3 +338,23 @@ def test_tokenizer_read_back_from_the_gguf(ours_bf16, with_tokenizer, tmp_path, 
     # pre-tokenizer: a known limitation of the reader, not of these architectures
     for text in TEXTS[:2] + ["héllo wörld, naïve café — 日本語 🤖", "<|im_start|>user\nhi<|im_end|>"]:
         assert ours.encode(text, add_special_tokens=False) == ref.encode(text, add_special_tokens=False), text
+
+
+@pytest.mark.slow
+def test_gemma3_sentencepiece_file_equals_convert_hf_to_gguf(tools, tmp_path):
+    """Gemma 3's own tokenizer kind (tokenizer.model): SentencePiece vocabulary, no space prefix."""
+    import shutil
+
+    pytest.importorskip("sentencepiece")
+    from test_gguf_writer import build_spm_llama
+
+    spm = build_spm_llama(tmp_path / "spm")
+    cfg = tiny_config("gemma3_text", **GEMMA3_DEFAULT)
+    cfg.vocab_size = 400
+    folder = save_random(cfg, tmp_path / "hf", 3)
+    shutil.copy(spm / "tokenizer.model", folder / "tokenizer.model")
+    (t_ours, kv_ours) = contents(convert(folder, tmp_path / "ours.gguf", "BF16"))
+    (t_theirs, kv_theirs) = contents(tools.convert_hf(folder, tmp_path / "theirs.gguf", "bf16"))
+    assert kv_ours["tokenizer.ggml.model"][1] == "llama"
+    assert t_ours == t_theirs
+    assert {k: v for k, v in kv_ours.items() if k not in OUR_KEYS} == kv_theirs
