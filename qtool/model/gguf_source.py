@@ -186,6 +186,28 @@ def _hf_config(path: Path, arch: str):
                                f"{_one_line(e)}") from e
 
 
+def _phi3_rope(reader: gguf.GGUFReader, hf_config, path: Path) -> None:
+    """transformers' GGUF loader drops phi3's LongRoPE (the rope_factors_long/short tensors and the
+    original context length): put them back into the config, as Phi3Config holds them."""
+    orig = read_field(reader, "phi3.rope.scaling.original_context_length", path)
+    if orig is not None:
+        hf_config.original_max_position_embeddings = orig
+    factors = {t.name: t for t in reader.tensors if t.name.startswith("rope_factors_")}
+    if not factors:
+        return
+    if set(factors) != {"rope_factors_long.weight", "rope_factors_short.weight"} or orig is None:
+        raise FormatError(f"{path}: phi3 LongRoPE needs rope_factors_long, rope_factors_short and "
+                          "phi3.rope.scaling.original_context_length")
+    values = {k: np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(-1).tolist()
+              for k, t in factors.items()}
+    rp = dict(getattr(hf_config, "rope_parameters", None) or {})
+    rp.update(rope_type="longrope", long_factor=values["rope_factors_long.weight"],
+              short_factor=values["rope_factors_short.weight"], original_max_position_embeddings=orig)
+    if (attn := read_field(reader, "phi3.rope.scaling.attn_factor", path)) is not None:
+        rp["attention_factor"] = attn
+    hf_config.rope_parameters = rp
+
+
 def _hf_skeleton(hf_config, path: Path) -> torch.nn.Module:
     """The HF causal-LM built on the meta device: its state dict gives names and shapes for free."""
     from transformers import AutoModelForCausalLM
@@ -317,6 +339,8 @@ class GGUFSource(CheckpointSource):
             self._init_planned()
             return
         hf_config = _hf_config(self.path, self.arch)
+        if self.arch == "phi3":
+            _phi3_rope(self._reader, hf_config, self.path)
         skeleton = _hf_skeleton(hf_config, self.path)
         self._plan, self.skipped = _plan(self._reader, self.arch, arch_enum, hf_config,
                                          _unique_state_dict(skeleton), self.path)
@@ -395,10 +419,14 @@ class GGUFSource(CheckpointSource):
         return written + ["generation_config.json"]
 
     def _tokenizer(self):
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+        # AutoTokenizer first reads a transformers config from the GGUF, which it cannot for the
+        # architectures read through qtool's own plan; the fast tokenizer is built from the
+        # tokenizer.* keys alone
+        auto = AutoTokenizer if self._routes is None else PreTrainedTokenizerFast
         try:
-            return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+            return auto.from_pretrained(self.path.parent, gguf_file=self.path.name)
         except (ValueError, KeyError, NotImplementedError) as e:
             model = read_field(self._reader, gguf.Keys.Tokenizer.MODEL, self.path)
             raise UnsupportedError(f"{self.path}: transformers cannot build a tokenizer from this "

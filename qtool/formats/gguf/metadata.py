@@ -78,6 +78,15 @@ def arch_spec(config: dict) -> ArchSpec:
     return spec
 
 
+def gguf_support(config: dict) -> str | None:
+    """None when `--format gguf` takes this config, else the one-line reason (for `qtool inspect`)."""
+    try:
+        arch_spec(config)
+    except UnsupportedError as e:
+        return str(e).removeprefix("--format gguf: ")
+    return None
+
+
 def check_config(config: dict, spec: ArchSpec) -> None:
     """What llama.cpp hard-codes for an architecture and a config could set otherwise: refused from
     the config, before any tensor is read, where the file would load and compute something else."""
@@ -99,6 +108,14 @@ def check_config(config: dict, spec: ArchSpec) -> None:
                                    f"differs from the {expected} llama.cpp uses for this shape")
         if config.get("attn_logit_softcapping") is not None:
             raise UnsupportedError("--format gguf: gemma3 with attn_logit_softcapping: llama.cpp's gemma3 has none")
+    if spec.arch == A.QWEN3MOE:
+        # llama.cpp's qwen3moe: every layer sparse, top-k weights always renormalized
+        if not config.get("norm_topk_prob", False):
+            raise UnsupportedError("--format gguf: qwen3_moe with norm_topk_prob=false: llama.cpp's qwen3moe "
+                                   "always renormalizes the routing weights")
+        if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
+            raise UnsupportedError("--format gguf: qwen3_moe with dense layers (mlp_only_layers / decoder_sparse_step): "
+                                   "llama.cpp's qwen3moe has experts in every layer")
     if spec.arch == A.DEEPSEEK2:
         if config.get("rope_interleave") is False:
             raise UnsupportedError(f"--format gguf: {mt} with rope_interleave=false: llama.cpp's deepseek2 "

@@ -218,6 +218,12 @@ def write_vocab_from_folder(w: gguf.GGUFWriter, folder: Path, config: dict, spec
             raise UnsupportedError(f"{folder}: gemma2 needs tokenizer.model (SentencePiece)")
         _spm(w, folder, n)
         w.add_add_space_prefix(False)
+    elif spec.vocab == "gemma3":  # Gemma3Model.set_vocab: SentencePiece if there is one, else BPE
+        if has_spm:
+            _spm(w, folder, n)
+            w.add_add_space_prefix(False)
+        else:
+            _bpe(w, folder, n)
     elif spec.vocab == "phi3":
         cfg = folder / "tokenizer_config.json"
         cls = json.loads(cfg.read_text(encoding="utf-8")).get("tokenizer_class") if cfg.is_file() else None

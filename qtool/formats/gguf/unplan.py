@@ -76,12 +76,9 @@ def plan_back(config: dict, spec: md.ArchSpec, hf_shapes: dict[str, tuple[int, .
     return routes, unused
 
 
-def unpermute_qk_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
-    half = t.shape[0] // n_head // 2
-    return t.reshape(n_head, half, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
-
-
 def _undo(entry: Entry, v: torch.Tensor) -> torch.Tensor:
+    from qtool.model.gguf_source import unpermute_qk_rows
+
     if entry.transform is None:
         return v
     if entry.transform[0] == "permute":
