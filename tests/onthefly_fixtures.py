@@ -92,3 +92,32 @@ def otf_consumed(otf_outputs, hqq_weight, tmp_path_factory) -> dict:
     raw = torch.load(result, weights_only=False)
     by_job = {f"{CASES[n][2]}:{p}": n for n, p in otf_outputs.items()}
     return {by_job.get(k, "hqq-quantize"): v for k, v in raw.items()}
+
+
+def assert_runtime_matches(res: dict, folder: Path, reader, weight_atol, logits_atol: float) -> dict:
+    """A consumer result against our reading of `folder`: the same 14 quantized modules, each one's
+    weight as the runtime computes with it (weight_atol: float, or a function of our weight), and
+    the logits. Returns our QuantizedWeights."""
+    import json
+
+    from qtool.evaluate import model_from_state
+
+    assert not res["meta_params"]
+    qws, _ = reader.read_quantized(folder)
+    assert set(res["weights"]) == set(qws) and len(qws) == 14
+    for m, w in res["weights"].items():
+        ours = qws[m].dequantize(torch.float32)
+        torch.testing.assert_close(w, ours, rtol=0, atol=weight_atol(ours) if callable(weight_atol) else weight_atol)
+    config = json.loads((folder / "config.json").read_text())
+    model = model_from_state(config, reader.read_dequantized(folder), folder)
+    with torch.no_grad():
+        ours_logits = model(res["ids"]).logits[0].float()
+    torch.testing.assert_close(res["logits"], ours_logits, rtol=0, atol=logits_atol)
+    return {"qws": qws, "logits": ours_logits}
+
+
+def assert_refused(source: Path, flags: str, fmt: str, words: str, tmp: Path) -> None:
+    """`qtool quantize SOURCE FLAGS -f FMT` exits 3 with `words` in its message, writing nothing."""
+    r = invoke_cli("quantize", source, *flags.split(), "-f", fmt, "-o", tmp / "x")
+    assert r.exit_code == 3 and words in r.output, r.output
+    assert not (tmp / "x").exists()

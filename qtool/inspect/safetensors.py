@@ -250,10 +250,13 @@ def safetensors_report(ck: _Checkpoint, ctx: int, batch: int) -> InspectReport:
     quant_method = qconfig.get("quant_method")
     is_ct = quant_method == "compressed-tensors"
     tensors = _ct_rows(ck.tensors, qconfig, ck.read_ints) if is_ct else [_plain_row(t) for t in ck.tensors]
+    otf = _onthefly_rows(ck, quant_method)  # optimum-quanto / Quark layouts
+    if otf is not None:
+        quant_method, tensors = otf
     notes = []
     if ck.config is None:
         notes.append("no config.json: KV cache size unknown")
-    if quant_method and not is_ct:
+    if quant_method and not is_ct and otf is None:
         notes.append(f"quant_method {quant_method!r}: tensors listed as stored, parameter counts not decoded")
     dtype = _dominant_dtype(ck.tensors)
     if is_ct:
@@ -265,6 +268,22 @@ def safetensors_report(ck: _Checkpoint, ctx: int, batch: int) -> InspectReport:
     method = method_name(ck.provenance, quantized=bool(quant_method), fallback=str(quant_method) if quant_method and not is_ct else "unknown")
     return InspectReport(ck.source, fmt, detail, method, ck.files, tensors, ctx, batch,
                          kv_cache_from_config(config, ctx, batch), ck.provenance, notes)
+
+
+def _onthefly_rows(ck: _Checkpoint, quant_method: str | None) -> tuple[str, list[TensorReport]] | None:
+    """("quanto" | "quark", rows) where the checkpoint is in one of those layouts (quanto: local only)."""
+    from qtool.inspect.onthefly import quanto_rows, quark_rows
+
+    if quant_method == "quark":
+        return "quark", quark_rows(ck.tensors, (ck.config or {}).get("quantization_config") or {})
+    folder = Path(ck.source)
+    folder = folder if folder.is_dir() else folder.parent
+    if ck.read_ints is not None and (folder / "quanto_qmap.json").is_file():
+        from qtool.formats.quanto import linear_shapes
+
+        shapes = linear_shapes(ck.config) if ck.config else {}
+        return "quanto", quanto_rows(ck.tensors, _read_json(folder / "quanto_qmap.json"), shapes)
+    return None
 
 
 def _dominant_dtype(tensors: list[StoredTensor]) -> str | None:
