@@ -27,7 +27,7 @@ def test_inspect_reads_the_layout(otf_outputs, otf_sources, case):
     folder = otf_outputs[case]
     assert onthefly_kind(folder) == PICKS[case]
     rep = inspect_model(str(folder))
-    src = inspect_model(str(otf_sources[{"hqq-rtn4-tied": "gemma2"}.get(case, "llama32")]))
+    src = inspect_model(str(otf_sources[{"hqq-rtn4-tied": "gemma2_32"}.get(case, "llama32")]))
     assert rep.format == PICKS[case] and rep.method in ("hqq", "rtn")
     assert rep.params == src.params  # the tied head of the hqq file is counted once
     q = [t for t in rep.tensors if t.quantized]

@@ -30,6 +30,7 @@ from qtool.errors import FormatError, UnsupportedError
 from qtool.formats import FORMATS
 from qtool.formats.base import FormatWriter, write_folder_files
 from qtool.formats.st_stream import StreamingSafetensorsWriter
+from qtool.inspect.report import layer_kind
 from qtool.model.source import CheckpointSource
 from qtool.qtypes import get_qtype
 
@@ -140,7 +141,8 @@ class QuarkWriter(FormatWriter):
         self.st.metadata["qtool"] = json.dumps(provenance, sort_keys=True)
         self.st.close()
         linears = getattr(self, "linears", [])
-        exclude = sorted(m for m in linears if m not in self.done) or ["lm_head"]
+        # the 2-D weights left in full precision, less embeddings (Quark only swaps Linear layers)
+        exclude = sorted(m for m in linears if m not in self.done and layer_kind(m + ".weight") != "embeddings") or ["lm_head"]
         config = dict(config)
         config["quantization_config"] = quark_config(self.spec or {}, exclude)
         write_folder_files(self.out, self.source, config, provenance)
