@@ -18,6 +18,18 @@ LOADERS = {
     "fp8": ("transformers (fine-grained FP8: FP8 kernels on GPUs of compute capability >= 8.9, dequantized to bf16 elsewhere)", ""),
     "fbgemm-fp8": ("transformers with `fbgemm-gpu-genai` on a CUDA GPU (no CPU runtime)", ""),
     "eetq": ("transformers with `kernels` on a CUDA GPU (it fetches kernels-community/quantization-eetq; no CPU runtime)", ""),
+    "hqq": ("hqq (`pip install hqq`, 0.2.8) — not stock transformers, which finds no weights file here", ""),
+    "quanto": ("optimum-quanto (`pip install optimum-quanto`, 0.2.7) — stock transformers would load it with random weights", ""),
+    "quark": ("transformers with `amd-quark` installed (0.13)", ""),
+}
+# Formats whose runtime is not transformers' from_pretrained: the lines that load them.
+USE_CODE = {
+    "hqq": ["import torch", "from hqq.models.hf.base import AutoHQQHFModel", "from transformers import AutoTokenizer", "",
+            'model = AutoHQQHFModel.from_quantized("{name}", compute_dtype=torch.float32, device="cpu")  # or float16 / "cuda"',
+            'tokenizer = AutoTokenizer.from_pretrained("{name}")'],
+    "quanto": ["from optimum.quanto import QuantizedModelForCausalLM", "from transformers import AutoTokenizer", "",
+               'model = QuantizedModelForCausalLM.from_pretrained("{name}")',
+               'tokenizer = AutoTokenizer.from_pretrained("{name}")'],
 }
 
 
@@ -73,10 +85,11 @@ def model_card(report: dict, base_model: str) -> str:
                   f"| {_fmt(e['perplexity'])} | {_fmt(e.get('base_perplexity'))} | {_fmt(e.get('ppl_ratio'))} | "
                   f"{_fmt(e.get('kld_mean'), 6)} | {_fmt(100 * e['top1_agreement'], 2) + ' %' if e.get('top1_agreement') is not None else '—'} |", ""]
     loader, _ = LOADERS.get(fmt, ("transformers", ""))
-    lines += ["## Use", "", f"Loads with {loader}:", "", "```python",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f'model = AutoModelForCausalLM.from_pretrained("{name}")',
-              f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```", ""]
+    code = [c.format(name=name) for c in USE_CODE[fmt]] if fmt in USE_CODE else [
+        "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}")']
+    lines += ["## Use", "", f"Loads with {loader}:", "", "```python", *code, "```", ""]
     if report.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     if r:

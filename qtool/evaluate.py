@@ -301,6 +301,11 @@ def load_hf_model(folder: Path):
         return load_packed_int4(folder, packable(folder))
 
     config = json.loads((folder / "config.json").read_text())
+    from qtool.model.onthefly_source import onthefly_kind
+
+    kind = onthefly_kind(folder)
+    if kind is not None:  # hqq / optimum-quanto / Quark: their own loaders (stock transformers misreads them)
+        return load_onthefly(folder, config, kind)
     if not _has_runtime((config.get("quantization_config") or {}).get("quant_method")):
         return load_gptq_dequantized(folder, config)
     if _otf_without_runtime(config):
@@ -383,6 +388,36 @@ def model_from_state(config: dict, state: dict[str, torch.Tensor], where: Path):
         raise FormatError(f"{where}: tensors the model has no place for: {', '.join(result.unexpected_keys[:4])}")
     model.tie_weights()  # the missing keys are tied aliases (lm_head of tied models): the readers check the rest
     return model.eval()
+
+
+def load_onthefly(folder: Path, config: dict, kind: str):
+    """An hqq / optimum-quanto / Quark folder through its runtime where it is installed (hqq's
+    AutoHQQHFModel, quanto's QuantizedModelForCausalLM, transformers + amd-quark), else
+    dequantized by qtool's reader: the math tests/test_hqq.py, test_quanto_format.py and
+    test_quark_format.py match against those runtimes."""
+    import importlib.util
+
+    runtime = {"hqq": "hqq", "quanto": "optimum.quanto", "quark": "quark"}[kind]
+    try:
+        available = importlib.util.find_spec(runtime) is not None
+    except ModuleNotFoundError:
+        available = False
+    if available:
+        if kind == "hqq":
+            from hqq.models.hf.base import AutoHQQHFModel
+
+            return AutoHQQHFModel.from_quantized(str(folder), compute_dtype=torch.float32, device="cpu").eval()
+        if kind == "quanto":
+            from optimum.quanto import QuantizedModelForCausalLM
+
+            return QuantizedModelForCausalLM.from_pretrained(str(folder))._wrapped.eval()
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    from qtool.model.onthefly_source import dequantized_state
+
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in dequantized_state(folder, kind).items()}
+    return model_from_state(config, state, folder)
 
 
 def load_gptq_dequantized(folder: Path, config: dict):

@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from conftest import invoke_cli
-from onthefly_fixtures import HQQ_CASES, otf_consumed, otf_outputs, otf_sources, hqq_weight  # noqa: F401
+from onthefly_fixtures import HQQ_CASES, assert_runtime_matches, otf_consumed, otf_outputs, otf_sources, hqq_weight  # noqa: F401
 from qtool.core.affine import quantize_int
 from qtool.core.metrics import sqnr_db
 from qtool.core.qweight import QuantizedWeight
 from qtool.core.rowpack import pack_rows, unpack_rows
 from qtool.errors import UnsupportedError
-from qtool.evaluate import model_from_state
 from qtool.formats import hqq as hqq_format
 from qtool.formats.compressed_tensors import CompressedTensorsWriter
 from qtool.methods.base import LayerSpec
@@ -143,18 +142,18 @@ def test_recipe_is_asymmetric_and_stock_transformers_cannot_load_it(otf_outputs)
 def test_hqq_loader_computes_our_weights(otf_consumed, otf_outputs, case):
     """hqq's from_quantized (compute_dtype float32) against our reading of the same folder: every
     quantized module's weight as HQQLinear computes it, and the logits, within 1e-4 (float32
-    sums in another order); the quantization itself moves the logits by far more (checked)."""
-    res, folder = otf_consumed[case], otf_outputs[case]
-    assert res["modules"] == ["HQQLinear"] and not res["meta_params"]
-    qws, _ = hqq_format.read_quantized(folder)
-    assert set(res["weights"]) == set(qws) and len(qws) == 14
-    for m, w in res["weights"].items():
-        torch.testing.assert_close(w, qws[m].dequantize(torch.float32), rtol=0, atol=1e-5)
-    config = json.loads((folder / "config.json").read_text())
-    model = model_from_state(config, hqq_format.read_dequantized(folder), folder)
-    with torch.no_grad():
-        ours = model(res["ids"]).logits[0].float()
-    torch.testing.assert_close(res["logits"], ours, rtol=0, atol=1e-4)
+    sums in another order). Negative control: the 4-bit codes read in quanto's nibble order (low
+    first) miss hqq's weights by orders of magnitude more."""
+    res = otf_consumed[case]
+    assert res["modules"] == ["HQQLinear"]
+    ours = assert_runtime_matches(res, otf_outputs[case], hqq_format, 1e-5, 1e-4)
+    if case == "hqq-h4g32":
+        m = "model.layers.0.mlp.up_proj"
+        state = hqq_format.load_modules(otf_outputs[case])[m]
+        wrong = unpack_rows(state["W_q"], 4, 160 * 96 // 32, high_first=False).reshape(160, 96)
+        good = ours["qws"][m]
+        bad = QuantizedWeight(good.qtype, (wrong - 8).to(torch.int8), good.scale, good.zero_point, "group", 32)
+        assert (bad.dequantize(torch.float32) - res["weights"][m]).abs().max() > 1e3 * 1e-5
 
 
 # -- float zero points into integer-zero formats ------------------------------------------------------

@@ -128,3 +128,13 @@ class QuantizedWeight:
             per = self.zero_point.element_size() * 8 if self.float_zeros else self.qtype.bits
             bits += self.zero_point.numel() * per
         return bits
+
+
+def dequantized_state(qws: dict[str, QuantizedWeight], rest: dict[str, torch.Tensor],
+                      dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+    """A reader's ({module: QuantizedWeight}, {name: other tensor}) -> a plain state dict:
+    `module.weight` dequantized, float tensors cast to `dtype` (None: kept as stored)."""
+    state = {k: (t.to(dtype) if dtype is not None and t.is_floating_point() else t) for k, t in rest.items()}
+    for module, qw in qws.items():
+        state[f"{module}.weight"] = qw.dequantize(dtype)
+    return state

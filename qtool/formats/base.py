@@ -125,3 +125,15 @@ class FormatWriter(ABC):
 
     def abort(self) -> None:  # noqa: B027 - optional hook
         """Release resources after a failure; the pipeline deletes the temporary path."""
+
+
+def write_folder_files(out: Path, source: CheckpointSource, config: dict, provenance: dict, **qtool_extra: object) -> None:
+    """The files beside the weights of a folder format: config.json, the source's tokenizer and
+    generation files, and qtool.json (provenance, plus the format's own record)."""
+    import json
+
+    from qtool import __version__
+
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    source.write_aux_files(out)
+    (out / "qtool.json").write_text(json.dumps({"qtool_version": __version__, **provenance, **qtool_extra}, indent=2) + "\n")

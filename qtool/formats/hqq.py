@@ -25,18 +25,16 @@ The dict is held in memory until the end (hqq's file is a single pickle).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from qtool import __version__
 from qtool.config import QuantRecipe
-from qtool.core.qweight import QuantizedWeight
+from qtool.core.qweight import QuantizedWeight, dequantized_state
 from qtool.core.rowpack import pack_rows, unpack_rows
 from qtool.errors import FormatError, UnsupportedError
 from qtool.formats import FORMATS
-from qtool.formats.base import FormatWriter
+from qtool.formats.base import FormatWriter, write_folder_files
 from qtool.model.source import CheckpointSource
 from qtool.qtypes import get_qtype
 
@@ -167,10 +165,7 @@ class HQQWriter(FormatWriter):
                 raise UnsupportedError("--format hqq: tied embeddings but no `embed_tokens.weight` to give lm_head")
             self.modules["lm_head"] = {"weight": self.modules[embed[: -len(".weight")]]["weight"]}
         torch.save(self.modules, self.out / WEIGHTS_FILE)
-        (self.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        self.source.write_aux_files(self.out)
-        (self.out / "qtool.json").write_text(json.dumps({"qtool_version": __version__, **provenance, "hqq": {"weights": WEIGHTS_FILE}},
-                                                        indent=2) + "\n")
+        write_folder_files(self.out, self.source, config, provenance, hqq={"weights": WEIGHTS_FILE})
 
 
 # -- reading back ------------------------------------------------------------------------------
@@ -202,8 +197,4 @@ def read_quantized(folder: Path) -> tuple[dict[str, QuantizedWeight], dict[str, 
 
 
 def read_dequantized(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    qws, rest = read_quantized(folder)
-    state = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in rest.items()}
-    for module, qw in qws.items():
-        state[f"{module}.weight"] = qw.dequantize(dtype)
-    return state
+    return dequantized_state(*read_quantized(folder), dtype)

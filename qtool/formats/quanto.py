@@ -17,7 +17,8 @@ quanto stores no group size: each QLinear derives it from its input width (128; 
 where they divide it; else, or for widths <= 128, one group per row), so the writer uses that
 rule for every layer (`-g 128`, the rule's first choice, is what it accepts). int8 and float8 are
 symmetric per output channel. Integer zero points go in as an int8 shift (exact); HQQ's float zero
-points as the float shift z * scale in the scale's dtype.
+points, and every int4 bf16 group-128 layer (quanto moves those to its TinyGemm kernel, which
+asserts a float shift), as the float shift z * scale in the scale's dtype.
 """
 
 from __future__ import annotations
@@ -27,13 +28,12 @@ from pathlib import Path
 
 import torch
 
-from qtool import __version__
 from qtool.config import QuantRecipe
-from qtool.core.qweight import QuantizedWeight
+from qtool.core.qweight import QuantizedWeight, dequantized_state
 from qtool.core.rowpack import pack_rows, unpack_rows
 from qtool.errors import FormatError, UnsupportedError
 from qtool.formats import FORMATS
-from qtool.formats.base import FormatWriter, GroupChoice
+from qtool.formats.base import FormatWriter, GroupChoice, write_folder_files
 from qtool.formats.st_stream import StreamingSafetensorsWriter
 from qtool.model.source import CheckpointSource
 from qtool.qtypes import get_qtype
@@ -53,6 +53,11 @@ def quanto_group_size(in_features: int) -> int | None:
     return g if in_features % g == 0 else None
 
 
+def tinygemm_layout(bits: int, scale_dtype: torch.dtype, group_size: int) -> bool:
+    """quanto re-packs these for its TinyGemm kernel on CPU, which takes only a float shift."""
+    return bits == 4 and scale_dtype == torch.bfloat16 and group_size == 128
+
+
 def pack_quanto(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     """QuantizedWeight -> the tensors under `prefix.weight.` (suffix -> tensor)."""
     out_f, in_f = qw.shape
@@ -63,13 +68,11 @@ def pack_quanto(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     offset = 2 ** (bits - 1)
     g = qw.group_size if qw.strategy == "group" else in_f
     u = (qw.codes.cpu().to(torch.int16) + offset).reshape(-1, g)
-    if qw.zero_point is None:
-        shift = torch.full((u.shape[0], 1), offset, dtype=torch.int8)
-    elif qw.float_zeros:
-        z = qw.zero_point.cpu().to(torch.float32).reshape(-1, 1) + offset
-        shift = (z * scale.reshape(-1, 1).to(torch.float32)).to(scale.dtype)
+    zero = torch.zeros(u.shape[0], 1) if qw.zero_point is None else qw.zero_point.cpu().to(torch.float32).reshape(-1, 1)
+    if qw.float_zeros or tinygemm_layout(bits, scale.dtype, g):
+        shift = ((zero + offset) * scale.reshape(-1, 1).to(torch.float32)).to(scale.dtype)
     else:
-        shift = (qw.zero_point.cpu().to(torch.int16).reshape(-1, 1) + offset).to(torch.int8)
+        shift = (zero + offset).to(torch.int8)
     return {"_data._data": pack_rows(u, bits, high_first=False), "_scale": scale.reshape(-1, 1).contiguous(), "_shift": shift}
 
 
@@ -158,10 +161,8 @@ class QuantoWriter(FormatWriter):
         self.st.metadata["qtool"] = json.dumps(provenance, sort_keys=True)
         self.st.close()
         config = {k: v for k, v in config.items() if k != "quantization_config"}
-        (self.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (self.out / QMAP_FILE).write_text(json.dumps(self.qmap, indent=4) + "\n")
-        self.source.write_aux_files(self.out)
-        (self.out / "qtool.json").write_text(json.dumps({"qtool_version": __version__, **provenance}, indent=2) + "\n")
+        write_folder_files(self.out, self.source, config, provenance)
 
     def abort(self) -> None:
         if hasattr(self, "st"):
@@ -216,8 +217,4 @@ def read_quantized(folder: Path) -> tuple[dict[str, QuantizedWeight], dict[str, 
 
 
 def read_dequantized(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    qws, rest = read_quantized(folder)
-    state = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in rest.items()}
-    for module, qw in qws.items():
-        state[f"{module}.weight"] = qw.dequantize(dtype)
-    return state
+    return dequantized_state(*read_quantized(folder), dtype)

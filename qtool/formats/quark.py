@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from qtool import __version__
 from qtool.config import QuantRecipe
 from qtool.core.packing import pack_awq_order, unpack_awq_order
-from qtool.core.qweight import QuantizedWeight
+from qtool.core.qweight import QuantizedWeight, dequantized_state
 from qtool.errors import FormatError, UnsupportedError
 from qtool.formats import FORMATS
-from qtool.formats.base import FormatWriter
+from qtool.formats.base import FormatWriter, write_folder_files
 from qtool.formats.st_stream import StreamingSafetensorsWriter
+from qtool.inspect.report import layer_kind
 from qtool.model.source import CheckpointSource
 from qtool.qtypes import get_qtype
 
@@ -141,12 +141,11 @@ class QuarkWriter(FormatWriter):
         self.st.metadata["qtool"] = json.dumps(provenance, sort_keys=True)
         self.st.close()
         linears = getattr(self, "linears", [])
-        exclude = sorted(m for m in linears if m not in self.done) or ["lm_head"]
+        # the 2-D weights left in full precision, less embeddings (Quark only swaps Linear layers)
+        exclude = sorted(m for m in linears if m not in self.done and layer_kind(m + ".weight") != "embeddings") or ["lm_head"]
         config = dict(config)
         config["quantization_config"] = quark_config(self.spec or {}, exclude)
-        (self.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        self.source.write_aux_files(self.out)
-        (self.out / "qtool.json").write_text(json.dumps({"qtool_version": __version__, **provenance}, indent=2) + "\n")
+        write_folder_files(self.out, self.source, config, provenance)
 
     def abort(self) -> None:
         if hasattr(self, "st"):
@@ -186,8 +185,4 @@ def read_quantized(folder: Path) -> tuple[dict[str, QuantizedWeight], dict[str, 
 
 
 def read_dequantized(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    qws, rest = read_quantized(folder)
-    state = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in rest.items()}
-    for module, qw in qws.items():
-        state[f"{module}.weight"] = qw.dequantize(dtype)
-    return state
+    return dequantized_state(*read_quantized(folder), dtype)

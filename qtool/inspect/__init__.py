@@ -38,6 +38,12 @@ def inspect_model(target: str, *, revision: str | None = None, token: str | None
         gguf_file = path if path.suffix == ".gguf" and path.is_file() else _lone_gguf(path)
         if gguf_file is not None:
             return gguf_report(gguf_file, ctx, batch)
+        from qtool.formats.hqq import is_hqq_folder
+
+        if is_hqq_folder(path) and not any(path.glob("*.safetensors")):
+            from qtool.inspect.onthefly import hqq_report
+
+            return hqq_report(path, ctx, batch)
         return safetensors_report(local_checkpoint(path), ctx, batch)
     from qtool.model.resolve import is_hub_id  # here: it imports the torch-backed sources
 

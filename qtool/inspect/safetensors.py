@@ -267,10 +267,13 @@ def safetensors_report(ck: _Checkpoint, ctx: int, batch: int) -> InspectReport:
         tensors = otf_rows(ck.tensors, quant_method, qconfig, ck.metadata, ck.read_ints)
     else:
         tensors = [_plain_row(t) for t in ck.tensors]
+    otf = _onthefly_rows(ck, quant_method) if packed is None and not is_otf else None  # optimum-quanto / Quark layouts
+    if otf is not None:
+        quant_method, tensors = otf
     notes = []
     if ck.config is None:
         notes.append("no config.json: KV cache size unknown")
-    if quant_method and not is_ct and packed is None and not is_otf:
+    if quant_method and not is_ct and packed is None and not is_otf and otf is None:
         notes.append(f"quant_method {quant_method!r}: tensors listed as stored, parameter counts not decoded")
     dtype = _dominant_dtype(ck.tensors)
     if is_ct:
@@ -298,6 +301,22 @@ def _packed_layout(config: dict, where: str):
     except UnsupportedError:
         return None  # a variant qtool does not decode: listed as stored, said in a note
     return layout if layout is not None and layout.tensors != "compressed-tensors" else None
+
+
+def _onthefly_rows(ck: _Checkpoint, quant_method: str | None) -> tuple[str, list[TensorReport]] | None:
+    """("quanto" | "quark", rows) where the checkpoint is in one of those layouts (quanto: local only)."""
+    from qtool.inspect.onthefly import quanto_rows, quark_rows
+
+    if quant_method == "quark":
+        return "quark", quark_rows(ck.tensors, (ck.config or {}).get("quantization_config") or {})
+    folder = Path(ck.source)
+    folder = folder if folder.is_dir() else folder.parent
+    if ck.read_ints is not None and (folder / "quanto_qmap.json").is_file():
+        from qtool.formats.quanto import linear_shapes
+
+        shapes = linear_shapes(ck.config) if ck.config else {}
+        return "quanto", quanto_rows(ck.tensors, _read_json(folder / "quanto_qmap.json"), shapes)
+    return None
 
 
 def _dominant_dtype(tensors: list[StoredTensor]) -> str | None:

@@ -65,6 +65,12 @@ def open_source(
         from qtool.model.gguf_source import GGUFSource
 
         return GGUFSource(path)
+    if path.is_dir():
+        from qtool.model.onthefly_source import DequantizedSource, onthefly_kind
+
+        kind = onthefly_kind(path)  # hqq / optimum-quanto / Quark layouts: read dequantized
+        if kind is not None:
+            return DequantizedSource(path, kind)
     if path.is_file():
         check_not_pickle_file(path, allow_pickle)
         if path.suffix != ".safetensors":
