@@ -188,9 +188,12 @@ def method_name(prov: dict | None, quantized: bool, fallback: str) -> str:
 
 
 def _first(cfg: dict, *keys: str):
+    """The first of `keys` the config sets, as a positive int; None when absent or not one (a
+    damaged config.json: the KV cache is then unknown rather than an error)."""
     for k in keys:
-        if cfg.get(k) is not None:
-            return cfg[k]
+        v = cfg.get(k)
+        if v is not None:
+            return v if isinstance(v, int) and not isinstance(v, bool) and 0 < v < 1 << 40 else None
     return None
 
 
@@ -206,8 +209,8 @@ def kv_cache_from_config(config: dict, ctx: int, batch: int) -> KVCache | None:
     hidden = _first(cfg, "hidden_size", "n_embd", "d_model")
     if not layers or not heads:
         return None
-    kv_heads = 1 if cfg.get("multi_query") else (_first(cfg, "num_key_value_heads", "num_kv_heads") or heads)
-    head_dim = cfg.get("head_dim") or (hidden // heads if hidden else None)
+    kv_heads = 1 if cfg.get("multi_query") is True else (_first(cfg, "num_key_value_heads", "num_kv_heads") or heads)
+    head_dim = _first(cfg, "head_dim") or (hidden // heads if hidden else None)
     if not head_dim:
         return None
     return KVCache(int(layers), int(kv_heads), int(head_dim), int(head_dim), ctx, batch)

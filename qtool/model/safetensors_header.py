@@ -112,7 +112,7 @@ def _entry(name: str, info: object, where: str) -> HeaderEntry:
         dtype = info["dtype"]  # type: ignore[index]
         shape = tuple(int(d) for d in info["shape"])  # type: ignore[index]
         begin, end = (int(x) for x in info["data_offsets"])  # type: ignore[index]
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: 1e999 parses as infinity
         raise FormatError(f"{where}: corrupted safetensors header entry for tensor {name!r}") from None
     if not isinstance(dtype, str) or dtype not in ST_ITEMSIZE:
         raise FormatError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
