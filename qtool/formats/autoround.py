@@ -34,7 +34,7 @@ def packing_format(symmetric: bool) -> str:
     return "auto_round:auto_gptq" if symmetric else "auto_round:auto_awq"
 
 
-@FORMATS.register("auto-round", aliases=("autoround", "auto_round"))
+@FORMATS.register("auto-round", aliases=("autoround",))
 class AutoRoundWriter(PackedFolderWriter):
     """Safetensors folder in AutoRound's native layout (GPTQ v1 tensors, or AWQ tensors)."""
 
