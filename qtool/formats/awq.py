@@ -67,6 +67,14 @@ def pack_awq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     }
 
 
+def pack_awq_layer(prefix: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """pack_awq, its refusals naming the layer."""
+    try:
+        return pack_awq(qw)
+    except UnsupportedError as e:
+        raise UnsupportedError(f"{prefix}: {e}") from None
+
+
 def unpack_awq(tensors: dict[str, torch.Tensor], bits: int, group_size: int, symmetric: bool | None = None) -> QuantizedWeight:
     """The AWQ tensors of one module -> QuantizedWeight (signed codes). `symmetric`: None = decide
     from the zero points (all 2^(b-1) -> symmetric, which dequantizes identically)."""
@@ -128,11 +136,7 @@ class AWQWriter(PackedFolderWriter):
     def add_quantized(self, name: str, qw: QuantizedWeight) -> None:
         prefix = name[: -len(".weight")]
         self.check_group(prefix, qw)
-        try:
-            tensors = pack_awq(qw)
-        except UnsupportedError as e:
-            raise UnsupportedError(f"{prefix}: {e}") from None
-        self.add_packed(prefix, qw, tensors)
+        self.add_packed(prefix, qw, pack_awq_layer(prefix, qw))
 
     def quantization_config(self) -> dict:
         r = self.recipe
