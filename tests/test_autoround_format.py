@@ -78,7 +78,7 @@ CASES = {
     "sym-int2-g32-ignore": (["-b", "2", "-g", "32", "--ignore", "*o_proj"], "QuantLinear"),
     "sym-int8-channel": (["-b", "8"], "QuantLinear"),
     "asym-int4-g32": (["-b", "4", "-g", "32", "--asym"], "AwqTorchLinear"),  # gptqmodel:awq_torch
-    "repacked-from-gptq": (["-b", "4", "-g", "64"], "QuantLinear"),  # -f gptq, then `qtool export -f auto-round`
+    "repacked-from-gptq": (["-b", "4", "-g", "32"], "QuantLinear"),  # -f gptq, then `qtool export -f auto-round`
 }
 
 

@@ -21,7 +21,7 @@ from qtool.config import QuantRecipe
 from qtool.core.qweight import QuantizedWeight
 from qtool.errors import UnsupportedError
 from qtool.formats import FORMATS
-from qtool.formats.awq import AWQ_GROUP_SIZES, has_group_map, pack_awq
+from qtool.formats.awq import AWQ_GROUP_SIZES, has_group_map, pack_awq_layer
 from qtool.formats.compressed_tensors import EXPERT_RE
 from qtool.formats.gptq import GPTQ_GROUP_SIZES, pack_gptq
 from qtool.formats.packed_folder import PackedFolderWriter
@@ -34,7 +34,7 @@ def packing_format(symmetric: bool) -> str:
     return "auto_round:auto_gptq" if symmetric else "auto_round:auto_awq"
 
 
-@FORMATS.register("auto-round", aliases=("autoround", "auto_round"))
+@FORMATS.register("auto-round", aliases=("autoround",))
 class AutoRoundWriter(PackedFolderWriter):
     """Safetensors folder in AutoRound's native layout (GPTQ v1 tensors, or AWQ tensors)."""
 
@@ -87,10 +87,7 @@ class AutoRoundWriter(PackedFolderWriter):
             tensors = pack_gptq(qw, "gptq")
             del tensors["g_idx"]
         else:
-            try:
-                tensors = pack_awq(qw)
-            except UnsupportedError as e:
-                raise UnsupportedError(f"{prefix}: {e}") from None
+            tensors = pack_awq_layer(prefix, qw)
         self.add_packed(prefix, qw, tensors)
 
     def quantization_config(self) -> dict:

@@ -35,6 +35,7 @@ from qtool.model.source import CheckpointSource
 AWQ_BITS = (4,)
 AWQ_GROUP_SIZES = (16, 32, 64, 128)  # gptqmodel's AWQ CPU kernels (AwqTorch): these or -1
 SUFFIXES = ("qweight", "qzeros", "scales")
+ACCEL_FREE_GROUPS = (-1, 16)  # group sizes (-1: per channel) only gptqmodel's plain torch AWQ kernel runs on CPU
 
 
 def has_group_map(qw: QuantizedWeight) -> bool:
@@ -64,6 +65,14 @@ def pack_awq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         "qzeros": pack_awq_order(zeros),
         "scales": qw.scale.cpu().t().to(torch.float16).contiguous(),
     }
+
+
+def pack_awq_layer(prefix: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """pack_awq, its refusals naming the layer."""
+    try:
+        return pack_awq(qw)
+    except UnsupportedError as e:
+        raise UnsupportedError(f"{prefix}: {e}") from None
 
 
 def unpack_awq(tensors: dict[str, torch.Tensor], bits: int, group_size: int, symmetric: bool | None = None) -> QuantizedWeight:
@@ -127,24 +136,26 @@ class AWQWriter(PackedFolderWriter):
     def add_quantized(self, name: str, qw: QuantizedWeight) -> None:
         prefix = name[: -len(".weight")]
         self.check_group(prefix, qw)
-        try:
-            tensors = pack_awq(qw)
-        except UnsupportedError as e:
-            raise UnsupportedError(f"{prefix}: {e}") from None
-        self.add_packed(prefix, qw, tensors)
+        self.add_packed(prefix, qw, pack_awq_layer(prefix, qw))
 
     def quantization_config(self) -> dict:
         r = self.recipe
         assert r is not None
         left = [m for m in self.linears if m not in self.quantized and "embed" not in m.rsplit(".", 1)[-1]]
-        return {
+        g = self.group_size if self.group_size is not None else (r.group_size if r.strategy == "group" else -1)
+        cfg = {
             "quant_method": "awq",
             "version": "gemm",
             "bits": r.weight_type.bits,
-            "group_size": self.group_size if self.group_size is not None else (r.group_size if r.strategy == "group" else -1),
+            "group_size": g,
             "zero_point": True,  # symmetric weights too: their zero points are 2^(b-1)
             "modules_to_not_convert": left or None,
         }
+        if g in ACCEL_FREE_GROUPS:
+            # gptqmodel's default CPU kernels (torch int4pack) take groups of 32..256 only; its plain
+            # torch AWQ kernel takes these. `backend` is a loading option transformers' AwqConfig reads.
+            cfg["backend"] = "torch_awq"
+        return cfg
 
     def info(self) -> dict:
         return {**super().info(), "symmetric": bool(self.recipe and self.recipe.symmetric)}
