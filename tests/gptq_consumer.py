@@ -29,14 +29,15 @@ def is_quantized(m: torch.nn.Module) -> bool:
     if hasattr(m, "qweight"):
         return True
     w = getattr(m, "weight", None)
-    if w is None or not hasattr(m, "in_features"):
+    if not isinstance(w, torch.Tensor) or not hasattr(m, "in_features"):
         return False
-    return type(m) is not torch.nn.Linear or type(w.data) is not torch.Tensor or w.dtype not in (torch.bfloat16, torch.float16, torch.float32)
+    # a Linear subclass with float weights (SigLIP's NonDynamicallyQuantizableLinear) is not quantized
+    return type(w.data) is not torch.Tensor or w.dtype not in (torch.bfloat16, torch.float16, torch.float32)
 
 
 def kernel_name(m: torch.nn.Module) -> str:
-    w = getattr(m, "weight", None)
-    sub = type(w.data).__name__ if w is not None and type(w.data) is not torch.Tensor else None
+    w = getattr(m, "weight", None)  # gptqmodel's modules hold a metadata object there, not a tensor
+    sub = type(w.data).__name__ if isinstance(w, torch.Tensor) and type(w.data) is not torch.Tensor else None
     return f"{type(m).__name__}[{sub}]" if sub else type(m).__name__
 
 
