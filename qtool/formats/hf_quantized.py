@@ -18,10 +18,9 @@ from typing import Callable
 
 import torch
 
-from qtool import __version__
 from qtool.config import QuantRecipe
 from qtool.core.qweight import QuantizedWeight
-from qtool.formats.base import FormatWriter
+from qtool.formats.base import FormatWriter, write_folder_files
 from qtool.formats.st_stream import StreamingSafetensorsWriter
 from qtool.model.source import CheckpointSource
 
@@ -78,11 +77,7 @@ class HFQuantizedWriter(FormatWriter):
         self.st.metadata.update(self.file_metadata())
         self.st.metadata["qtool"] = json.dumps(provenance, sort_keys=True)
         self.st.close()
-        config = dict(config)
-        config["quantization_config"] = self.quantization_config()
-        (self.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        self.source.write_aux_files(self.out)
-        (self.out / "qtool.json").write_text(json.dumps({"qtool_version": __version__, **provenance}, indent=2) + "\n")
+        write_folder_files(self.out, self.source, {**config, "quantization_config": self.quantization_config()}, provenance)
 
     def abort(self) -> None:
         if hasattr(self, "st"):

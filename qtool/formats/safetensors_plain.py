@@ -10,11 +10,10 @@ from pathlib import Path
 
 import torch
 
-from qtool import __version__
 from qtool.config import QuantRecipe
 from qtool.core.qweight import QuantizedWeight
 from qtool.formats import FORMATS
-from qtool.formats.base import FormatWriter
+from qtool.formats.base import FormatWriter, write_folder_files
 from qtool.formats.st_stream import StreamingSafetensorsWriter
 from qtool.model.source import CheckpointSource
 
@@ -53,9 +52,7 @@ class SafetensorsWriter(FormatWriter):
         config.pop("quantization_config", None)
         if self.dtype is not None:
             config["torch_dtype"] = config["dtype"] = str(self.dtype).removeprefix("torch.")
-        (self.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        self.source.write_aux_files(self.out)
-        (self.out / "qtool.json").write_text(json.dumps({"qtool_version": __version__, **provenance}, indent=2) + "\n")
+        write_folder_files(self.out, self.source, config, provenance)
 
     def abort(self) -> None:
         if hasattr(self, "st"):
