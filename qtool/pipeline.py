@@ -435,10 +435,7 @@ def run(
                 on_event(Event("evaluate", 0, 1, str(out)))
                 report.eval = {**evaluate_output(tmp, source, evaluation, on_event), "model": str(out)}
             if writer.output_is_dir and recipe is not None:
-                from qtool.card import model_card
-
-                report.output_bytes = _size(tmp)
-                (tmp / "README.md").write_text(model_card(report.to_dict() | {"output": str(out)}, model), encoding="utf-8")
+                _write_cards(tmp, out, writer, report, model)
         except OSError as e:  # disk full, quota, a vanished folder: the user's problem to fix, said in one line
             writer.abort()
             raise FormatError(f"{out}: cannot write: {e.strerror or e}") from None
@@ -448,6 +445,39 @@ def run(
     report.output_bytes = _size(out)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _write_cards(tmp: Path, out: Path, writer: FormatWriter, report: RunReport, model: str) -> None:
+    """The model card (README.md) of each output folder: the one output, or each format's folder
+    of a multi-format run (formats/multi.py)."""
+    from qtool.card import model_card
+
+    report.output_bytes = _size(tmp)
+    parts = writer.parts(tmp) if hasattr(writer, "parts") else [(tmp, writer.registry_name)]
+    for folder, fmt in parts:
+        if folder.is_dir():
+            where = out / folder.relative_to(tmp)
+            card = model_card(report.to_dict() | {"output": str(where), "format": fmt, "output_bytes": _size(folder)}, model)
+            (folder / "README.md").write_text(card, encoding="utf-8")
+
+
+def validate_formats(recipe: QuantRecipe, spec: str, **options: object) -> list[FormatWriter]:
+    """`-f a,b,...`: the writers, each validated as `validate_early` does, grouped into runs: one
+    run (a MultiWriter when several) for the formats that take the method's QuantizedWeights, one
+    more for each self-quantizing format (GGUF picks its own per-tensor grids)."""
+    from dataclasses import replace
+
+    from qtool.formats.multi import MultiWriter, check_options_used, options_for, parse_formats
+
+    names = parse_formats(spec)
+    if len(names) == 1:
+        return [validate_early(recipe, names[0], **options)]
+    check_options_used(names, options)
+    copies = [replace(recipe, format=n) for n in names]
+    writers = [validate_early(c, n, **options_for(n, options)) for c, n in zip(copies, names)]
+    recipe.symmetric = all(c.symmetric for c in copies)  # validate_early may make it asymmetric (HQQ)
+    shared = [w for w in writers if not w.self_quantizing]
+    return ([MultiWriter(shared)] if len(shared) > 1 else shared) + [w for w in writers if w.self_quantizing]
 
 
 @dataclass(frozen=True)

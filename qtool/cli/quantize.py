@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from collections import defaultdict
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,7 +20,7 @@ from qtool.recipe_file import load_recipe_file, merge, recipe_kwargs
 from qtool.model.resolve import open_source
 from qtool.errors import UsageError
 from qtool.publish import check_push_flags
-from qtool.pipeline import EvalRequest, RunReport, check_model, run, validate_early
+from qtool.pipeline import EvalRequest, RunReport, check_model, run, validate_formats
 
 
 def default_out(model: str, recipe) -> Path:
@@ -100,7 +101,8 @@ def _quantize(
       qtool quantize ./my-model -m gptq -b 4 -g 128 --stats stats.safetensors
     """
     if qtype is None and bits is None:  # a format made for one type defaults to it (bitsandbytes: nf4, fp8: fp8)
-        qtype = getattr(FORMATS.get(fmt), "default_qtype", None)
+        defaults = {getattr(FORMATS.get(f.strip()), "default_qtype", None) for f in fmt.split(",") if f.strip()}
+        qtype = defaults.pop() if len(defaults) == 1 else None
     kwargs = dict(
         method=method, bits=bits, qtype=qtype, group_size=group_size, asym=asym, fmt=fmt,
         targets=target, ignore=ignore, strict_groups=strict_groups, device=device,
@@ -111,25 +113,49 @@ def _quantize(
     if recipe_file is not None:
         kwargs = merge(kwargs, explicit_options(ctx), recipe_kwargs(load_recipe_file(recipe_file)))
     recipe = make_recipe(**kwargs)
-    writer = validate_early(recipe, recipe.format, type=gguf_type, imatrix=imatrix, double_quant=double_quant or None,
-                            activations=activations)  # exit 2/3 here, before anything is loaded or downloaded
+    writers = validate_formats(recipe, recipe.format, type=gguf_type, imatrix=imatrix, double_quant=double_quant or None,
+                               activations=activations)  # exit 2/3 here, before anything is loaded or downloaded
+    many = "," in recipe.format
+    if many and run_eval:
+        raise UsageError(f"--eval with --format {recipe.format}: give one format, or run `qtool eval` on each output")
     evaluation = eval_request(run_eval, eval_dataset, recipe.dataset, eval_windows, eval_seq_len)
     dest = out_path or default_out(model, recipe)
+    outs = [output_path(dest, w) if many else dest for w in writers]
     publish = check_push_flags(push_to_hub, token, private, push_branch, overwrite)  # before any weight is read
+    reports = []
     with open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as source:
         check_model(source, model, trust_remote_code)
         with ProgressDisplay(not (json_out or quiet)) as progress:
-            report = run(model, source, dest, writer, recipe, overwrite=overwrite, evaluation=evaluation, on_event=progress)
-    if note := getattr(writer, "imatrix_note", None):
-        report.notes.append(note)
+            for w, o in zip(writers, outs):  # one method run per writer group (formats/multi.py)
+                r = run(model, source, o, w, replace(recipe, format=w.registry_name) if many else recipe,
+                        overwrite=overwrite, evaluation=evaluation, on_event=progress)
+                if note := getattr(w, "imatrix_note", None):
+                    r.notes.append(note)
+                if many and w.self_quantizing and recipe.method != "rtn":
+                    r.notes.append(f"--method {recipe.method} ran again for {w.registry_name}: it quantizes on each tensor's own grid")
+                reports.append(r)
+    published = None
     if publish is not None:
         from qtool.publish import push
 
-        report.published = push(dest, publish, progress=not (json_out or quiet))
+        published = push(dest, publish, progress=not (json_out or quiet))
+        reports[-1].published = published
     if json_out:
-        print_json(report.to_dict())
+        print_json({"formats": [r.format for r in reports], "outputs": [r.to_dict() for r in reports], "published": published}
+                   if many else reports[0].to_dict())
     else:
-        print_summary(report)
+        for r in reports:
+            print_summary(r)
+
+
+def output_path(dest: Path, writer) -> Path:
+    """Where one format of `-f a,b,...` goes: `dest` itself for the shared run (one folder per format
+    inside), `dest/<format>` for a lone folder format, `dest/<name>-<type>.gguf` for a file format."""
+    if hasattr(writer, "parts"):
+        return dest
+    if writer.output_is_dir:
+        return dest / writer.registry_name
+    return dest / f"{dest.name}-{writer.describe() or writer.registry_name}.gguf"
 
 
 quantize = with_method_options(_quantize)

@@ -181,6 +181,8 @@ def _hf_config(path: Path, arch: str):
 
     try:
         return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except (OSError, UnicodeDecodeError) as e:  # transformers' reading of a damaged metadata section
+        raise FormatError(f"{path}: corrupted GGUF metadata: {_one_line(e)}") from None
     except (ValueError, KeyError, NotImplementedError) as e:
         raise UnsupportedError(f"{path}: transformers cannot convert GGUF architecture {arch!r}: "
                                f"{_one_line(e)}") from e
