@@ -76,9 +76,10 @@ def _small_gguf(path: Path) -> bytes:
 def _mutate(data: bytes, ops: list[tuple[int, int, int]], cut: int | None, header_only: int) -> bytes:
     """Byte-level edits concentrated in the first `header_only` bytes (where readers parse)."""
     buf = bytearray(data)
-    span = max(1, min(header_only, len(buf)))
     for kind, pos, val in ops:
-        p = pos % span
+        if not buf:
+            break
+        p = pos % max(1, min(header_only, len(buf)))  # the buffer shrinks as bytes are deleted
         if kind == 0:
             buf[p] = val & 0xFF  # overwrite
         elif kind == 1:

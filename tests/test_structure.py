@@ -78,3 +78,27 @@ def test_expert_taps_see_exactly_the_routed_tokens(folders):
                 w = block.get_submodule(f"mlp.experts.{e}.up_proj").weight
                 assert torch.equal(w, src.get_tensor(f"{prefix}.mlp.experts.{e}.up_proj.weight").float())
             runner.advance(runner.run(b, block))
+
+
+def test_inspect_capabilities_agree_with_the_built_model(tmp_path):
+    """`qtool inspect`'s quick answer (qtool/model/arch_facts.py, transformers' tables read without
+    importing it) says "quantize: yes" exactly where the model built on the meta device is accepted."""
+    import json
+
+    from qtool.errors import QtoolError
+    from qtool.model.arch_facts import light_capabilities
+    from qtool.model.structure import discover
+    from tiny_models import ZOO_NAMES, make_config
+
+    configs = {a: make_config(a).to_dict() for a in ZOO_NAMES}
+    configs["bert-mlm"] = {"model_type": "bert", "architectures": ["BertForMaskedLM"], "hidden_size": 32,
+                           "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 64}
+    configs["unknown"] = {"model_type": "no_such_model", "architectures": ["NoSuchForCausalLM"]}
+    for name, cfg in configs.items():
+        cfg = json.loads(json.dumps(cfg, default=str))
+        try:
+            discover(cfg)
+            accepted = True
+        except QtoolError:
+            accepted = False
+        assert (light_capabilities(cfg)["quantize"] == "yes") == accepted, (name, light_capabilities(cfg))

@@ -38,7 +38,7 @@ from qtool.formats.base import FormatWriter, write_folder_files
 from qtool.model.source import CheckpointSource
 from qtool.qtypes import get_qtype
 
-WEIGHTS_FILE = "qmodel.pt"
+from qtool.model.safetensors_header import HQQ_WEIGHTS_FILE as WEIGHTS_FILE, is_hqq_folder  # noqa: E402,F401
 PACKING = {8: "8bit_u8", 6: "8bit_u8", 5: "8bit_u8", 4: "4bit_u8", 3: "3bit_32", 2: "2bit_u8", 1: "1bit_u8"}
 ROWS_PER_WORD = {4: 2, 2: 4, 1: 8}  # hqq's 4/2/1-bit packers need the rows to split evenly
 
@@ -169,10 +169,6 @@ class HQQWriter(FormatWriter):
 
 
 # -- reading back ------------------------------------------------------------------------------
-def is_hqq_folder(folder: Path) -> bool:
-    return folder.is_dir() and (folder / WEIGHTS_FILE).is_file() and (folder / "config.json").is_file()
-
-
 def load_modules(folder: Path) -> dict[str, dict]:
     """qmodel.pt with torch's weights-only unpickler (tensors, numbers, strings, sizes, dtypes:
     no code runs), memory-mapped."""

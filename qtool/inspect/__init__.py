@@ -38,7 +38,7 @@ def inspect_model(target: str, *, revision: str | None = None, token: str | None
         gguf_file = path if path.suffix == ".gguf" and path.is_file() else _lone_gguf(path)
         if gguf_file is not None:
             return gguf_report(gguf_file, ctx, batch)
-        from qtool.formats.hqq import is_hqq_folder
+        from qtool.model.safetensors_header import is_hqq_folder
 
         if is_hqq_folder(path) and not any(path.glob("*.safetensors")):
             from qtool.inspect.onthefly import hqq_report

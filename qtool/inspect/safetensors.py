@@ -285,16 +285,16 @@ def safetensors_report(ck: _Checkpoint, ctx: int, batch: int) -> InspectReport:
     else:
         fmt, detail = "safetensors", dtype
     method = method_name(ck.provenance, quantized=bool(quant_method), fallback=str(quant_method) if quant_method and not is_ct else "unknown")
-    from qtool.model.structure import capabilities
+    from qtool.model.arch_facts import light_capabilities
 
     return InspectReport(ck.source, fmt, detail, method, ck.files, tensors, ctx, batch,
                          kv_cache_from_config(config, ctx, batch), ck.provenance, notes,
-                         architecture=capabilities(ck.config))
+                         architecture=light_capabilities(ck.config))
 
 
 def _packed_layout(config: dict, where: str):
     """The GPTQ / AWQ / AutoRound layout of a checkpoint (int32-packed tensors), else None."""
-    from qtool.model.quantized_source import layout_of
+    from qtool.model.quantized_layout import layout_of
 
     try:
         layout = layout_of(config, where)

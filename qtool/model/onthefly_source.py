@@ -19,7 +19,7 @@ from qtool.model.source import CheckpointSource, TensorMeta
 
 def onthefly_kind(folder: Path) -> str | None:
     """"hqq", "quanto", "quark" or None, from the files and config a folder holds."""
-    from qtool.formats.hqq import is_hqq_folder
+    from qtool.model.safetensors_header import is_hqq_folder
     from qtool.formats.quanto import is_quanto_folder
     from qtool.formats.quark import is_quark_config
 

@@ -138,3 +138,11 @@ def read_header(path: Path) -> SafetensorsHeader:
     except OSError as e:
         raise FormatError(f"{where}: cannot read: {e.strerror}") from None
     return parse_header(raw, where, size - 8 - n)
+
+
+HQQ_WEIGHTS_FILE = "qmodel.pt"  # hqq's one-pickle layout (qtool/formats/hqq.py)
+
+
+def is_hqq_folder(folder: Path) -> bool:
+    """A folder in hqq's own layout (config.json + qmodel.pt), told from file names alone."""
+    return folder.is_dir() and (folder / HQQ_WEIGHTS_FILE).is_file() and (folder / "config.json").is_file()

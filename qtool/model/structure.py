@@ -332,27 +332,3 @@ def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], layout: 
     if bad:
         raise FormatError(f"{bad[0]}: transformers could not load this tensor into {type(model).__name__}")
     return set(model.state_dict()) - set(info.missing_keys)
-
-
-def capabilities(config: dict | None) -> dict:
-    """What qtool can do with the architecture of `config` (for `qtool inspect`), from the config
-    alone: the family, and quantize / gguf / calibration as "yes" or "no (why)"."""
-    if not config:
-        return {}
-    mt = config.get("model_type")
-    try:
-        fam = family_of(config, "config.json")
-        s = discover(config)
-        quant = "yes"
-        family = f"{fam.class_name} ({mt}{', multimodal: language model quantized' if fam.multimodal else ''}, "
-        family += f"{len(s.blocks)} decoder blocks{', MoE' if any(b.experts or b.fused_experts for b in s.blocks) else ''})"
-    except Exception as e:  # the refusal itself is the answer
-        reason = str(e).split(": ", 1)[-1]
-        return {"family": str(mt), "quantize": f"no ({reason})", "gguf": "no", "calibration": "no"}
-    try:
-        from qtool.formats.gguf.metadata import ARCHS
-
-        gguf = "yes" if mt in ARCHS else f"no (no GGUF mapping for {mt!r} yet)"
-    except ImportError:
-        gguf = "no"
-    return {"family": family, "quantize": quant, "gguf": gguf, "calibration": "yes"}
