@@ -14,7 +14,7 @@ from conftest import invoke_cli
 
 @pytest.fixture()
 def recipe_of(monkeypatch, tmp_path):
-    """recipe_of(*args) -> the QuantRecipe `qtool quantize` would run (validate_early is the last
+    """recipe_of(*args) -> the QuantRecipe `qtool quantize` would run (validate_formats is the last
     step before the model is opened), or the failed Result."""
     import qtool.cli.quantize as q
 
@@ -24,7 +24,7 @@ def recipe_of(monkeypatch, tmp_path):
         got["recipe"], got["fmt"] = recipe, fmt
         raise typer.Exit(0)
 
-    monkeypatch.setattr(q, "validate_early", capture)
+    monkeypatch.setattr(q, "validate_formats", capture)
 
     def run(*args):
         got.clear()
