@@ -37,6 +37,7 @@ def atomic_output(final: Path, *, overwrite: bool = False, is_dir: bool = True) 
         raise FormatError(f"{parent}: cannot create output folder: {e.strerror}") from None
     if not os.access(parent, os.W_OK):
         raise FormatError(f"{parent}: not writable")
+    remove_stale_partials(final)
     tmp = parent / f".{final.name}.qtool-partial-{os.getpid()}"
     _remove(tmp)
     if is_dir:
@@ -53,6 +54,29 @@ def atomic_output(final: Path, *, overwrite: bool = False, is_dir: bool = True) 
     tmp.rename(final)
     if old is not None:
         _remove(old)
+
+
+def remove_stale_partials(final: Path) -> list[Path]:
+    """Delete the temporaries of earlier runs for `final` whose process is gone (a `kill -9` or a
+    power cut gives a run no chance to clean up); a live process's temporary is left alone."""
+    removed = []
+    parent = final.parent if str(final.parent) else Path(".")
+    for p in parent.glob(f".{final.name}.qtool-partial-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            _remove(p)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

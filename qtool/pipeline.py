@@ -200,12 +200,18 @@ def ordered_tensors(source: CheckpointSource) -> list[TensorMeta]:
     return sorted(metas, key=lambda m: order.get(source.block_of(m.name) or "", len(order)))
 
 
-def provenance(source: CheckpointSource, model: str, recipe: QuantRecipe | None, hash_inputs: bool) -> dict:
+def input_record(source: CheckpointSource, hash_inputs: bool = True) -> dict:
+    """The input files as provenance names them: file name -> bytes (and sha256)."""
+    return {f.name: {"bytes": f.stat().st_size, **({"sha256": sha256_file(f)} if hash_inputs else {})}
+            for f in source.input_files()}
+
+
+def provenance(source: CheckpointSource, model: str, recipe: QuantRecipe | None, hash_inputs: bool,
+               inputs: dict | None = None) -> dict:
+    """`inputs`: input_record() when the caller already has it (hashing a large model twice costs minutes)."""
     import transformers
 
-    inputs = {}
-    for f in source.input_files():
-        inputs[f.name] = {"bytes": f.stat().st_size, **({"sha256": sha256_file(f)} if hash_inputs else {})}
+    inputs = inputs if inputs is not None else input_record(source, hash_inputs)
     return {
         "model": model,
         "recipe": recipe.to_dict() if recipe else None,
@@ -314,11 +320,12 @@ def _calibrated(
     method,
     input_ids: torch.Tensor | None,
     stats=None,
+    checkpoint=None,
 ) -> None:
     """Calibration methods: non-block tensors pass through; blocks go through the block-level
     engine (engine/block_engine.py), which hands back replaced float tensors (AWQ's rescaled norms)
     in place of the checkpoint's. `stats` (--stats, for methods that can use it): statistics from a
-    file instead of calibration windows."""
+    file instead of calibration windows. `checkpoint`: the run's resume checkpoint (engine/checkpoint.py)."""
     from qtool.engine.block_engine import BlockNote, run_block_method
     from qtool.engine.blockwise import PassThrough
 
@@ -330,7 +337,7 @@ def _calibrated(
     source.release()
     progress = lambda stage, done, total, item: on_event(Event(stage, done, total, item))  # noqa: E731
     items = run_block_method(source, plan.specs, method, input_ids, device=report.recipe.get("device", "cpu"), stats=stats,
-                             progress=progress)
+                             progress=progress, checkpoint=checkpoint)
     block_notes: dict[str, int] = {}  # the same remark from many blocks is said once, with a count
     for item in items:
         if isinstance(item, BlockNote):
@@ -389,15 +396,27 @@ def run(
     evaluation: EvalRequest | None = None,
     on_event: EventSink = lambda e: None,
     method: object | None = None,
+    resume: bool = False,
 ) -> RunReport:
     """Quantize (recipe given) or convert (recipe None) `source` into `out` with `writer`. With
     `evaluation`, the finished output is scored against the input before it is renamed into place;
     folder outputs get a model card (README.md) with the recipe and those figures. `method`, if
-    given, replaces the recipe's (qtool/convert.py: a repack hands over the stored codes)."""
+    given, replaces the recipe's (qtool/convert.py: a repack hands over the stored codes).
+    Block-level calibration runs checkpoint every block beside the output (engine/checkpoint.py);
+    `resume` continues from that checkpoint, refusing a missing or mismatched one."""
+    from qtool.engine.checkpoint import check_resumable
+
     t0 = time.perf_counter()
     check_output_free(out, overwrite)
+    if resume:
+        check_resumable(out)
     if method is None:
         method = METHODS.get(recipe.method)(**recipe.method_params) if recipe else None
+    calibrating = method is not None and method.needs_calibration
+    blockwise = calibrating and not (recipe.stats and hasattr(method, "quantize_with_stats"))  # through the block engine
+    if resume and not blockwise:
+        raise UsageError(f"--resume: {'--method ' + recipe.method if recipe else 'a conversion'} runs no calibration "
+                         "blocks here, so there is nothing to resume")
     if recipe and writer.self_quantizing and method.needs_calibration:  # GGUF: each tensor's type decides its grid
         plan = LayerPlan(writer.calibration_specs(source, recipe), {})
     else:
@@ -417,17 +436,19 @@ def run(
         calib = load_calibration_for(source, recipe)
         report.calibration = {"spec": calib.spec, "tokens": calib.tokens_used, **calib.source}
     report.input_bytes = sum(f.stat().st_size for f in source.input_files() if f.suffix in (".safetensors", ".gguf", ".bin", ".pt"))
+    inputs = input_record(source) if blockwise else None  # the checkpoint's fingerprint and the provenance share it
+    checkpoint = _checkpoint_for(out, source, recipe, writer, plan, report, calib, inputs, resume) if blockwise else None
     with atomic_output(out, overwrite=overwrite, is_dir=writer.output_is_dir) as tmp:
         writer.begin(tmp, source, recipe)
         try:
-            if calib is not None or (stats is not None and not hasattr(method, "quantize_with_stats")):  # block-level
+            if blockwise:
                 _calibrated(source, writer, plan, report, on_event, method, calib.input_ids if calib else None,
-                            stats if calib is None else None)
+                            stats if calib is None else None, checkpoint)
             else:
                 _stream(source, writer, plan, report, on_event, method, stats)
             report.notes = report.notes_extra + _summarize_notes(report.layers)
             on_event(Event("write", 0, 1, str(out)))
-            prov = provenance(source, model, recipe, hash_inputs)
+            prov = provenance(source, model, recipe, hash_inputs, inputs if hash_inputs else None)
             if report.calibration is not None:
                 prov["calibration"] = report.calibration
             writer.finish(source.config, {**prov, "report": _brief(report)})
@@ -442,9 +463,23 @@ def run(
         except BaseException:
             writer.abort()
             raise
+    if checkpoint is not None:
+        checkpoint.discard()
     report.output_bytes = _size(out)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _checkpoint_for(out: Path, source: CheckpointSource, recipe: QuantRecipe, writer: FormatWriter, plan: LayerPlan,
+                    report: RunReport, calib, inputs: dict, resume: bool):
+    """The block engine's resume checkpoint for this output, fingerprinted by the input files'
+    hashes, the recipe, the format and its per-layer specs, the calibration windows and the versions."""
+    from qtool.engine.checkpoint import BlockCheckpoint, checkpoint_dir, fingerprint
+
+    fp = fingerprint(inputs=inputs, recipe=recipe.to_dict(), fmt=writer.registry_name,
+                     specs={n: repr(s) for n, s in plan.specs.items()}, calibration=report.calibration or {},
+                     input_ids=calib.input_ids if calib is not None else None)
+    return BlockCheckpoint(checkpoint_dir(out), fp, resume=resume)
 
 
 def _write_cards(tmp: Path, out: Path, writer: FormatWriter, report: RunReport, model: str) -> None:

@@ -66,6 +66,7 @@ def _quantize(
     allow_pickle: opt.AllowPickle = False,
     trust_remote_code: opt.TrustRemoteCode = False,
     overwrite: opt.Overwrite = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Calibration methods: continue an interrupted run from its last complete block (the checkpoint beside -o); the output equals an uninterrupted run's, byte for byte.")] = False,
     push_to_hub: opt.PushToHub = None,
     private: opt.Private = False,
     push_branch: opt.PushBranch = None,
@@ -122,13 +123,14 @@ def _quantize(
     dest = out_path or default_out(model, recipe)
     outs = [output_path(dest, w) if many else dest for w in writers]
     publish = check_push_flags(push_to_hub, token, private, push_branch, overwrite)  # before any weight is read
+    resumes = resume_flags(resume, recipe, outs)
     reports = []
     with open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as source:
         check_model(source, model, trust_remote_code)
         with ProgressDisplay(not (json_out or quiet)) as progress:
             for w, o in zip(writers, outs):  # one method run per writer group (formats/multi.py)
                 r = run(model, source, o, w, replace(recipe, format=w.registry_name) if many else recipe,
-                        overwrite=overwrite, evaluation=evaluation, on_event=progress)
+                        overwrite=overwrite, evaluation=evaluation, on_event=progress, resume=resumes[o])
                 if note := getattr(w, "imatrix_note", None):
                     r.notes.append(note)
                 if many and w.self_quantizing and recipe.method != "rtn":
@@ -159,6 +161,23 @@ def output_path(dest: Path, writer) -> Path:
 
 
 quantize = with_method_options(_quantize)
+
+
+def resume_flags(resume: bool, recipe, outs: list[Path]) -> dict[Path, bool]:
+    """`--resume`, judged before the model is opened: which outputs continue from a checkpoint
+    (several formats: those whose run was interrupted; the others run afresh). Exit 2 when the
+    method runs no calibration blocks or no output has a checkpoint."""
+    from qtool.engine.checkpoint import check_resumable, has_checkpoint
+    from qtool.methods import METHODS
+
+    if not resume:
+        return {o: False for o in outs}
+    if not METHODS.get(recipe.method).needs_calibration:
+        raise UsageError(f"--resume: --method {recipe.method} runs no calibration blocks, so there is nothing to resume")
+    found = {o: has_checkpoint(o) for o in outs}
+    if not any(found.values()):
+        check_resumable(outs[0])  # raises, naming where the checkpoint would be
+    return found
 
 
 def explicit_options(ctx: typer.Context) -> set[str]:

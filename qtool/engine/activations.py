@@ -84,6 +84,10 @@ class ActivationStore(Sequence[torch.Tensor]):
             return [self._data[j] for j in range(*i.indices(self.n))]
         return self._data[i]
 
+    def stacked(self) -> torch.Tensor:
+        """Every sample as one float32 tensor [n, *shape] (a view of the store, not a copy)."""
+        return self._data
+
     def __setitem__(self, i: int, t: torch.Tensor) -> None:
         if tuple(t.shape) != self.shape:
             raise ValueError(f"activation of shape {tuple(t.shape)}, the store holds {self.shape}")

@@ -100,11 +100,14 @@ def run_block_method(
     device: str | torch.device = "cpu",
     stats=None,
     progress: Progress = lambda *a: None,
+    checkpoint=None,
 ) -> Iterator[QuantizedLinear | PassThrough | BlockNote]:
     """Yields, block by block, every tensor of every decoder block (tensor names as the checkpoint
     has them). `specs`: tensor name -> LayerSpec. `stats` (a CalibStats, `--stats`): the method
     takes its input statistics from it and the blocks see one short probe sample only (not
-    sequential); `input_ids` is then ignored."""
+    sequential); `input_ids` is then ignored. `checkpoint` (engine/checkpoint.py BlockCheckpoint):
+    its first `completed` blocks are replayed from it instead of computed, and each block computed
+    here is saved to it, with the next block's inputs, before its items are yielded."""
     device = torch.device(device)
     if stats is not None:
         input_ids = torch.arange(PROBE_TOKENS).unsqueeze(0) % int(source.config.get("vocab_size") or PROBE_TOKENS)
@@ -112,46 +115,66 @@ def run_block_method(
     store = ActivationStore.from_tensors(runner.hidden, choose_storage(len(runner.hidden), tuple(runner.hidden[0].shape)))
     runner.hidden = []
     n = len(runner.prefixes)
-    metas = {m.name: m for m in source.tensors()}
-    for b, prefix, block in runner.blocks():
+    start = checkpoint.completed if checkpoint is not None else 0
+    for b in range(start):  # resumed: these blocks' results as the interrupted run computed them
+        progress("quantize", b, n, f"{runner.prefixes[b]} (from checkpoint)")
+        yield from checkpoint.replay(b, source.get_tensor)
+    if start:
+        store = ActivationStore.from_tensors(list(checkpoint.inputs()), store.where)
+    for b, prefix, block in runner.blocks(start):
         progress("quantize", b, n, prefix)
-        names = runner.linears(prefix, block, specs)  # module inside the block -> tensor name
-        block.to(device)
-        inputs = BlockInputs(prefix, store, to_device(runner.calls[b], device), device, stats)
-        targets = None
-        if method.wants_targets:
-            targets = ActivationStore.like(store)
-            forward_into(block, inputs, targets, "float")
-        block_specs = {m: _with_scale_dtype(specs[t], metas[t].dtype) for m, t in names.items()}
-
-        def iterate(done: int, total: int, item: str, _p=prefix) -> None:
-            progress("iterate", done, total, f"{_p} {item}".strip())
-
-        result = method.quantize_block(block, inputs, block_specs, targets, iterate)
-        check_result(prefix, result, names, block)
-        replaced = {k: t.to("cpu", metas[f"{prefix}.{k}"].dtype) for k, t in result.replaced.items()}
-        for k, t in replaced.items():
-            set_tensor(block, k, t)
-        for m, qw in result.quantized.items():
-            set_tensor(block, f"{m}.weight", qw.dequantize(torch.float32))
-        for text in result.notes:
-            yield BlockNote(text)
-        done = set()
-        for m, qw in result.quantized.items():
-            key = f"{m}.weight"
-            w = replaced.get(key)
-            owner = result.shares.get(m)
-            yield QuantizedLinear(names[m], source.get_tensor(names[m]) if w is None else w, _on_cpu(qw),
-                                  result.stats.get(m, {}), None if owner in (None, m) else names[owner])
-            done.add(key)
-        for k in block.state_dict().keys():
-            if k not in done:
-                yield PassThrough(f"{prefix}.{k}", replaced[k] if k in replaced else source.get_tensor(f"{prefix}.{k}"))
-        del targets
-        nxt = ActivationStore.like(store)  # sequential: the next block's inputs come from this quantized block
-        forward_into(block, inputs, nxt, "quantized")
-        store = nxt
+        items, store, kept = _one_block(source, specs, method, runner, b, prefix, block, store, device, stats, progress)
+        if checkpoint is not None:
+            checkpoint.save(b, items, store.stacked(), kept)
+        yield from items
     progress("quantize", n, n, "")
+
+
+def _one_block(source: CheckpointSource, specs: dict[str, LayerSpec], method: BlockMethod, runner: BlockRunner, b: int,
+               prefix: str, block: torch.nn.Module, store: ActivationStore, device: torch.device, stats,
+               progress: Progress) -> tuple[list, ActivationStore, set[str]]:
+    """One decoder block through the method -> (its items in yield order, the next block's inputs,
+    the tensor names whose items carry values other than the checkpoint's)."""
+    metas = {m.name: m for m in source.tensors()}
+    names = runner.linears(prefix, block, specs)  # module inside the block -> tensor name
+    block.to(device)
+    inputs = BlockInputs(prefix, store, to_device(runner.calls[b], device), device, stats)
+    targets = None
+    if method.wants_targets:
+        targets = ActivationStore.like(store)
+        forward_into(block, inputs, targets, "float")
+    block_specs = {m: _with_scale_dtype(specs[t], metas[t].dtype) for m, t in names.items()}
+
+    def iterate(done: int, total: int, item: str) -> None:
+        progress("iterate", done, total, f"{prefix} {item}".strip())
+
+    result = method.quantize_block(block, inputs, block_specs, targets, iterate)
+    check_result(prefix, result, names, block)
+    replaced = {k: t.to("cpu", metas[f"{prefix}.{k}"].dtype) for k, t in result.replaced.items()}
+    for k, t in replaced.items():
+        set_tensor(block, k, t)
+    for m, qw in result.quantized.items():
+        set_tensor(block, f"{m}.weight", qw.dequantize(torch.float32))
+    items: list = [BlockNote(text) for text in result.notes]
+    done, kept = set(), set()
+    for m, qw in result.quantized.items():
+        key = f"{m}.weight"
+        w = replaced.get(key)
+        owner = result.shares.get(m)
+        if w is not None:
+            kept.add(names[m])
+        items.append(QuantizedLinear(names[m], source.get_tensor(names[m]) if w is None else w, _on_cpu(qw),
+                                     result.stats.get(m, {}), None if owner in (None, m) else names[owner]))
+        done.add(key)
+    for k in block.state_dict().keys():
+        if k not in done:
+            if k in replaced:
+                kept.add(f"{prefix}.{k}")
+            items.append(PassThrough(f"{prefix}.{k}", replaced[k] if k in replaced else source.get_tensor(f"{prefix}.{k}")))
+    del targets
+    nxt = ActivationStore.like(store)  # sequential: the next block's inputs come from this quantized block
+    forward_into(block, inputs, nxt, "quantized")
+    return items, nxt, kept
 
 
 def _on_cpu(qw):

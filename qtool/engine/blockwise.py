@@ -280,8 +280,11 @@ class BlockRunner:
         source.release()
         self.model = model
 
-    def blocks(self) -> Iterator[tuple[int, str, torch.nn.Module]]:
+    def blocks(self, start: int = 0) -> Iterator[tuple[int, str, torch.nn.Module]]:
+        """Blocks `start`, `start` + 1, ... materialised one at a time (a resumed run skips the first)."""
         for b, prefix in enumerate(self.prefixes):
+            if b < start:
+                continue
             block = self.model.get_submodule(prefix)
             materialize(block, prefix, self.source)
             try:
