@@ -70,6 +70,7 @@ def _quantize(
     push_to_hub: opt.PushToHub = None,
     private: opt.Private = False,
     push_branch: opt.PushBranch = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only, from headers (a Hub id: config, tokenizer and safetensors headers; no weights): what is quantized and how, size and bits per weight per format, peak memory and time estimates, and every refusal the run would hit (its exit code). Nothing is written.")] = False,
     json_out: opt.Json = False,
     quiet: opt.Quiet = False,
     **method_options: object,
@@ -98,6 +99,10 @@ def _quantize(
 
       qtool quantize ./my-model -b 4 -g 128 -o my-model-w4 --push-to-hub me/my-model-w4   # needs HF_TOKEN
 
+      qtool quantize meta-llama/Llama-3.1-8B -m gptq -b 4 -g 128 --dataset wikitext2 --dry-run   # headers only
+
+      qtool quantize ./my-model -m gptq -b 4 --dataset calib.txt -o out --resume   # after an interrupted run
+
       qtool calibrate ./my-model --dataset wikitext2 -o stats.safetensors
       qtool quantize ./my-model -m gptq -b 4 -g 128 --stats stats.safetensors
     """
@@ -122,6 +127,11 @@ def _quantize(
     evaluation = eval_request(run_eval, eval_dataset, recipe.dataset, eval_windows, eval_seq_len)
     dest = out_path or default_out(model, recipe)
     outs = [output_path(dest, w) if many else dest for w in writers]
+    if dry_run:
+        return plan_only(model, recipe, writers, outs, overwrite=overwrite, json_out=json_out, revision=revision, token=token,
+                         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                         checks=[("publish", lambda: check_push_flags(push_to_hub, token, private, push_branch, overwrite)),
+                                 ("resume", lambda: resume_flags(resume, recipe, outs))])
     publish = check_push_flags(push_to_hub, token, private, push_branch, overwrite)  # before any weight is read
     resumes = resume_flags(resume, recipe, outs)
     reports = []
@@ -161,6 +171,20 @@ def output_path(dest: Path, writer) -> Path:
 
 
 quantize = with_method_options(_quantize)
+
+
+def plan_only(model: str, recipe, writers, outs, *, json_out: bool, **kw) -> None:
+    """--dry-run: the plan printed (or as JSON), exit code what the run would exit with."""
+    from qtool.cli.dry_run import print_dry_run
+    from qtool.dryrun import dry_run
+
+    report = dry_run(model, recipe, writers, outs, **kw)
+    if json_out:
+        print_json(report.to_dict())
+    else:
+        print_dry_run(report)
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)
 
 
 def resume_flags(resume: bool, recipe, outs: list[Path]) -> dict[Path, bool]:
