@@ -98,14 +98,9 @@ def _time(report, source: CheckpointSource, recipe: QuantRecipe, method_cls, blo
             compute += sum(math.prod(e.shape) / _gguf_rate(e.qtype) for e in w.entries if e.const is None)
             how.append("GGUF block encoding timed per type on a probe matrix")
         elif not blockwise:
-            method = METHODS.get(recipe.method)(**recipe.method_params)
-            rates: dict[tuple, float] = {}
             for name, spec in r.specs.items():
                 m = metas[name]
-                key = (min(m.shape[1], 4096), spec.qtype.name, spec.strategy, spec.group_size, spec.symmetric, m.dtype)
-                if key not in rates:
-                    rates[key] = est.rounding_rate(method, spec, m.shape[1], m.dtype)
-                compute += m.numel / rates[key]
+                compute += m.numel / est.rounding_rate(recipe.method, recipe.method_params, spec, m.shape[1], m.dtype)
             how.append(f"{recipe.method} rounding timed on a probe weight per layer shape")
     report.seconds = io + compute
     report.time_how = "; ".join(dict.fromkeys(how)) + "; not counted: interpreter start, downloads"

@@ -131,15 +131,26 @@ def machine_speeds() -> Speeds:
     return Speeds(flops, k * len(blob) / (time.perf_counter() - t0))
 
 
-def rounding_rate(method, spec: LayerSpec, cols: int, dtype: torch.dtype) -> float:
-    """Weights per second the method rounds at, timed on a probe weight of `cols` columns (<= 4096)."""
+def rounding_rate(method_name: str, params: dict, spec: LayerSpec, cols: int, dtype: torch.dtype) -> float:
+    """Weights per second the method rounds at, timed on a probe weight of `cols` columns (<= 4096),
+    about 64k weights; once per process for each method, layout and width."""
     cols = min(cols, 4096)
     if spec.strategy == "group":
         cols = max(spec.group_size, cols - cols % spec.group_size)  # type: ignore[operator]
-    rows = max(1, min(256, (1 << 18) // cols))
+    return _rate(method_name, tuple(sorted(params.items())), spec.qtype.name, spec.strategy, spec.group_size,
+                 spec.symmetric, spec.scale_dtype, spec.block, spec.double_quant, cols, dtype)
+
+
+@functools.cache
+def _rate(method_name, params, qtype, strategy, group_size, symmetric, scale_dtype, block, double_quant, cols, dtype) -> float:
+    from qtool.methods import METHODS
+    from qtool.qtypes import get_qtype
+
+    method = METHODS.get(method_name)(**dict(params))
+    rows = max(1, min(256, (1 << 16) // cols))
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)).to(dtype)
-    probe = LayerSpec(spec.name, spec.qtype, spec.strategy, spec.group_size, spec.symmetric, spec.scale_dtype,
-                      (1, spec.block[1]) if spec.block else None, spec.double_quant)
+    probe = LayerSpec("probe", get_qtype(qtype), strategy, group_size, symmetric, scale_dtype,
+                      (1, block[1]) if block else None, double_quant)
     t0 = time.perf_counter()
     method.quantize(w, probe)
     return w.numel() / max(time.perf_counter() - t0, 1e-6)

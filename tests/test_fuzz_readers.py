@@ -1,7 +1,9 @@
 """Hardened readers: mutated safetensors headers, GGUF files, config.json files, calibration
-statistics and imatrix files thrown at `inspect` and `export` (what the CLI calls). Each input must
-give a result or a typed qtool error (a one-line message and an exit code), never another
-exception, never a hang past a second, never an output left behind. The count run is printed.
+statistics and imatrix files thrown at `inspect`, `export` and `quantize --dry-run` (what the CLI
+calls: model inputs as the model, statistics as `-m gptq --stats`, imatrix files as `-f gguf
+--imatrix`). Each input must give a result (a dry run: a plan, refusals inside it) or a typed qtool
+error (a one-line message and an exit code), never another exception, never a hang past a second,
+never an output left behind (a dry run's scratch folder included). The count run is printed.
 
 Mutations are drawn by hypothesis (seeded: the same inputs every run): byte flips, truncations,
 insertions and splices of a valid seed file, and for the JSON parts structural edits (a value
@@ -130,8 +132,9 @@ def _on_alarm(signum, frame):
     raise _Hang
 
 
-def _check(kind: str, path: Path, out: Path, export: bool = False) -> None:
-    """inspect (and export, for model inputs): a result or a QtoolError; under HANG_S; nothing left."""
+def _check(kind: str, path: Path, out: Path, export: bool = False, dry: dict | None = None) -> None:
+    """inspect (and export, for model inputs; a dry run with `dry`, quantize's keywords): a result or
+    a QtoolError; under HANG_S; nothing left."""
     from qtool.inspect import calibration_file_summary, inspect_model
 
     COUNTS[kind] = COUNTS.get(kind, 0) + 1
@@ -145,6 +148,8 @@ def _check(kind: str, path: Path, out: Path, export: bool = False) -> None:
             pass
         if export:
             _export(path, out)
+        if dry is not None:
+            _dry_run(out, **dry)
     except _Hang:
         pytest.fail(f"{kind}: a reader hung on {path} (kept for inspection)")
     finally:
@@ -166,6 +171,28 @@ def _export(path: Path, out: Path) -> None:
         assert not out.exists(), f"{out} left behind after an error"
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def _dry_run(out: Path, model: Path, fmt: str = "compressed-tensors", **recipe) -> None:
+    """`qtool quantize MODEL ... -o OUT --dry-run` as the CLI runs it: flags, writers, the plan."""
+    import tempfile
+
+    from qtool.config import make_recipe
+    from qtool.dryrun import DryRunReport, dry_run
+    from qtool.pipeline import validate_formats
+
+    COUNTS["dry-run"] = COUNTS.get("dry-run", 0) + 1
+    imatrix = recipe.pop("imatrix", None)
+    scratch = set(Path(tempfile.gettempdir()).glob("qtool-dry-run-*"))
+    try:
+        r = make_recipe(**{"method": "rtn", "bits": 4, "qtype": None, "group_size": "32" if fmt != "gguf" else None,
+                           "asym": None, "fmt": fmt, **recipe})
+        writers = validate_formats(r, fmt, **({"type": "Q8_0", "imatrix": imatrix} if fmt == "gguf" else {}))
+        assert isinstance(dry_run(str(model), r, writers, [out]), DryRunReport)
+    except QtoolError:
+        pass
+    assert not out.exists(), f"{out} written by a dry run"
+    assert set(Path(tempfile.gettempdir()).glob("qtool-dry-run-*")) == scratch, "a dry run left its scratch folder"
 
 
 FUZZ = settings(max_examples=1, deadline=None, derandomize=True, database=None,
@@ -193,7 +220,7 @@ def test_fuzz_safetensors_headers(seeds, tmp_path):
         key_pick, value, drop, structural = edit
         raw = _safetensors_with_header(data, _json_edit(header, key_pick, value, drop)) if structural else _mutate(data, ops, cut, 8 + n)
         (folder / "model.safetensors").write_bytes(raw)
-        _check("safetensors", folder, tmp_path / "out", export=structural or key_pick % 8 == 0)
+        _check("safetensors", folder, tmp_path / "out", export=structural or key_pick % 8 == 0, dry={"model": folder})
 
     _fuzz("safetensors", st.tuples(OPS, CUT, st.tuples(st.integers(0, 1000), WILD, st.booleans(), st.booleans())), body)
 
@@ -203,7 +230,7 @@ def test_fuzz_gguf_files(seeds, tmp_path):
 
     def body(ops, cut, export):
         path.write_bytes(_mutate(seeds["gguf"], ops, cut, 2048))
-        _check("gguf", path, tmp_path / "out", export=export)
+        _check("gguf", path, tmp_path / "out", export=export, dry={"model": path})
 
     _fuzz("gguf", st.tuples(OPS, CUT, st.booleans()), body)
 
@@ -218,7 +245,7 @@ def test_fuzz_config_json(seeds, tmp_path):
         key_pick, value, drop, structural = edit
         raw = json.dumps(_json_edit(config, key_pick, value, drop)).encode() if structural else _mutate(seeds["config"], ops, cut, 4096)
         (folder / "config.json").write_bytes(raw)
-        _check("config", folder, tmp_path / "out", export=key_pick % 4 == 0)
+        _check("config", folder, tmp_path / "out", export=key_pick % 4 == 0, dry={"model": folder})
 
     _fuzz("config", st.tuples(OPS, CUT, st.tuples(st.integers(0, 1000), WILD, st.booleans(), st.booleans())), body)
 
@@ -229,17 +256,20 @@ def test_fuzz_calibration_files(seeds, tmp_path, kind, name):
     data = seeds[kind]
     head = 8 + struct.unpack("<Q", data[:8])[0] if kind == "stats" else 4096
 
+    as_flag = {"stats": {"method": "gptq", "stats": str(path)}, "imatrix": {"fmt": "gguf", "imatrix": str(path)}}[kind]
+
     def body(ops, cut):
         path.write_bytes(_mutate(data, ops, cut, head))
-        _check(kind, path, tmp_path / "out")
+        _check(kind, path, tmp_path / "out", dry={"model": seeds["model"], **as_flag})
 
     _fuzz(kind, st.tuples(OPS, CUT), body)
 
 
 def test_fuzz_count(capsys):
     """Runs last in this file: the count of inputs thrown, printed (pytest -s shows it; -ra keeps it)."""
-    total = sum(COUNTS.values())
+    total = sum(v for k, v in COUNTS.items() if k in EXAMPLES)
     with capsys.disabled():
-        print(f"\nfuzzed readers with {total} mutated inputs: {COUNTS}")
-    if len(COUNTS) == len(EXAMPLES) and SCALE >= 1:
-        assert total >= 10_000
+        print(f"\nfuzzed readers with {total} mutated inputs ({COUNTS.get('dry-run', 0)} through quantize --dry-run): {COUNTS}")
+    inputs = sum(v for k, v in COUNTS.items() if k in EXAMPLES)
+    if len(COUNTS) > len(EXAMPLES) and SCALE >= 1:
+        assert inputs >= 10_000 and COUNTS["dry-run"] >= 10_000

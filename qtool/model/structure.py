@@ -103,23 +103,66 @@ def build_meta_model(config: dict, *, folder: Path | None = None, trust_remote_c
     import transformers
     from transformers import AutoConfig
 
-    fam = family_of(config, str(folder or "config"), trust_remote_code=trust_remote_code)
+    where = str(folder / "config.json") if folder is not None else "config.json"
+    fam = family_of(config, where, trust_remote_code=trust_remote_code)
+    check_module_counts(config, where)
     cfg_dict = {k: v for k, v in config.items() if k not in ("quantization_config", "auto_map")}
-    if trust_remote_code and fam.model_type not in _mappings()[0]:
-        if folder is None:
-            raise UnsupportedError("--trust-remote-code: the custom code needs the checkpoint folder")
-        cfg = AutoConfig.from_pretrained(folder, trust_remote_code=True)
-        auto = transformers.AutoModelForCausalLM
-        kw = {"trust_remote_code": True}
-    else:
-        cfg = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
-        auto = transformers.AutoModelForImageTextToText if fam.multimodal else transformers.AutoModelForCausalLM
-        kw = {}
-    with _quiet_transformers(), torch.device("meta"):
-        model = auto.from_config(cfg, dtype=torch.float32, attn_implementation="eager", **kw)
+    try:
+        if trust_remote_code and fam.model_type not in _mappings()[0]:
+            if folder is None:
+                raise UnsupportedError("--trust-remote-code: the custom code needs the checkpoint folder")
+            cfg = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+            auto = transformers.AutoModelForCausalLM
+            kw = {"trust_remote_code": True}
+        else:
+            cfg = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
+            auto = transformers.AutoModelForImageTextToText if fam.multimodal else transformers.AutoModelForCausalLM
+            kw = {}
+        with _quiet_transformers(), torch.device("meta"):
+            model = auto.from_config(cfg, dtype=torch.float32, attn_implementation="eager", **kw)
+    except (FormatError, UnsupportedError):
+        raise
+    except Exception as e:  # transformers' own checks of a damaged config: ValueError, ZeroDivisionError, KeyError...
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise FormatError(f"{where}: transformers cannot build {fam.class_name} from it ({type(e).__name__}: {first})") from None
     with contextlib.suppress(Exception):  # older transformers: no experts implementations to choose from
         model.set_experts_implementation("eager")
     return model.eval()
+
+
+# Config values that make transformers build that many modules: a damaged config.json claiming
+# 10^12 layers would otherwise keep the meta-device build busy for hours. No released model comes
+# near these bounds (the deepest have ~100 layers, the widest MoE a few hundred experts).
+MODULE_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_experts", "num_local_experts",
+                     "n_routed_experts", "moe_num_experts", "n_shared_experts")
+MAX_MODULE_COUNT = 4096
+
+
+def check_module_counts(config: dict, where: str) -> None:
+    """Layer and expert counts of the config (and its nested configs) within MAX_MODULE_COUNT."""
+    stack = [config]
+    while stack:
+        cfg = stack.pop()
+        for k, v in cfg.items():
+            if isinstance(v, dict):
+                stack.append(v)
+            elif k in MODULE_COUNT_KEYS and isinstance(v, int) and not isinstance(v, bool) and v > MAX_MODULE_COUNT:
+                raise FormatError(f"{where}: {k} {v} is not a plausible model (more than {MAX_MODULE_COUNT}); "
+                                  "the file is damaged")
+
+
+def check_layer_count(config: dict, tensors: dict[str, tuple[int, ...]], where: str) -> None:
+    """A config claiming more decoder layers than the checkpoint has numbered blocks is refused
+    from the names alone, before transformers builds the extra layers."""
+    from qtool.model.source import BLOCK_RE
+
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    n = text.get("num_hidden_layers", config.get("num_hidden_layers"))
+    if not isinstance(n, int) or isinstance(n, bool):
+        return
+    found = {int(m.group("index")) for t in tensors if (m := BLOCK_RE.match(t))}
+    if found and n > max(found) + 1:
+        raise FormatError(f"{where}: num_hidden_layers {n}, but the checkpoint's tensors stop at block {max(found)}")
 
 
 @contextlib.contextmanager
@@ -266,6 +309,8 @@ def discover(config: dict, tensors: dict[str, tuple[int, ...]] | None = None, *,
              trust_remote_code: bool = False, where: str = "") -> Structure:
     """The architecture of `config`; with the checkpoint's tensor shapes, the layout it uses."""
     fam = family_of(config, where or str(folder or "config"), trust_remote_code=trust_remote_code)
+    if tensors is not None:
+        check_layer_count(config, tensors, str(folder / "config.json") if folder is not None else where or "config.json")
     model = build_meta_model(config, folder=folder, trust_remote_code=trust_remote_code)
     path, layers = _decoder_layers(model)
     state = model.state_dict()
