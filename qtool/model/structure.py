@@ -65,6 +65,10 @@ def family_of(config: dict, where: str, *, trust_remote_code: bool = False) -> F
     configs, causal, image_text = _mappings()
     mt = config.get("model_type")
     archs = config.get("architectures") or []
+    if mt is not None and not isinstance(mt, str):
+        raise FormatError(f"{where}: model_type is {type(mt).__name__} {str(mt)[:40]!r}, not a name")
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise FormatError(f"{where}: architectures should be a list of class names, not {str(archs)[:60]!r}")
     if config.get("auto_map") and mt not in configs:
         if not trust_remote_code:
             raise UnsupportedError(
