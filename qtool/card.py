@@ -30,6 +30,8 @@ USE_CODE = {
     "quanto": ["from optimum.quanto import QuantizedModelForCausalLM", "from transformers import AutoTokenizer", "",
                'model = QuantizedModelForCausalLM.from_pretrained("{name}")',
                'tokenizer = AutoTokenizer.from_pretrained("{name}")'],
+    "gptq-dynamic": ["from gptqmodel import GPTQModel", "", 'model = GPTQModel.load("{name}")  # device="cpu" / "cuda"',
+                     "tokenizer = model.tokenizer"],
 }
 
 
@@ -85,6 +87,9 @@ def model_card(report: dict, base_model: str) -> str:
                   f"| {_fmt(e['perplexity'])} | {_fmt(e.get('base_perplexity'))} | {_fmt(e.get('ppl_ratio'))} | "
                   f"{_fmt(e.get('kld_mean'), 6)} | {_fmt(100 * e['top1_agreement'], 2) + ' %' if e.get('top1_agreement') is not None else '—'} |", ""]
     loader, _ = LOADERS.get(fmt, ("transformers", ""))
+    if fmt == "gptq" and any("GPTQModel `dynamic`" in n for n in report.get("notes", [])):  # per-layer widths
+        fmt, loader = "gptq-dynamic", ("GPTQModel (`pip install gptqmodel`) or vLLM, which read its per-layer `dynamic` widths "
+                                       "(transformers' from_pretrained does not)")
     code = [c.format(name=name) for c in USE_CODE[fmt]] if fmt in USE_CODE else [
         "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
         f'model = AutoModelForCausalLM.from_pretrained("{name}")',

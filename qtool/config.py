@@ -53,6 +53,9 @@ class QuantRecipe:
     seed: int = 0
     stats: str | None = None  # a `qtool calibrate` file whose statistics replace a calibration run
     method_params: dict = field(default_factory=dict)  # the method's own options (gptq: damp, act_order...)
+    # --target-bpw / --target-size (qtool/target.py): per-layer types chosen to fit this budget
+    target_bpw: float | None = None  # bits per quantized weight, scales and zero points included
+    target_size: int | None = None  # bytes of the whole output
 
     @property
     def weight_type(self) -> QType:
@@ -88,8 +91,18 @@ def make_recipe(
     seed: int = 0,
     stats: str | None = None,
     method_params: dict | None = None,
+    target_bpw: float | None = None,
+    target_size: str | int | None = None,
 ) -> QuantRecipe:
     """Flags -> validated recipe. Checks that need only the flags happen here (exit 2)."""
+    if target_bpw is not None and target_size is not None:
+        raise UsageError("--target-bpw and --target-size: give one budget")
+    if target_bpw is not None and not (0 < target_bpw <= 32):
+        raise UsageError(f"--target-bpw {target_bpw}: expected bits per weight in (0, 32]")
+    if target_size is not None:
+        from qtool.target import parse_size
+
+        target_size = parse_size(str(target_size))
     if qtype is None:
         if bits is None:
             bits = 4
@@ -145,5 +158,7 @@ def make_recipe(
         seed=seed,
         stats=stats,
         method_params=params,
+        target_bpw=target_bpw,
+        target_size=target_size,
     )
 

@@ -66,14 +66,14 @@ def _scheme(source: QuantizedSource, prefix: str) -> tuple:
     if symmetric is None:  # zero points decide (reads qzeros only): all at 2^(b-1) is symmetric
         qw_z = _zero_points(source, prefix)
         symmetric = not qw_z.any()
-    return (int(layout.bits or 4), strategy, group, bool(symmetric), g_map)
+    return (layout.bits_for(prefix), strategy, group, bool(symmetric), g_map)
 
 
 def _zero_points(source: QuantizedSource, prefix: str) -> torch.Tensor:
     from qtool.core.packing import unpack_awq_order, unpack_bits
 
     layout, parts = source.layout, source.parts[prefix]
-    bits = int(layout.bits or 4)
+    bits = layout.bits_for(prefix)
     qzeros = source.inner.get_tensor(parts["qzeros"])
     out_f = source.inner.meta(parts["scales"]).shape[1]
     if layout.tensors == "awq":

@@ -181,6 +181,8 @@ def _plan_run(source: CheckpointSource, recipe: QuantRecipe, writer: FormatWrite
 
     plan_run = RunPlan(writer.registry_name, str(out))
     fmt = writer.registry_name
+    if hasattr(writer, "estimate_only"):
+        writer.estimate_only = True  # a --target's choice from probe errors: no weight is read
     try:
         if not attempt.soft("output", lambda: check_output_free(out, overwrite), fmt):  # the plan is still worth showing
             plan_run.refusal = attempt.report.refusals[-1]
@@ -190,7 +192,7 @@ def _plan_run(source: CheckpointSource, recipe: QuantRecipe, writer: FormatWrite
         elif writer.self_quantizing:
             plan = LayerPlan({}, {})
         else:
-            plan = attempt("plan", lambda: plan_layers(source, recipe, writer), fmt)
+            plan = attempt("plan", lambda: plan_layers(source, recipe, writer, proxy=True), fmt)
             plan_run.notes += _summarize_kept(plan.kept) + plan.run_notes + fused_expert_notes(source, writer)
         plan_run.notes += sorted({f"{sum(1 for v in plan.notes.values() if v == t)} layers: {t}" for t in plan.notes.values()})
         if method.needs_calibration and recipe.stats:

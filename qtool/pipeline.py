@@ -147,8 +147,10 @@ class LayerPlan:
     kept: dict[str, str] = field(default_factory=dict)  # tensor name -> why the format keeps it unquantized
 
 
-def plan_layers(source: CheckpointSource, recipe: QuantRecipe, writer: FormatWriter) -> LayerPlan:
-    """Per-layer specs from shapes alone: every impossible request fails here, before any weight is read."""
+def plan_layers(source: CheckpointSource, recipe: QuantRecipe, writer: FormatWriter, *, proxy: bool = False) -> LayerPlan:
+    """Per-layer specs from shapes alone: every impossible request fails here, before any weight is
+    read. With --target-bpw/--target-size the widths are then chosen per layer (qtool/target_layers.py:
+    one read of the weights for their errors; `proxy`, a dry run: no read, probe errors)."""
     qtype = get_qtype(recipe.qtype)
     chosen = select_layers(source.tensors(), recipe, source.structure)
     plan = LayerPlan({}, {})
@@ -173,6 +175,13 @@ def plan_layers(source: CheckpointSource, recipe: QuantRecipe, writer: FormatWri
         plan.specs[m.name] = LayerSpec(m.name, qtype, choice.strategy, choice.group_size, recipe.symmetric, **extra)
         if choice.note:
             plan.notes[m.name] = choice.note
+    from qtool.target import target_of
+
+    if (target := target_of(recipe)) is not None and plan.specs:
+        from qtool.target_layers import allocate_bits, check_format
+
+        plan.specs, note = allocate_bits(source, recipe, check_format(writer), plan.specs, target, proxy=proxy)
+        plan.run_notes.append(note)
     return plan
 
 
@@ -581,14 +590,20 @@ def validate_early(recipe: QuantRecipe | None, fmt: str, **writer_options: objec
         if method.needs_calibration and writer.self_quantizing and not hasattr(writer, "calibration_specs"):
             raise UnsupportedError(f"--method {recipe.method}: --format {fmt} quantizes with its own block types; use -m rtn")
         writer.check_recipe(recipe)
+        if (recipe.target_bpw is not None or recipe.target_size is not None) and not writer.self_quantizing:
+            from qtool.target_layers import check_format
+
+            check_format(writer)
     return writer
 
 
 def check_calibration_flags(recipe: QuantRecipe, method_cls) -> None:
     """Calibration flags against the method (exit 2), from the registry's `needs_calibration`."""
     params = recipe.method_params
-    if recipe.stats and not method_cls.needs_calibration:
-        raise UsageError(f"--stats: --method {recipe.method} uses no calibration statistics")
+    targeted = recipe.target_bpw is not None or recipe.target_size is not None
+    if recipe.stats and not method_cls.needs_calibration and not targeted:
+        raise UsageError(f"--stats: --method {recipe.method} uses no calibration statistics (with --target-bpw/--target-size "
+                         "they weight the choice of widths)")
     if recipe.stats and recipe.dataset:
         raise UsageError("--stats and --dataset: give one (--stats reuses the statistics of a `qtool calibrate` run)")
     if method_cls.needs_calibration:

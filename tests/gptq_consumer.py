@@ -2,7 +2,9 @@
 optimum + gptqmodel (+ auto-round); .cache/otf-venv: transformers + bitsandbytes + torchao): load
 folders with stock transformers `from_pretrained`, save what the loaded model computes.
 
-usage: python gptq_consumer.py OUT.pt FOLDER...   (one process for all folders: imports cost ~5 s)
+usage: python gptq_consumer.py OUT.pt [--gptqmodel] FOLDER...   (one process for all folders: imports cost ~5 s)
+--gptqmodel: load with GPTQModel's own `GPTQModel.load` (torch kernel) instead of transformers'
+from_pretrained: the loader that reads GPTQModel's per-layer `dynamic` widths.
 OUT.pt: {folder: {"logits", "ids", "kernels", "weights", "linears", "loading_info", "dtype"}}, in
 bfloat16 (or what the loader forces: auto-round's float16):
   kernels       class names of the quantized modules (and of torchao's weight tensor subclasses)
@@ -58,11 +60,20 @@ def computed_weight(m: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return w
 
 
-results = {}
-for folder in sys.argv[2:]:
+def load(folder: str):
+    if NATIVE:
+        from gptqmodel import BACKEND, GPTQModel
+
+        return GPTQModel.load(folder, device="cpu", backend=BACKEND.TORCH, dtype=DTYPE).model, {}
     arch = (AutoConfig.from_pretrained(folder).architectures or [""])[0]
     auto = AutoModelForImageTextToText if arch.endswith("ForConditionalGeneration") else AutoModelForCausalLM
-    model, info = auto.from_pretrained(folder, dtype=DTYPE, device_map="cpu", output_loading_info=True)
+    return auto.from_pretrained(folder, dtype=DTYPE, device_map="cpu", output_loading_info=True)
+
+
+NATIVE = sys.argv[2:3] == ["--gptqmodel"]
+results = {}
+for folder in sys.argv[3 if NATIVE else 2:]:
+    model, info = load(folder)
     ids = torch.arange(3, 3 + 24).reshape(1, -1) % model.get_input_embeddings().num_embeddings
     quantized = {n for n, m in model.named_modules() if is_quantized(m)}
     kernels = sorted({kernel_name(m) for n, m in model.named_modules() if n in quantized})

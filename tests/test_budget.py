@@ -22,8 +22,13 @@ def instance(rng: random.Random, items: int, cands: int):
     return costs, errors
 
 
+@pytest.mark.parametrize("path", ["dp", "branch-and-bound"])
 @pytest.mark.parametrize("seed", range(40))
-def test_allocation_is_optimal(seed):
+def test_allocation_is_optimal(seed, path, monkeypatch):
+    from qtool.core import budget
+
+    if path == "branch-and-bound":
+        monkeypatch.setattr(budget, "DP_CELLS", 0)  # the exact table refused: the search instead
     rng = random.Random(seed)
     costs, errors = instance(rng, rng.randint(1, 7), rng.randint(1, 4))
     lo, hi = sum(min(c) for c in costs), sum(max(c) for c in costs)
@@ -36,12 +41,16 @@ def test_allocation_is_optimal(seed):
         assert got.bound <= got.error + 1e-12
 
 
-def test_node_limit_gives_a_proven_bound():
+def test_node_limit_gives_a_proven_bound(monkeypatch):
+    from qtool.core import budget as solver
+
+    monkeypatch.setattr(solver, "DP_CELLS", 0)
     rng = random.Random(7)
     costs, errors = instance(rng, 60, 4)
     budget = (sum(min(c) for c in costs) + sum(max(c) for c in costs)) // 2
-    full = allocate(costs, errors, budget)
     cut = allocate(costs, errors, budget, node_limit=1)
+    monkeypatch.setattr(solver, "DP_CELLS", 50_000_000)
+    full = allocate(costs, errors, budget)
     assert full.optimal and cut.cost <= budget
     assert cut.bound <= full.error + 1e-12 <= cut.error + 1e-12  # the bound brackets the true optimum
 

@@ -41,6 +41,9 @@ def _quantize(
     fmt: opt.Format = "compressed-tensors",
     gguf_type: opt.GGUFType = None,
     imatrix: opt.Imatrix = None,
+    tensor_type: Annotated[Optional[list[str]], typer.Option("--tensor-type", help="-f gguf: PATTERN=TYPE, llama-quantize's override: the first pattern (a regex, searched in the GGUF tensor name, e.g. attn_v=q8_0 or 'blk\\.[0-3]\\.ffn_down=q6_k') sets that tensor's type (repeatable).")] = None,
+    target_bpw: Annotated[Optional[float], typer.Option("--target-bpw", help="Choose each layer's type (gguf) or bit-width (compressed-tensors, gptq) for the least importance-weighted error at this many bits per quantized weight, scales included (--imatrix / --stats weight the error).")] = None,
+    target_size: Annotated[Optional[str], typer.Option("--target-size", help="As --target-bpw, for a whole output of this size: 4.5GB, 3500MiB, bytes.")] = None,
     double_quant: Annotated[bool, typer.Option("--double-quant", help="-f bitsandbytes nf4/fp4: store the block absmax values in 8 bits (blocks of 256), as bnb_4bit_use_double_quant.")] = False,
     activations: Annotated[Optional[str], typer.Option("--activations", help="-f torchao --qtype int8: 'int8' for dynamic per-token int8 activations (Int8DynamicActivationInt8WeightConfig) instead of weight-only.")] = None,
     out_path: opt.Out = None,
@@ -91,6 +94,12 @@ def _quantize(
 
       qtool quantize ./my-model -f gguf -t Q4_K_M --imatrix imatrix.gguf -o my-model-Q4_K_M.gguf
 
+      qtool quantize ./my-model -f gguf -t Q4_K_M --tensor-type attn_v=q8_0 --tensor-type 'blk\\.0\\.=q6_k'
+
+      qtool quantize ./my-model -f gguf --target-bpw 4.5 --imatrix imatrix.gguf -o my-model-4.5bpw.gguf
+
+      qtool quantize ./my-model -m gptq --target-bpw 5 -g 128 --dataset wikitext2 -o my-model-mixed
+
       qtool quantize ./my-model -m gptq -b 4 --dataset calib.txt --eval -o my-model-gptq
 
       qtool quantize ./my-model -f bitsandbytes --qtype nf4 --double-quant -o my-model-nf4
@@ -115,12 +124,13 @@ def _quantize(
         dataset=dataset, dataset_config=dataset_config, split=split, text_field=text_field,
         samples=samples, seq_len=seq_len, seed=seed, stats=str(stats) if stats else None,
         method_params={k: v for k, v in method_options.items() if v is not None},
+        target_bpw=target_bpw, target_size=target_size,
     )
     if recipe_file is not None:
         kwargs = merge(kwargs, explicit_options(ctx), recipe_kwargs(load_recipe_file(recipe_file)))
     recipe = make_recipe(**kwargs)
     writers = validate_formats(recipe, recipe.format, type=gguf_type, imatrix=imatrix, double_quant=double_quant or None,
-                               activations=activations)  # exit 2/3 here, before anything is loaded or downloaded
+                               activations=activations, tensor_type=tensor_type or None)  # exit 2/3 here, before anything is loaded or downloaded
     many = "," in recipe.format
     if many and run_eval:
         raise UsageError(f"--eval with --format {recipe.format}: give one format, or run `qtool eval` on each output")
@@ -231,7 +241,8 @@ def print_summary(r: RunReport) -> None:
     t = Table(title=f"qtool quantize → {r.output}", show_header=False, title_justify="left")
     if r.format_type:
         how = "" if r.recipe["method"] == "rtn" else f"{r.recipe['method']} on each tensor's grid, "
-        t.add_row("recipe", f"{r.format_type} ({how}per-tensor types chosen by the format's rules)")
+        rules = "chosen for the target" if r.format_type.startswith("target-") else "chosen by the format's rules"
+        t.add_row("recipe", f"{r.format_type} ({how}per-tensor types {rules})")
     else:
         t.add_row("recipe", f"{r.recipe['method']} {r.recipe['qtype']} " + (f"g{r.recipe['group_size']}" if r.recipe["group_size"] else f"per-{r.recipe['strategy']}") + (" sym" if r.recipe["symmetric"] else " asym"))
     t.add_row("format", r.format)

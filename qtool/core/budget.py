@@ -13,10 +13,12 @@ minimise Σ_i e[i][x_i]  subject to  Σ_i c[i][x_i] <= B,  one x_i per item i.
 3. Lagrangian reduction: candidate j of item i can only be part of a solution better than the
    incumbent if D(λ*) − min_j' (e_ij' + λ* c_ij') + (e_ij + λ* c_ij) <= incumbent; all others are
    removed. Typically only the few items whose hull steps straddle λ* keep more than one candidate.
-4. Depth-first branch and bound over the items that kept several candidates, pruning with the
-   same Lagrangian bound and with the cheapest completion's cost. When it finishes the incumbent
-   is optimal (`optimal`); past `node_limit` nodes it stops and `bound` says how far from optimal
-   the answer can at most be.
+4. The items that kept several candidates are solved exactly by dynamic programming over their
+   cost above their cheapest candidate, in units of the greatest common divisor of those cost
+   differences (GGUF block sizes and packed widths make it large: 128 bytes and more), when the
+   table (states x items) stays under DP_CELLS; otherwise by depth-first branch and bound with the
+   same Lagrangian bound and the cheapest completion's cost, which is optimal when it finishes and
+   past `node_limit` nodes stops with `bound` saying how far from optimal the answer can at most be.
 
 `allocate_exhaustive` enumerates every combination: the reference the tests compare against.
 """
@@ -28,6 +30,7 @@ import math
 from dataclasses import dataclass
 
 EPS = 1e-12
+DP_CELLS = 50_000_000  # states x items of the exact table (one byte each for the back-pointers)
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,15 @@ def allocate(costs: list[list[int]], errors: list[list[float]], budget: int, *, 
     fixed = [i for i in range(n) if len(keep[i]) == 1]
     base_c = sum(costs[i][keep[i][0]] for i in fixed)
     base_e = sum(errors[i][keep[i][0]] for i in fixed)
+    exact = _dp(costs, errors, keep, free, budget - base_c)
+    if exact is not None:
+        pick = list(pick)
+        for i in fixed:
+            pick[i] = keep[i][0]
+        for i, j in exact.items():
+            pick[i] = j
+        err = sum(errors[i][pick[i]] for i in range(n))
+        return Allocation(pick, sum(costs[i][pick[i]] for i in range(n)), err, err, True)
     # suffix sums over the free items: Lagrangian minima and cheapest costs
     suf_m = [0.0] * (len(free) + 1)
     suf_c = [0] * (len(free) + 1)
@@ -134,6 +146,42 @@ def allocate(costs: list[list[int]], errors: list[list[float]], budget: int, *, 
     err = sum(errors[i][pick[i]] for i in range(n))
     return Allocation(pick, sum(costs[i][pick[i]] for i in range(n)), err, dual if state["cut"] else err, not state["cut"],
                       state["nodes"])
+
+
+def _dp(costs, errors, keep, free: list[int], room: int) -> dict[int, int] | None:
+    """The free items' least-error choice with total cost <= `room`, exactly (None: table too big)."""
+    import numpy as np
+
+    if not free:
+        return {}
+    base = {i: min(costs[i][j] for j in keep[i]) for i in free}
+    room -= sum(base.values())
+    diffs = [costs[i][j] - base[i] for i in free for j in keep[i] if costs[i][j] > base[i]]
+    g = math.gcd(*diffs) if diffs else 1
+    states = room // g + 1
+    if room < 0 or states * len(free) > DP_CELLS:
+        return None
+    best = np.zeros(states)  # least error of the items so far with cost <= s units
+    back = np.empty((len(free), states), dtype=np.uint8)
+    for k, i in enumerate(free):
+        new = np.full(states, np.inf)
+        arg = np.zeros(states, dtype=np.uint8)
+        for a, j in enumerate(keep[i]):
+            d = (costs[i][j] - base[i]) // g
+            if d >= states:
+                continue
+            cand = np.full(states, np.inf)
+            cand[d:] = best[: states - d] + errors[i][j]
+            better = cand < new
+            new[better], arg[better] = cand[better], a
+        best, back[k] = new, arg
+    out, s = {}, states - 1
+    for k in range(len(free) - 1, -1, -1):
+        i = free[k]
+        j = keep[i][back[k][s]]
+        out[i] = j
+        s -= (costs[i][j] - base[i]) // g
+    return out
 
 
 def lambda_min(c: list[int], e: list[float], idx: list[int], lam: float) -> tuple[float, int]:

@@ -85,6 +85,7 @@ class CompressedTensorsWriter(FormatWriter):
     """Safetensors folder in the compressed-tensors layout (pack-quantized / float-quantized)."""
 
     partial_groups = False
+    mixed_bits = True  # a config group per scheme: layers of different widths load (--target-bpw)
 
     def check_recipe(self, recipe: QuantRecipe) -> None:
         """GPTQ act-order with dynamic groups needs a per-column group map (`actorder: group` +

@@ -30,6 +30,7 @@ does not divide a layer's width the config asks for GPTQModel's plain torch kern
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -113,6 +114,9 @@ class GPTQWriter(FormatWriter):
     # replace nn.Linear modules only, so experts stay in full precision (a summary note says so)
     holds_experts = False
     partial_groups = True  # g_idx maps every column to its group, so a last group may be narrower
+    # per-layer widths (--target-bpw): `bits` is the most common one, the others are GPTQModel
+    # `dynamic` overrides, one exact module pattern each ("+:^model\.layers\.0\.mlp\.down_proj$": {"bits": 8})
+    mixed_bits = True
 
     def check_recipe(self, recipe: QuantRecipe) -> None:
         super().check_recipe(recipe)  # fp8 -> UnsupportedError
@@ -148,6 +152,7 @@ class GPTQWriter(FormatWriter):
         self.out, self.source, self.recipe = out, source, recipe
         self.linears = [t.name[: -len(".weight")] for t in source.tensors() if t.name.endswith(".weight") and len(t.shape) == 2]
         self.quantized: set[str] = set()
+        self.bits: dict[str, int] = {}  # module -> its width
         self.desc_act = False
         self.inexact_scales = 0
         self.fmt = checkpoint_format(recipe.symmetric if recipe else True)
@@ -182,18 +187,33 @@ class GPTQWriter(FormatWriter):
         for suffix, t in tensors.items():
             self.st.add(f"{prefix}.{suffix}", t)
         self.quantized.add(prefix)
+        self.bits[prefix] = qw.qtype.bits
 
     def add_tensor(self, name: str, t: torch.Tensor) -> None:
         self.st.add(name, t)
+
+    def _bits_config(self) -> tuple[int, dict]:
+        """(the config's `bits`, GPTQModel `dynamic` overrides for the layers of other widths)."""
+        r = self.recipe
+        counts: dict[int, int] = {}
+        for b in self.bits.values():
+            counts[b] = counts.get(b, 0) + 1
+        if not counts:
+            return r.weight_type.bits, {}
+        default = max(sorted(counts), key=lambda b: (counts[b], b == r.weight_type.bits))
+        mem = self.structure.memory_module if self.structure is not None else (lambda m: m)
+        dynamic = {f"+:^{re.escape(mem(m))}$": {"bits": b} for m, b in sorted(self.bits.items()) if b != default}
+        return default, dynamic
 
     def quantization_config(self) -> dict:
         r = self.recipe
         assert r is not None
         in_block = sorted({_block_suffix(m) for m in self.quantized})
         all_in_block = {_block_suffix(m) for m in self.linears if _block_suffix(m)}
+        bits, dynamic = self._bits_config()
         cfg = {
             "quant_method": "gptq",
-            "bits": r.weight_type.bits,
+            "bits": bits,
             "group_size": r.group_size if r.strategy == "group" else -1,
             "desc_act": self.desc_act,
             "sym": r.symmetric,
@@ -211,6 +231,8 @@ class GPTQWriter(FormatWriter):
             # divide; its plain torch kernel takes the partial group. `backend` is a loading option
             # transformers' GPTQConfig reads from here.
             cfg["backend"] = "torch"
+        if dynamic:
+            cfg["dynamic"] = dynamic
         if set(in_block) != all_in_block:
             cfg["modules_in_block_to_quantize"] = [in_block]
         if self.structure is not None and self.structure.decoder_layers != "model.layers":

@@ -40,7 +40,7 @@ def packed_rows(tensors: list, layout: Layout) -> list[TensorReport]:
 def _module_row(prefix: str, parts: dict, layout: Layout) -> TensorReport:
     if not {"qweight", "scales"} <= set(parts) or len(parts["scales"].shape) != 2:
         raise FormatError(f"{prefix}: packed module has {', '.join(sorted(parts))}; expected qweight and 2-D scales")
-    bits = int(layout.bits or 4)
+    bits = layout.bits_for(prefix)
     qweight, scales = parts["qweight"].shape, parts["scales"].shape
     out_f = scales[1]
     if layout.tensors == "awq":

@@ -23,6 +23,21 @@ class Layout:
     group_size: int | None  # -1: per channel
     symmetric: bool | None
     label: str  # for summaries, e.g. "auto-round (auto_round:auto_awq)"
+    # GPTQModel `dynamic` per-module overrides, in order: ("+:pattern" or "-:pattern", {"bits": ...})
+    dynamic: tuple[tuple[str, dict], ...] = ()
+
+    def bits_for(self, module: str) -> int:
+        """The width of `module`: the first `dynamic` pattern that matches its name from the
+        start (GPTQModel's rule; names as the built model has them), else `bits`."""
+        import re
+
+        for key, over in self.dynamic:
+            raw = key[2:] if key.startswith(("+:", "-:")) else key
+            if re.match(raw, module):
+                if key.startswith("-:") or not isinstance(over, dict) or "bits" not in over:
+                    break
+                return int(over["bits"])
+        return int(self.bits or 4)
 
 
 def quantization_config(config: dict) -> dict:
@@ -41,7 +56,10 @@ def layout_of(config: dict, where: str) -> Layout | None:
         fmt = q.get("checkpoint_format") or q.get("format") or "gptq"
         if fmt not in ("gptq", "gptq_v2"):
             raise UnsupportedError(f"{where}: GPTQ checkpoint_format {fmt!r} is not read (gptq, gptq_v2)")
-        return Layout("gptq", fmt, bits, g, q.get("sym"), f"gptq ({fmt})")
+        dynamic = q.get("dynamic") or {}
+        if not isinstance(dynamic, dict) or not all(isinstance(k, str) for k in dynamic):
+            raise UnsupportedError(f"{where}: GPTQ `dynamic` should map module patterns to overrides")
+        return Layout("gptq", fmt, bits, g, q.get("sym"), f"gptq ({fmt})", tuple(dynamic.items()))
     if method == "awq":
         version = str(q.get("version") or q.get("format") or "gemm").lower()
         if version != "gemm":

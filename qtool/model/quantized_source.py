@@ -39,7 +39,7 @@ def unpack_module(parts: dict[str, torch.Tensor], layout: Layout, qconfig: dict,
         return unpack_awq(parts, int(layout.bits or 4), int(layout.group_size or -1))
     from qtool.formats.gptq import unpack_gptq
 
-    bits, g = int(layout.bits or 4), int(layout.group_size or -1)
+    bits, g = layout.bits_for(prefix), int(layout.group_size or -1)
     if "g_idx" not in parts:  # AutoRound's GPTQ tensors carry no group map: contiguous groups
         in_f = parts["qweight"].shape[0] * 32 // bits
         parts = {**parts, "g_idx": torch.arange(in_f, dtype=torch.int32) // (in_f if g == -1 else g)}
@@ -87,7 +87,7 @@ class QuantizedSource(CheckpointSource):
         out_f = p["scales"].shape[1]
         if self.layout.tensors == "awq":
             return (out_f, p["qweight"].shape[0])
-        in_f = p["g_idx"].shape[0] if "g_idx" in p else p["qweight"].shape[0] * 32 // int(self.layout.bits or 4)
+        in_f = p["g_idx"].shape[0] if "g_idx" in p else p["qweight"].shape[0] * 32 // self.layout.bits_for(prefix)
         return (out_f, in_f)
 
     def tensors(self) -> list[TensorMeta]:

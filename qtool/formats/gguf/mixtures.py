@@ -264,14 +264,54 @@ def _choose(mix: Mixture, cat: Category, ncols: int, i: int, n: int, facts: Mode
     return t
 
 
+@dataclass(frozen=True)
+class TypeOverride:
+    """One `--tensor-type PATTERN=TYPE` (llama-quantize's flag): the lower-cased pattern, searched
+    (not matched) in each tensor name as std::regex_search does, and the type it forces."""
+
+    pattern: str
+    qtype: T
+
+    def hits(self, name: str) -> bool:
+        return re.search(self.pattern, name) is not None
+
+
+def parse_override(text: str, writable: set[T]) -> TypeOverride:
+    """`PATTERN=TYPE` -> TypeOverride, as tools/quantize parse_tensor_type: split at the first '=',
+    the pattern lower-cased, the type name case-insensitive."""
+    from qtool.errors import UnsupportedError, UsageError
+
+    pattern, sep, tname = text.partition("=")
+    if not sep or not pattern or not tname:
+        raise UsageError(f"--tensor-type {text!r}: expected PATTERN=TYPE, e.g. attn_v=q8_0")
+    pattern = pattern.lower()
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise UsageError(f"--tensor-type {text!r}: not a regular expression ({e})") from None
+    qtype = next((t for t in T if t.name.lower() == tname.strip().lower()), None)
+    if qtype is None:
+        raise UsageError(f"--tensor-type {text!r}: {tname!r} is no GGML type; qtool writes "
+                         f"{', '.join(sorted(t.name for t in writable))}")
+    if qtype not in writable:
+        raise UnsupportedError(f"--tensor-type {text!r}: qtool does not write {qtype.name}; it writes "
+                               f"{', '.join(sorted(t.name for t in writable))}")
+    return TypeOverride(pattern, qtype)
+
+
 def plan_types(
     tensors: dict[str, tuple[int, ...]], mix: Mixture, facts: ModelFacts, converted: dict[str, T],
-    has_imatrix: bool = False,
+    has_imatrix: bool = False, overrides: tuple[TypeOverride, ...] = (),
 ) -> dict[str, TypeChoice]:
     """GGUF name -> type, for every tensor. `tensors` maps GGUF names to GGML shapes (ne, fastest
     dimension first); `converted` holds the type each would have in convert_hf_to_gguf's output
     (what llama-quantize keeps for tensors it does not quantize); `has_imatrix`: an importance
-    matrix with at least one entry is given (llama-quantize's `qs.has_imatrix`)."""
+    matrix with at least one entry is given (llama-quantize's `qs.has_imatrix`).
+
+    `overrides` (--tensor-type), as llama_tensor_get_type applies them: for a quantized mixture,
+    the first pattern found in a quantizable tensor's name sets its type and the mixture's rules
+    are skipped for it, which also skips their running counters (an overridden attn_v does not
+    advance the position the next attn_v's rule sees); the shape fallback still applies."""
     tied = "output.weight" not in tensors
     order = sorted(tensors, key=lambda s: (_layer(s), s))  # llama_model_loader's weights_map order
     n_attn_v = sum(category(s) == Category.ATTN_V for s in order)
@@ -284,6 +324,10 @@ def plan_types(
             continue
         if not mix.quantized:
             out[name] = TypeChoice(mix.default)
+            continue
+        manual = next((o.qtype for o in overrides if o.hits(name)), None)
+        if manual is not None:
+            out[name] = _fallback(manual, ne[0])
             continue
         cat = category(name)
         if cat == Category.ATTN_V:

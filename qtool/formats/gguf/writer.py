@@ -243,8 +243,14 @@ class GGUFWriter(FormatWriter):
     qtype_kinds = ("int",)
 
     def __init__(self, type: str | None = None, dtype: torch.dtype | None = None,
-                 imatrix: str | Path | None = None, **options: object) -> None:
+                 imatrix: str | Path | None = None, tensor_type: list[str] | None = None, **options: object) -> None:
         super().__init__(**options)
+        # --tensor-type PATTERN=TYPE, llama-quantize's overrides (mixtures.plan_types), in the order given
+        self.overrides = tuple(mx.parse_override(t, quants.SUPPORTED) for t in tensor_type or ())
+        self.target = None  # --target-bpw / --target-size (qtool/target.py), from the recipe
+        self.target_note: str | None = None
+        self.estimate_only = False  # a dry run: the target's choice from proxy errors, no weight read
+        self._allocated: dict[str, T] | None = None
         # read now, so that a bad file fails (exit 5) before the model is opened
         self.imatrix, self.imatrix_given, self._stats = None, None if imatrix is None else str(imatrix), None
         if imatrix is not None and Path(imatrix).suffix == ".safetensors":
@@ -271,6 +277,15 @@ class GGUFWriter(FormatWriter):
 
     def check_recipe(self, recipe: QuantRecipe) -> None:
         """GGUF quantizes with llama.cpp's own block types: only the bit-width of a recipe maps."""
+        from qtool.target import target_of
+
+        self.target = target_of(recipe)
+        if self.target is not None and self.requested is not None:
+            raise UsageError(f"--type {self.requested.name} with {self.target.flag()}: the target chooses every tensor's "
+                             "type; drop --type (--tensor-type still pins tensors)")
+        if self.overrides and self.requested is not None and not self.requested.quantized:
+            raise UsageError(f"--tensor-type with --type {self.requested.name}: overrides apply to quantized types "
+                             "(llama-quantize ignores them for a float output)")
         if recipe.method != "rtn":
             self._check_calibrated(recipe)
         if recipe.qtype not in BITS_TO_MIXTURE and self.requested is None:
@@ -313,6 +328,9 @@ class GGUFWriter(FormatWriter):
         return specs
 
     def describe(self) -> str | None:
+        if self.target is not None:
+            t = self.target
+            return f"target-{t.bpw:g}bpw" if t.bpw is not None else f"target-{t.size}B"
         mixture = getattr(self, "mixture", None) or self.requested
         return mixture.name if mixture is not None else None
 
@@ -339,19 +357,56 @@ class GGUFWriter(FormatWriter):
         self.facts = md.model_facts(config, self.spec)
         if self._stats is not None and self.imatrix is None:
             self.imatrix = imx.from_stats(self._stats, config)
+        if self.overrides and not self.mixture.quantized:
+            raise UsageError(f"--tensor-type with a {self.mixture.name} output: overrides apply to quantized types")
         choices = mx.plan_types({e.name: e.ne for e in entries}, self.mixture, self.facts, {e.name: e.converted for e in entries},
-                                has_imatrix=self.imatrix is not None)
+                                has_imatrix=self.imatrix is not None, overrides=self.overrides)
         if self.imatrix is not None:
             by_name = {e.name: e for e in entries}
             for name, weights in imx.check_against_model(self.imatrix, {n: e.ne for n, e in by_name.items()}).items():
                 by_name[name].importance = weights
         for e in entries:
             e.qtype, e.note = choices[e.name].qtype, choices[e.name].note
+        if self.target is not None:
+            self._apply_target(entries, source)
         # file order = completion order under the pipeline's delivery order
         arrival = {m.name: i for i, m in enumerate(metas)}
         entries.sort(key=lambda e: max((arrival[s] for s in e.sources), default=-1))
         self.skipped = planner.skipped
         return entries
+
+    def _apply_target(self, entries: list[Entry], source: CheckpointSource) -> None:
+        """The target's per-tensor types (computed once: plan() runs again in begin())."""
+        from qtool.formats.gguf.target import allocate_types, file_type
+
+        if self._allocated is None:
+            pinned = {e.name for e in entries if any(o.hits(e.name) for o in self.overrides)}
+            choice = allocate_types(entries, source, self.target, pinned=pinned, proxy=self.estimate_only,
+                                    header_bytes=lambda: self._header_bytes(source, entries))
+            self.target_note = choice.note
+            self._allocated = {e.name: e.qtype for e in entries}
+        for e in entries:
+            if e.name in self._allocated and e.qtype != self._allocated[e.name]:
+                e.qtype, e.note = self._allocated[e.name], None
+        self.mixture = file_type(entries)
+
+    def _header_bytes(self, source: CheckpointSource, entries: list[Entry]) -> int:
+        """The bytes before the tensor data (header, metadata with the tokenizer, tensor infos),
+        measured by writing them to a scratch file; plus room for the type name's length."""
+        import tempfile
+
+        self.entries = entries
+        w = _KVWriter(path=None, arch=self.spec.name)
+        self._metadata(w, source)
+        for e in entries:
+            w.add_tensor_info(e.name, e.shape, np.dtype(np.float32), e.nbytes, raw_dtype=e.qtype)
+        with tempfile.TemporaryDirectory(prefix="qtool-gguf-header-") as d:
+            w.write_header_to_file(path=Path(d) / "header.gguf")
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            size = w.fout[0].tell()
+            w.close()
+        return size + 64
 
     def begin(self, out: Path, source: CheckpointSource, recipe: QuantRecipe | None) -> None:
         if recipe is not None:
@@ -484,11 +539,13 @@ class GGUFWriter(FormatWriter):
 
     @property
     def imatrix_note(self) -> str | None:
-        """For the run's notes: which imatrix was used, and on how many tensors it acted."""
+        """For the run's notes: which imatrix was used, and on how many tensors it acted (and what a
+        --target chose)."""
         if self.imatrix is None:
-            return None
+            return self.target_note
         used = sum(e.importance is not None and e.qtype in quants.IMATRIX_SUPPORTED for e in getattr(self, "entries", []))
-        return f"{self.imatrix.describe()}; weighted the rounding of {used} tensors"
+        note = f"{self.imatrix.describe()}; weighted the rounding of {used} tensors"
+        return note + (f"; {self.target_note}" if self.target_note else "")
 
     def _flush(self) -> None:
         """Write every entry at the head of the file order that has all its parts."""
