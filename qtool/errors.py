@@ -36,6 +36,12 @@ class FormatError(QtoolError):
     exit_code = 5
 
 
+class Interrupted(QtoolError):
+    """Ctrl-C (or SIGTERM) during a run; the message says what survives (a resume checkpoint)."""
+
+    exit_code = 130
+
+
 EXIT_CODES = {
     0: "success",
     1: "internal error (a bug; rerun with --debug and report it)",

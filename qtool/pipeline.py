@@ -16,7 +16,7 @@ import torch
 from qtool import __version__
 from qtool.config import QuantRecipe
 from qtool.core.metrics import sqnr_db
-from qtool.errors import FormatError, NumericalError, UnsupportedError, UsageError
+from qtool.errors import FormatError, Interrupted, NumericalError, UnsupportedError, UsageError
 from qtool.formats import FORMATS
 from qtool.formats.base import FormatWriter
 from qtool.io import atomic_output, check_output_free, sha256_file
@@ -469,6 +469,12 @@ def run(
         except OSError as e:  # disk full, quota, a vanished folder: the user's problem to fix, said in one line
             writer.abort()
             raise FormatError(f"{out}: cannot write: {e.strerror or e}") from None
+        except KeyboardInterrupt:
+            writer.abort()
+            if checkpoint is None or not checkpoint.saved:
+                raise
+            raise Interrupted(f"interrupted; nothing was written to {out}; {checkpoint.saved} block(s) are checkpointed in "
+                              f"{checkpoint.folder}: rerun with --resume to continue") from None
         except BaseException:
             writer.abort()
             raise

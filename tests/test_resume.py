@@ -75,7 +75,8 @@ def test_resume_after_a_failure_gives_the_same_bytes(name, request, wiki_sample,
     out = tmp_path / "run" / leaf
     with monkeypatch.context() as m:
         fail_after(m, 2)
-        assert quantize(model, out, args, wiki_sample).exit_code == 130
+        stopped = quantize(model, out, args, wiki_sample)
+    assert stopped.exit_code == 130 and "2 block(s) are checkpointed" in stopped.output and "--resume" in stopped.output
     assert not out.exists()
     saved = sorted(p.name for p in ck.checkpoint_dir(out).iterdir())
     assert saved == ["block-00000.safetensors", "block-00001.safetensors", "fingerprint.json", "inputs-00002.safetensors"]

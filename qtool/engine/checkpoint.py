@@ -151,12 +151,7 @@ class BlockCheckpoint:
         if diff is not None:
             raise UsageError(f"--resume: the checkpoint at {where} belongs to another run "
                              f"({_describe(diff, _lookup(saved, diff), _lookup(self.fp, diff))}); run without --resume to start over")
-        k = 0
-        while (where / _block_name(k)).is_file():
-            k += 1
-        while k > 0 and not (where / _inputs_name(k)).is_file():
-            k -= 1  # a block file whose next inputs were never written: redo that block
-        self.completed = k
+        self.completed = self.saved  # a block file whose next inputs were never written is redone
 
     # -- what the engine calls ---------------------------------------------------------------------
     def inputs(self) -> torch.Tensor:
@@ -228,6 +223,16 @@ class BlockCheckpoint:
             (self.folder / _inputs_name(b)).unlink(missing_ok=True)
         except OSError as e:
             raise FormatError(f"{self.folder}: cannot write the resume checkpoint: {e.strerror or e}") from None
+
+    @property
+    def saved(self) -> int:
+        """Complete blocks on disk now (what a --resume would skip)."""
+        k = 0
+        while (self.folder / _block_name(k)).is_file():
+            k += 1
+        while k > 0 and not (self.folder / _inputs_name(k)).is_file():
+            k -= 1
+        return k
 
     def discard(self) -> None:
         """The output is complete: the checkpoint has no further use."""
