@@ -200,6 +200,8 @@ def _plan_run(source: CheckpointSource, recipe: QuantRecipe, writer: FormatWrite
         elif method.needs_calibration:
             attempt("calibration", lambda: _check_calibration(source, recipe), fmt)
         header, plan_run.setup_seconds = attempt("writer", lambda: _scratch_begin(writer, source, recipe), fmt)
+        if note := getattr(writer, "imatrix_note", None):  # GGUF: the imatrix used, what a --target chose
+            plan_run.notes.append(note)
         plan_run.specs = plan.specs  # for the resource estimates
         _sizes(plan_run, source, writer, plan, header)
     except _Refused:

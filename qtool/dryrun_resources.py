@@ -64,9 +64,11 @@ def _block_memory(source: CheckpointSource, recipe: QuantRecipe, method_cls, pla
     shape = (1, seq, _hidden_size(source))
     stores = 3 if getattr(method_cls, "wants_targets", False) else 2
     on_disk = choose_storage(samples, shape, stores) == "disk"
-    embed = max((m.numel for m in source.tensors() if source.block_of(m.name) is None and len(m.shape) == 2), default=0)
+    embed = max((m for m in source.tensors() if source.block_of(m.name) is None and len(m.shape) == 2),
+                key=lambda m: m.numel, default=None)
     terms = est.block_terms(block_params=sum(m.numel for m in metas), block_bytes=sum(m.numel * m.dtype.itemsize for m in metas),
-                            quantized=sum(m.numel for m in quantized), embed_params=embed,
+                            quantized=sum(m.numel for m in quantized), embed_params=embed.numel if embed else 0,
+                            embed_bytes=embed.numel * embed.dtype.itemsize if embed else 0,
                             activations=0 if on_disk else samples * math.prod(shape) * 4, stores=stores,
                             hessians=max((m.shape[1] ** 2 * 4 for m in quantized), default=0))
     return {k: v for k, v in terms.items() if v}
@@ -88,6 +90,10 @@ def _time(report, source: CheckpointSource, recipe: QuantRecipe, method_cls, blo
         compute += flops / speeds.flops
         how.append(f"{recipe.method}: {flops / 1e12:.2f} TFLOP of block forwards, Hessians and updates on "
                    f"{recipe.samples} x {recipe.seq_len} calibration tokens")
+        if recipe.method == "gptq":
+            compute += sum(est.gptq_layer_overhead(recipe.method_params, spec, metas[n].shape[1])
+                           for n, spec in planned[0].specs.items())
+            how.append("GPTQ's column loop timed on a probe per layer width")
     for r, w in zip(report.runs, writers):
         if r not in planned:
             continue

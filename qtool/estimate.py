@@ -156,6 +156,32 @@ def _rate(method_name, params, qtype, strategy, group_size, symmetric, scale_dty
     return w.numel() / max(time.perf_counter() - t0, 1e-6)
 
 
+def gptq_layer_overhead(params: dict, spec: LayerSpec, cols: int) -> float:
+    """Seconds GPTQ's column loop spends on a layer of `cols` inputs beyond its arithmetic: timed on
+    a 16-row probe of that width (the loop's cost per column is mostly Python and small-op
+    overhead at these sizes; the flops of the full layer are counted separately)."""
+    return _gptq_probe(tuple(sorted(params.items())), spec.qtype.name, spec.strategy, spec.group_size, spec.symmetric,
+                       min(cols, 4096))
+
+
+@functools.cache
+def _gptq_probe(params, qtype, strategy, group_size, symmetric, cols) -> float:
+    from qtool.methods import METHODS
+    from qtool.qtypes import get_qtype
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, cols, generator=g)
+    x = torch.randn(2 * cols, cols, generator=g)
+    spec = LayerSpec("probe", get_qtype(qtype), strategy, group_size if strategy == "group" and cols % group_size == 0 else None,
+                     symmetric)
+    if spec.group_size is None and strategy == "group":
+        spec = LayerSpec("probe", spec.qtype, "channel", None, symmetric)
+    method = METHODS.get("gptq")(**dict(params))
+    t0 = time.perf_counter()
+    method.quantize_with_stats(w, spec, x.T @ x / x.shape[0])
+    return time.perf_counter() - t0
+
+
 def calibration_flops(method_name: str, params: dict, *, tokens: int, block_linear_params: int, blocks: int,
                       widths: list[tuple[int, int]]) -> float | None:
     """Floating-point operations of a calibration method over the whole model (None: no model for it).
@@ -193,17 +219,18 @@ def streaming_terms(largest: int, largest_bytes: int) -> dict[str, int]:
             "its codes": largest}
 
 
-def block_terms(*, block_params: int, block_bytes: int, quantized: int, embed_params: int, activations: int,
-                stores: int, hessians: int) -> dict[str, int]:
-    """Peak working set of a block-level calibration run (engine/block_engine.py): the largest block
-    in float32, its checkpoint tensors and codes (held until written and checkpointed), the
-    activation stores in RAM, the largest Hessian; the embedding in float32 only where it exceeds
-    the block (it is materialised, alone, to capture block 0's inputs)."""
-    return {"the largest block in float32": 4 * block_params,
-            "its checkpoint tensors and codes": block_bytes + 2 * quantized,
-            f"activations in RAM ({stores} stores of samples x seq_len x hidden, float32)": activations * stores,
-            "the largest Hessian (float32)": hessians,
-            "embedding in float32 beyond the block (capture phase)": max(0, 4 * embed_params - 4 * block_params)}
+def block_terms(*, block_params: int, block_bytes: int, quantized: int, embed_params: int, embed_bytes: int,
+                activations: int, stores: int, hessians: int) -> dict[str, int]:
+    """Peak working set of a block-level calibration run (engine/block_engine.py), the larger of its
+    two phases, plus the activation stores in RAM (alive in both): capturing block 0's inputs (the
+    embedding as read, its mapped file pages and its float32 copy) or quantizing the largest block
+    (float32, its checkpoint tensors as read and mapped, the codes, the largest Hessian)."""
+    capture = {"capture phase: the embedding as read and mapped, and in float32": 2 * embed_bytes + 4 * embed_params}
+    block = {"the largest block in float32": 4 * block_params,
+             "its checkpoint tensors as read and mapped, and its codes": 2 * block_bytes + 2 * quantized,
+             "the largest Hessian (float32)": hessians}
+    phase = capture if sum(capture.values()) > sum(block.values()) else block
+    return {f"activations in RAM ({stores} stores of samples x seq_len x hidden, float32)": activations * stores, **phase}
 
 
 def human(n: float) -> str:
