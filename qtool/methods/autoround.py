@@ -493,8 +493,8 @@ class AutoRoundMethod(BlockMethod):
         qws, st = tune_block(block, specs, inputs.hidden, inputs.call, targets, self.params, block_name=inputs.prefix,
                              progress=progress)
         notes = [st.warning] if st.warning else []
-        if self.params.amp and inputs.device.type == "cpu" and not getattr(self, "_amp_noted", False):
-            self._amp_noted = True  # measured ~14x slower than float32 on a CPU without bf16 instructions
+        if self.params.amp and inputs.device.type == "cpu":  # said per block (counted once in the report): no state
+            # across blocks, so a --resume'd run reports the same; measured ~14x slower than float32 on a CPU without bf16
             notes.append("autoround: --amp on the CPU: bf16 autocast is for accelerators, and slower than float32 on most CPUs")
         if st.unreached:
             notes.append(f"autoround: {inputs.prefix}: no calibration token reached {', '.join(st.unreached)}: round-to-nearest")
