@@ -25,6 +25,10 @@ GPTQ section (gptq_bench.py; skip with --no-gptq, run alone with --gptq-only): q
 (-f gptq) against GPTQModel on the same calibration windows: time, peak RSS, size, bpw,
 perplexity, KLD and top-1 agreement vs bf16, every output scored by the same code.
 
+Architectures section (arch_bench.py; skip with --no-arch, run alone with --arch-only): random ~1 B
+qwen3_moe and gemma3_text (random_arch.py), qtool RTN -> compressed-tensors and -> GGUF Q4_K_M (time,
+peak RSS against the 1.5 GiB budget) beside llama.cpp's converter + quantizer.
+
 Writes results.json (everything, with machine info) and results.md (the table) to --out, and
 prints the markdown.
 """
@@ -47,6 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gguf_bench  # noqa: E402
+import arch_bench  # noqa: E402
 import calib_bench  # noqa: E402
 import gptq_bench  # noqa: E402
 from measure import Measured, run_measured  # noqa: E402
@@ -329,6 +334,8 @@ def markdown(results: dict) -> str:
         lines += ["", gptq_bench.markdown(results["gptq"]).rstrip("\n")]
     if results.get("calibration"):
         lines += ["", calib_bench.markdown(results["calibration"]).rstrip("\n")]
+    if results.get("arch"):
+        lines += ["", arch_bench.markdown(results["arch"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -379,6 +386,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-gptq", action="store_true", help="leave out the GPTQ vs GPTQModel section")
     ap.add_argument("--gptq-only", action="store_true",
                     help="run only the GPTQ section; merge it into --out/results.json of an earlier run if there is one")
+    ap.add_argument("--no-arch", action="store_true", help="leave out the random qwen3_moe / gemma3_text section")
+    ap.add_argument("--arch-only", action="store_true",
+                    help="run only the architectures section (kept in --out/arch.json, merged into results.json)")
     ap.add_argument("--no-calibration", action="store_true", help="leave out the `qtool calibrate` rows (run alone: calib_bench.py)")
     ap.add_argument("--gptq-samples", type=int, default=gptq_bench.DEFAULT_SAMPLES,
                     help=f"GPTQ calibration windows (default {gptq_bench.DEFAULT_SAMPLES})")
@@ -409,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         return gguf_only(args, model, text, work, t0)
     if args.gptq_only:
         return gptq_only(args, model, text, work, t0)
+    if args.arch_only:
+        return arch_only(args, model, text, work, t0)
     torch.manual_seed(0)
     results: dict = {
         "machine": machine_info(),
@@ -432,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         results["gguf"] = run_gguf(args, model, text, work)
     if not args.no_gptq:
         results["gptq"] = run_gptq(args, model, text, work)
+    if not args.no_arch:
+        results["arch"] = arch_bench.run_arch_section(model, work, qtool_exe(), child_env())
     if not args.no_calibration:
         results["calibration"] = calib_bench.run_calibration_section(model, text, work, qtool_exe(), child_env(), skip_1b=args.skip_1b)
     results["bench_seconds"] = time.perf_counter() - t0
@@ -458,6 +472,17 @@ def gptq_only(args: argparse.Namespace, model: Path, text: Path, work: Path, t0:
     (args.out / "gptq.json").write_text(json.dumps(section, indent=2, default=str) + "\n")
     results, _ = earlier_results(args, model, text)
     results["gptq"] = section
+    return write_results(args.out, results)
+
+
+def arch_only(args: argparse.Namespace, model: Path, text: Path, work: Path, t0: float) -> int:
+    """The architectures section alone: kept in --out/arch.json, then put into results.json."""
+    section = arch_bench.run_arch_section(model, work, qtool_exe(), child_env())
+    section["run_seconds_with_setup"] = round(time.perf_counter() - t0, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "arch.json").write_text(json.dumps(section, indent=2, default=str) + "\n")
+    results, _ = earlier_results(args, model, text)
+    results["arch"] = section
     return write_results(args.out, results)
 
 
