@@ -29,6 +29,10 @@ Architectures section (arch_bench.py; skip with --no-arch, run alone with --arch
 qwen3_moe and gemma3_text (random_arch.py), qtool RTN -> compressed-tensors and -> GGUF Q4_K_M (time,
 peak RSS against the 1.5 GiB budget) beside llama.cpp's converter + quantizer.
 
+On-the-fly section (otf_bench.py; run alone with --otf-only, left out of the full run unless --otf):
+qtool's bitsandbytes / torchao / FP8 / hqq / quanto files loaded by their consumers against those
+libraries quantizing SmolLM2 themselves, in the same isolated venvs, same windows, same scoring code.
+
 Writes results.json (everything, with machine info) and results.md (the table) to --out, and
 prints the markdown.
 """
@@ -52,6 +56,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gguf_bench  # noqa: E402
 import arch_bench  # noqa: E402
+import otf_bench  # noqa: E402
 import calib_bench  # noqa: E402
 import gptq_bench  # noqa: E402
 from measure import Measured, run_measured  # noqa: E402
@@ -336,6 +341,8 @@ def markdown(results: dict) -> str:
         lines += ["", calib_bench.markdown(results["calibration"]).rstrip("\n")]
     if results.get("arch"):
         lines += ["", arch_bench.markdown(results["arch"]).rstrip("\n")]
+    if results.get("otf"):
+        lines += ["", otf_bench.markdown(results["otf"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -389,6 +396,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-arch", action="store_true", help="leave out the random qwen3_moe / gemma3_text section")
     ap.add_argument("--arch-only", action="store_true",
                     help="run only the architectures section (kept in --out/arch.json, merged into results.json)")
+    ap.add_argument("--otf", action="store_true", help="also run the on-the-fly formats section (long: ~26 venv processes)")
+    ap.add_argument("--otf-only", action="store_true",
+                    help="run only the on-the-fly section (kept in --out/otf.json, merged into results.json)")
+    ap.add_argument("--otf-windows", type=int, default=otf_bench.DEFAULT_WINDOWS,
+                    help=f"512-token held-out windows per on-the-fly row (default {otf_bench.DEFAULT_WINDOWS})")
+    ap.add_argument("--otf-cases", default=None, help=f"comma-separated subset of {', '.join(otf_bench.CASES)}")
     ap.add_argument("--no-calibration", action="store_true", help="leave out the `qtool calibrate` rows (run alone: calib_bench.py)")
     ap.add_argument("--gptq-samples", type=int, default=gptq_bench.DEFAULT_SAMPLES,
                     help=f"GPTQ calibration windows (default {gptq_bench.DEFAULT_SAMPLES})")
@@ -421,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         return gptq_only(args, model, text, work, t0)
     if args.arch_only:
         return arch_only(args, model, text, work, t0)
+    if args.otf_only:
+        return otf_only(args, model, text, work, t0)
     torch.manual_seed(0)
     results: dict = {
         "machine": machine_info(),
@@ -446,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         results["gptq"] = run_gptq(args, model, text, work)
     if not args.no_arch:
         results["arch"] = arch_bench.run_arch_section(model, work, qtool_exe(), child_env())
+    if args.otf:
+        results["otf"] = run_otf(args, model, text, work)
     if not args.no_calibration:
         results["calibration"] = calib_bench.run_calibration_section(model, text, work, qtool_exe(), child_env(), skip_1b=args.skip_1b)
     results["bench_seconds"] = time.perf_counter() - t0
@@ -483,6 +500,23 @@ def arch_only(args: argparse.Namespace, model: Path, text: Path, work: Path, t0:
     (args.out / "arch.json").write_text(json.dumps(section, indent=2, default=str) + "\n")
     results, _ = earlier_results(args, model, text)
     results["arch"] = section
+    return write_results(args.out, results)
+
+
+def run_otf(args: argparse.Namespace, model: Path, text: Path, work: Path, partial: Path | None = None) -> dict:
+    cases = args.otf_cases.split(",") if args.otf_cases else None
+    return otf_bench.run_otf_section(model, text, work, qtool_exe(), child_env(), windows=args.otf_windows,
+                                     batch_size=args.batch_size, cases=cases, partial=partial)
+
+
+def otf_only(args: argparse.Namespace, model: Path, text: Path, work: Path, t0: float) -> int:
+    """The on-the-fly section alone: --out/otf.json (rewritten after each method), then into results.json."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    section = run_otf(args, model, text, work, partial=args.out / "otf.json")
+    section["run_seconds_with_setup"] = round(time.perf_counter() - t0, 1)
+    (args.out / "otf.json").write_text(json.dumps(section, indent=2, default=str) + "\n")
+    results, _ = earlier_results(args, model, text)
+    results["otf"] = section
     return write_results(args.out, results)
 
 
