@@ -91,7 +91,7 @@ test: setup llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q $(PYTEST_ARGS)
 
 bench: model
-	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/run_bench.py --out tests/bench/results
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/run_bench.py --otf --out tests/bench/results
 
 clean:
 	rm -rf $(CACHE)/demo
