@@ -90,7 +90,7 @@ $(OTF2_VENV)/.installed:
 test: setup llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q $(PYTEST_ARGS)
 
-bench: model
+bench: model otf-venv hqq-quanto-quark-venv
 	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/run_bench.py --otf --out tests/bench/results
 
 clean:
