@@ -193,7 +193,7 @@ def llmc_row(bits: int, group: int, env: dict, model: Path, calib_json: Path, wo
 def run_awq_section(model: Path, text: Path, work: Path, qtool: str, env: dict, *, samples: int = DEFAULT_SAMPLES,
                     seq_len: int = DEFAULT_SEQ_LEN, windows: int = DEFAULT_WINDOWS, peers: bool = True,
                     reuse_peers: bool = False, settings: tuple = SETTINGS, variants: tuple = VARIANTS,
-                    save=None) -> dict:
+                    only: list[str] | None = None, save=None) -> dict:
     """Every row (see the module doc); never raises: a failing part leaves its error. `save(sec)` after
     each row keeps what is done if the run is cut off."""
     from gguf_bench import qtool_state
@@ -237,20 +237,31 @@ def run_awq_section(model: Path, text: Path, work: Path, qtool: str, env: dict, 
         gptqmodel_py = ensure_gptq_venv() if peers else None
     except Exception as e:  # noqa: BLE001
         gptqmodel_py, sec["gptqmodel_error"] = None, _err(e)
-    for name, bits, group in settings:
-        for v in variants:
+    plan = [(name, bits, group, v.key) for name, bits, group in settings for v in variants]
+    if peers:
+        plan = [p for name, bits, group in settings for p in
+                [x for x in plan if x[0] == name] + [(name, bits, group, "gptqmodel-defaults")]
+                + ([(name, bits, group, "llmcompressor-awq")] if group == 64 else [])]
+    if only:  # "setting:key" in the order given
+        known = {f"{n}:{k}": (n, b, g, k) for n, b, g, k in plan}
+        plan = [known[o] for o in only if o in known]
+        sec["rows_asked"] = list(only)
+    by_key = {v.key: v for v in variants}
+    for name, bits, group, key in plan:
+        if key in by_key:
+            v = by_key[key]
             row = stage(lambda v=v: qtool_row(v, bits, group, qtool, env, model, text, work, samples, seq_len, scoring))
             sec["rows"].append({"setting": name, "key": v.key, "label": v.label, "gptq_params": v.gptq,
                                 "recipe": " ".join(v.flags) + f" -b {bits} -g {group} -f gptq", **row})
-        if peers:
+        elif key == "gptqmodel-defaults":
             if gptqmodel_py is None:
                 row = {"error": f"GPTQModel unavailable: {sec.get('gptqmodel_error')}"}
             else:
                 row = stage(lambda: gptqmodel_row(bits, group, gptqmodel_py, env, model, calib_json, work, scoring))
-            sec["rows"].append({"setting": name, "key": "gptqmodel-defaults", "label": "GPTQModel defaults (damp 0.05, act_group_aware)", **row})
-            if group == 64:
-                row = stage(lambda: llmc_row(bits, group, env, model, calib_json, work, scoring, reuse_peers, samples, seq_len))
-                sec["rows"].append({"setting": name, "key": "llmcompressor-awq", "label": "llm-compressor AWQ (duo_scaling, 20-point grid)", **row})
+            sec["rows"].append({"setting": name, "key": key, "label": "GPTQModel defaults (damp 0.05, act_group_aware)", **row})
+        else:
+            row = stage(lambda: llmc_row(bits, group, env, model, calib_json, work, scoring, reuse_peers, samples, seq_len))
+            sec["rows"].append({"setting": name, "key": key, "label": "llm-compressor AWQ (duo_scaling, 20-point grid)", **row})
     sec["seconds"] = round(time.perf_counter() - t0, 1)
     sec["qtool_code_at_end"] = qtool_state()
     sec["qtool_code_changed_during_run"] = sec["qtool_code_at_end"] != sec["qtool_code_at_start"]
@@ -343,6 +354,9 @@ def markdown(sec: dict) -> str:
             lines.append(f"| {r.get('setting')} | {label} | {r.get('tool', '')} | not run: {r['error']} | | | | | | | |")
         else:
             lines.append(f"| {r.get('setting')} | {label} | {r.get('tool', '')} | {' | '.join(_cells(r, base_ppl))} |")
+    if sec.get("rows_asked"):
+        lines += ["", f"Rows run (`--awq-rows`, the machine's time allowed no more): {', '.join(sec['rows_asked'])}; "
+                  "every other setting × row of the module's plan was **not run**."]
     g = goals(sec)
     if g:
         lines += ["", "Goals (issue 9):", ""] + [f"- {x}" for x in g]

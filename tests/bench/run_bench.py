@@ -398,6 +398,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"AWQ-section calibration windows, every tool (default {awq_bench.DEFAULT_SAMPLES})")
     ap.add_argument("--awq-seq-len", type=int, default=awq_bench.DEFAULT_SEQ_LEN, help="tokens per AWQ-section calibration window")
     ap.add_argument("--awq-windows", type=int, default=awq_bench.DEFAULT_WINDOWS, help="512-token evaluation windows per AWQ-section row")
+    ap.add_argument("--awq-rows", default=None,
+                    help="comma-separated setting:row to run, in that order (e.g. w4g128:gptq-d01,w4g64:llmcompressor-awq); default all")
     ap.add_argument("--awq-no-peers", action="store_true", help="AWQ section without GPTQModel and llm-compressor")
     ap.add_argument("--awq-reuse-peers", action="store_true",
                     help="re-score llm-compressor's folder of an earlier run on the same calibration ids instead of re-running it")
@@ -482,7 +484,8 @@ def run_awq(args: argparse.Namespace, model: Path, text: Path, work: Path, save=
     gc.collect()
     return awq_bench.run_awq_section(model, text, work, qtool_exe(), child_env(), samples=args.awq_samples,
                                      seq_len=args.awq_seq_len, windows=args.awq_windows, peers=not args.awq_no_peers,
-                                     reuse_peers=args.awq_reuse_peers, save=save)
+                                     reuse_peers=args.awq_reuse_peers, save=save,
+                                     only=args.awq_rows.split(",") if args.awq_rows else None)
 
 
 def awq_only(args: argparse.Namespace, model: Path, text: Path, work: Path, t0: float) -> int:
