@@ -287,7 +287,7 @@ def goals(sec: dict) -> list[str]:
     """The issue's goals, each met or MISSED, from the rows (qtool's GPTQ defaults: the row whose
     parameters equal GPTQParams' defaults at the commit that ran the section)."""
     out = []
-    dflt = sec.get("qtool_gptq_defaults")
+    dflt = sec.get("qtool_gptq_defaults_chosen") or sec.get("qtool_gptq_defaults")
     by = {}
     for r in sec.get("rows", []):
         by.setdefault(r.get("setting"), {})[r.get("key")] = r
@@ -324,7 +324,7 @@ def markdown(sec: dict) -> str:
     base = next((r for r in sec["rows"] if r.get("key") == "bf16"), {})
     base_ppl = _ppl(base)
     code = sec.get("qtool_code_at_start", {})
-    dflt = sec.get("qtool_gptq_defaults") or {}
+    dflt = sec.get("qtool_gptq_defaults_chosen") or sec.get("qtool_gptq_defaults") or {}
     if code:
         lines += [f"qtool at {code.get('commit', '')[:8]} (uncommitted qtool/ diff {code.get('qtool_diff_sha1')})."
                   + (" **qtool's code changed while this section ran: its rows may mix two versions.**"
@@ -340,8 +340,11 @@ def markdown(sec: dict) -> str:
         "Wall time and peak RSS: the whole quantize run of each tool as its own process (kernel ru_maxrss). bpw: 8 × bytes of "
         "qweight+qzeros+scales+g_idx / quantized weights (GPTQ folders).",
         "",
-        f"qtool's GPTQ defaults at this commit: damp {dflt.get('damp')}, group_aware {dflt.get('group_aware')}, mse {dflt.get('mse')} "
-        "(the row marked ★).",
+        (f"qtool's GPTQ defaults, chosen from these rows after the run (the run's code still had damp "
+         f"{sec['qtool_gptq_defaults'].get('damp')}, group_aware {sec['qtool_gptq_defaults'].get('group_aware')}, mse "
+         f"{sec['qtool_gptq_defaults'].get('mse')}; every GPTQ row spells all three, so none depends on the defaults): "
+         if sec.get("qtool_gptq_defaults_chosen") else "qtool's GPTQ defaults at this commit: ")
+        + f"damp {dflt.get('damp')}, group_aware {dflt.get('group_aware')}, mse {dflt.get('mse')} (the rows marked ★).",
         "",
         "| setting | row | tool | quantize wall | peak RSS | size | bpw | perplexity | ppl / bf16 | KLD | top-1 |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -355,8 +358,13 @@ def markdown(sec: dict) -> str:
         else:
             lines.append(f"| {r.get('setting')} | {label} | {r.get('tool', '')} | {' | '.join(_cells(r, base_ppl))} |")
     if sec.get("rows_asked"):
-        lines += ["", f"Rows run (`--awq-rows`, the machine's time allowed no more): {', '.join(sec['rows_asked'])}; "
-                  "every other setting × row of the module's plan was **not run**."]
+        done = {f"{r.get('setting')}:{r.get('key')}" for r in sec["rows"]}
+        missing = [o for o in sec["rows_asked"] if o not in done]
+        lines += ["", f"Rows asked (`--awq-rows`, in this order): {', '.join(sec['rows_asked'])}. "
+                  + (f"**Not run** (the run was stopped at the deadline; the shared machine ran at load 12-14): {', '.join(missing)}. "
+                     if missing else "") + "Settings × rows of the module's plan not asked were not run either."]
+    if sec.get("note"):
+        lines += ["", sec["note"]]
     g = goals(sec)
     if g:
         lines += ["", "Goals (issue 9):", ""] + [f"- {x}" for x in g]
