@@ -10,7 +10,7 @@ MODEL_DIR := $(CACHE)/SmolLM2-135M-Instruct-bf16
 DEMO_OUT := $(CACHE)/demo/SmolLM2-135M-Instruct-rtn-w4g64
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: setup model demo test bench clean llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv
+.PHONY: setup model demo test bench clean llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv llmcompressor-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -85,6 +85,18 @@ $(OTF2_VENV)/.installed:
 	$(OTF2_VENV)/bin/pip install -q torch==2.13.0
 	echo torch==2.13.0 > $(CACHE)/hqq-quanto-quark-constraints.txt
 	$(OTF2_VENV)/bin/pip install -q -c $(CACHE)/hqq-quanto-quark-constraints.txt transformers==5.23.0 hqq==0.2.8 optimum-quanto==0.2.7 amd-quark==0.13
+	touch $@
+
+# llm-compressor 0.14.0.1 (it pins transformers <= 5.17 and compressed-tensors 0.19), isolated from the
+# project venv: a peer of the AWQ bench only (tests/bench/peer_llmcompressor.py, `make bench`), not a
+# judge of any test, so `make test` does not build it.
+LLMC_VENV := $(CACHE)/llmcompressor-venv
+llmcompressor-venv: $(LLMC_VENV)/.installed
+$(LLMC_VENV)/.installed:
+	$(PY) -m venv $(LLMC_VENV)
+	$(LLMC_VENV)/bin/pip install -q torch==2.13.0
+	echo torch==2.13.0 > $(CACHE)/llmcompressor-constraints.txt
+	$(LLMC_VENV)/bin/pip install -q -c $(CACHE)/llmcompressor-constraints.txt llmcompressor==0.14.0.1 transformers==5.17.0
 	touch $@
 
 test: setup llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv

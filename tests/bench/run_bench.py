@@ -59,6 +59,7 @@ import arch_bench  # noqa: E402
 import otf_bench  # noqa: E402
 import calib_bench  # noqa: E402
 import gptq_bench  # noqa: E402
+import awq_bench  # noqa: E402
 from measure import Measured, run_measured  # noqa: E402
 from random_llama import build as build_random_llama  # noqa: E402
 
@@ -337,6 +338,8 @@ def markdown(results: dict) -> str:
         lines += ["", gguf_bench.markdown(results["gguf"]).rstrip("\n")]
     if results.get("gptq"):
         lines += ["", gptq_bench.markdown(results["gptq"]).rstrip("\n")]
+    if results.get("awq"):
+        lines += ["", awq_bench.markdown(results["awq"]).rstrip("\n")]
     if results.get("calibration"):
         lines += ["", calib_bench.markdown(results["calibration"]).rstrip("\n")]
     if results.get("arch"):
@@ -411,6 +414,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"512-token evaluation windows per GPTQ row (default {gptq_bench.DEFAULT_WINDOWS})")
     ap.add_argument("--gptq-peers", choices=gptq_bench.PEER_CHOICES, default="all",
                     help="GPTQModel runs: all (every recipe + its defaults at int4 g128), matched, w4g128 or none")
+    ap.add_argument("--no-awq", action="store_true", help="leave out the AWQ / GPTQ-defaults section")
+    ap.add_argument("--awq-only", action="store_true",
+                    help="run only the AWQ / GPTQ-defaults section; merge it into --out/results.json of an earlier run")
+    ap.add_argument("--awq-samples", type=int, default=awq_bench.DEFAULT_SAMPLES,
+                    help=f"AWQ-section calibration windows, every tool (default {awq_bench.DEFAULT_SAMPLES})")
+    ap.add_argument("--awq-seq-len", type=int, default=awq_bench.DEFAULT_SEQ_LEN, help="tokens per AWQ-section calibration window")
+    ap.add_argument("--awq-windows", type=int, default=awq_bench.DEFAULT_WINDOWS, help="512-token evaluation windows per AWQ-section row")
+    ap.add_argument("--awq-rows", default=None,
+                    help="comma-separated setting:row to run, in that order (e.g. w4g128:gptq-d01,w4g64:llmcompressor-awq); default all")
+    ap.add_argument("--awq-no-peers", action="store_true", help="AWQ section without GPTQModel and llm-compressor")
+    ap.add_argument("--awq-reuse-peers", action="store_true",
+                    help="re-score llm-compressor's folder of an earlier run on the same calibration ids instead of re-running it")
     return ap.parse_args(argv)
 
 
@@ -436,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         return arch_only(args, model, text, work, t0)
     if args.otf_only:
         return otf_only(args, model, text, work, t0)
+    if args.awq_only:
+        return awq_only(args, model, text, work, t0)
     torch.manual_seed(0)
     results: dict = {
         "machine": machine_info(),
@@ -463,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         results["arch"] = arch_bench.run_arch_section(model, work, qtool_exe(), child_env())
     if args.otf:
         results["otf"] = run_otf(args, model, text, work)
+    if not args.no_awq:
+        results["awq"] = run_awq(args, model, text, work)
     if not args.no_calibration:
         results["calibration"] = calib_bench.run_calibration_section(model, text, work, qtool_exe(), child_env(), skip_1b=args.skip_1b)
     results["bench_seconds"] = time.perf_counter() - t0
@@ -517,6 +536,30 @@ def otf_only(args: argparse.Namespace, model: Path, text: Path, work: Path, t0: 
     (args.out / "otf.json").write_text(json.dumps(section, indent=2, default=str) + "\n")
     results, _ = earlier_results(args, model, text)
     results["otf"] = section
+    return write_results(args.out, results)
+
+
+def run_awq(args: argparse.Namespace, model: Path, text: Path, work: Path, save=None) -> dict:
+    gc.collect()
+    return awq_bench.run_awq_section(model, text, work, qtool_exe(), child_env(), samples=args.awq_samples,
+                                     seq_len=args.awq_seq_len, windows=args.awq_windows, peers=not args.awq_no_peers,
+                                     reuse_peers=args.awq_reuse_peers, save=save,
+                                     only=args.awq_rows.split(",") if args.awq_rows else None)
+
+
+def awq_only(args: argparse.Namespace, model: Path, text: Path, work: Path, t0: float) -> int:
+    """The AWQ section alone: kept in --out/awq.json (rewritten after every row, so a cut-off run keeps
+    what it did), then put into results.json with its other sections as they are."""
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save(sec: dict) -> None:
+        (args.out / "awq.json").write_text(json.dumps(sec, indent=2, default=str) + "\n")
+
+    section = run_awq(args, model, text, work, save=save)
+    section["run_seconds_with_setup"] = round(time.perf_counter() - t0, 1)
+    save(section)
+    results, _ = earlier_results(args, model, text)
+    results["awq"] = section
     return write_results(args.out, results)
 
 
