@@ -42,6 +42,9 @@ def _fmt(v: float | None, digits: int = 4) -> str:
 
 
 def _recipe_line(r: dict) -> str:
+    if r.get("method") == "aqlm":
+        p = r.get("method_params") or {}
+        return f"aqlm · {p.get('codebooks')}x{p.get('codebook_bits')} additive codebooks · {p.get('in_group')} input columns per code"
     g = f"group {r['group_size']}" if r.get("group_size") else f"per {r.get('strategy')}"
     return f"{r['method']} · {r['qtype']} · {g} · {'symmetric' if r.get('symmetric') else 'asymmetric'}"
 
