@@ -10,7 +10,7 @@ MODEL_DIR := $(CACHE)/SmolLM2-135M-Instruct-bf16
 DEMO_OUT := $(CACHE)/demo/SmolLM2-135M-Instruct-rtn-w4g64
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: setup model demo test bench clean llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv llmcompressor-venv
+.PHONY: setup model demo test bench clean llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv llmcompressor-venv aqlm-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -99,7 +99,18 @@ $(LLMC_VENV)/.installed:
 	$(LLMC_VENV)/bin/pip install -q -c $(CACHE)/llmcompressor-constraints.txt llmcompressor==0.14.0.1 transformers==5.17.0
 	touch $@
 
-test: setup llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv
+# transformers' AQLM route on CPU (aqlm[cpu] 1.1.7: numba 2x8 kernel, pure-torch 1x16), isolated from the
+# project venv: the judge of -f aqlm in tests/test_aqlm_format.py.
+AQLM_VENV := $(CACHE)/aqlm-venv
+aqlm-venv: $(AQLM_VENV)/.installed
+$(AQLM_VENV)/.installed:
+	$(PY) -m venv $(AQLM_VENV)
+	$(AQLM_VENV)/bin/pip install -q torch==2.13.0
+	echo torch==2.13.0 > $(CACHE)/aqlm-constraints.txt
+	$(AQLM_VENV)/bin/pip install -q -c $(CACHE)/aqlm-constraints.txt 'aqlm[cpu]==1.1.7' transformers==5.23.0 accelerate
+	touch $@
+
+test: setup llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv aqlm-venv
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q $(PYTEST_ARGS)
 
 bench: model otf-venv hqq-quanto-quark-venv

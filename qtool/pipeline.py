@@ -291,6 +291,8 @@ def _write_quantized(
         err = rounded
     outcome = writer.add_quantized(name, qw)  # writers move to CPU as they serialise
     strategy, group, bits = spec.strategy, spec.group_size, qw.storage_bits()
+    if getattr(qw, "scheme", None):  # codebook weights (AQLM): "codebook 2x8", group = input columns per code
+        strategy, group = f"codebook {qw.scheme}", qw.group_size
     if outcome is not None:  # a self-quantizing writer (GGUF) says which type holds it and what that changed
         strategy, group, note, bits = outcome.qtype, None, outcome.note, outcome.storage_bits
     report.layers.append(LayerResult(name, tuple(w.shape), strategy, group, err, note, stats))
@@ -591,6 +593,10 @@ def validate_early(recipe: QuantRecipe | None, fmt: str, **writer_options: objec
         if recipe.weight_type.kind not in method.supported_kinds and not writer.self_quantizing:
             raise UnsupportedError(f"--method {recipe.method} cannot produce {recipe.qtype} weights")
         check_calibration_flags(recipe, method)
+        only = getattr(method, "formats", None)  # methods whose weights only some formats hold (AQLM's codebooks)
+        if only and fmt not in only:
+            raise UnsupportedError(f"--method {recipe.method} produces weights only --format {', '.join(only)} holds, "
+                                   f"not --format {fmt}")
         if method.always_asymmetric:
             recipe.symmetric = False  # HQQ optimizes zero points: its grid is asymmetric by construction
         if method.needs_calibration and writer.self_quantizing and not hasattr(writer, "calibration_specs"):

@@ -244,7 +244,11 @@ def print_summary(r: RunReport) -> None:
         rules = "chosen for the target" if r.format_type.startswith("target-") else "chosen by the format's rules"
         t.add_row("recipe", f"{r.format_type} ({how}per-tensor types {rules})")
     else:
-        t.add_row("recipe", f"{r.recipe['method']} {r.recipe['qtype']} " + (f"g{r.recipe['group_size']}" if r.recipe["group_size"] else f"per-{r.recipe['strategy']}") + (" sym" if r.recipe["symmetric"] else " asym"))
+        mp = r.recipe.get("method_params") or {}
+        if r.recipe["method"] == "aqlm":  # its scheme, not the (unused) integer type
+            t.add_row("recipe", f"aqlm {mp.get('codebooks')}x{mp.get('codebook_bits')}, {mp.get('in_group')} input columns per code")
+        else:
+            t.add_row("recipe", f"{r.recipe['method']} {r.recipe['qtype']} " + (f"g{r.recipe['group_size']}" if r.recipe["group_size"] else f"per-{r.recipe['strategy']}") + (" sym" if r.recipe["symmetric"] else " asym"))
     t.add_row("format", r.format)
     t.add_row("time", f"{r.seconds:.1f} s")
     t.add_row("size", f"{human_bytes(r.input_bytes)} → {human_bytes(r.output_bytes)}")

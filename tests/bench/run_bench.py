@@ -405,6 +405,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--otf-windows", type=int, default=otf_bench.DEFAULT_WINDOWS,
                     help=f"512-token held-out windows per on-the-fly row (default {otf_bench.DEFAULT_WINDOWS})")
     ap.add_argument("--otf-cases", default=None, help=f"comma-separated subset of {', '.join(otf_bench.CASES)}")
+    ap.add_argument("--aqlm", action="store_true", help="add the AQLM ~2-bit section (aqlm_bench.py; hours on a 2-core CPU)")
     ap.add_argument("--no-calibration", action="store_true", help="leave out the `qtool calibrate` rows (run alone: calib_bench.py)")
     ap.add_argument("--gptq-samples", type=int, default=gptq_bench.DEFAULT_SAMPLES,
                     help=f"GPTQ calibration windows (default {gptq_bench.DEFAULT_SAMPLES})")
@@ -484,6 +485,10 @@ def main(argv: list[str] | None = None) -> int:
         results["awq"] = run_awq(args, model, text, work)
     if not args.no_calibration:
         results["calibration"] = calib_bench.run_calibration_section(model, text, work, qtool_exe(), child_env(), skip_1b=args.skip_1b)
+    if args.aqlm:
+        import aqlm_bench
+
+        results["aqlm"] = aqlm_bench.run_section(model, text, work / "aqlm", samples=32, seq_len=512, windows=args.windows)
     results["bench_seconds"] = time.perf_counter() - t0
     return write_results(args.out, results)
 
