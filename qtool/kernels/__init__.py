@@ -6,6 +6,7 @@ Ops (name -> reference):
   int4_linear      y = x @ dequantize(Int4Weight).T + b, no dense copy kept (int4.py)
   gguf_quantize    float rows -> llama.cpp's GGUF block bytes (gguf_blocks.py -> formats/gguf/quants.py)
   gguf_dequantize  GGUF block bytes -> float32 rows (gguf_blocks.py -> gguf-py)
+  gguf_quantize_error  gguf_quantize + (|x|^2, |x - dequantized|^2), the writer's error figure
 
 Backends (cpu.py: ATen's W4 kernel; ggml_cpu.py: the GGUF block ops in C; cuda.py: Triton) register per (op, device type) with a
 `supports(x, w)` test; `get(op, device_type)` gives the backend when one is available, else the
@@ -22,6 +23,7 @@ from typing import Callable
 
 from . import reference  # relative: importable as qtool.kernels
 from .gguf_blocks import dequantize_reference as gguf_dequantize_reference
+from .gguf_blocks import quantize_error_reference as gguf_quantize_error_reference
 from .gguf_blocks import quantize_reference as gguf_quantize_reference
 from .int4 import Int4Weight, dequantize_reference, linear_reference
 
@@ -40,6 +42,7 @@ _DEFAULTS: dict[str, Callable] = {
     "int4_linear": linear_reference,
     "gguf_quantize": gguf_quantize_reference,
     "gguf_dequantize": gguf_dequantize_reference,
+    "gguf_quantize_error": gguf_quantize_error_reference,
 }
 _BACKENDS: dict[tuple[str, str], Backend] = {}
 
@@ -96,6 +99,8 @@ def _register_builtin() -> None:
     register("int4_linear", "cuda", Backend("triton", cuda.linear, cuda.available, cuda.supports))
     register("int4_dequantize", "cuda", Backend("triton", cuda.dequantize, cuda.available, cuda.supports_weight))
     register("gguf_quantize", "cpu", Backend("c", ggml_cpu.quantize, ggml_cpu.available, ggml_cpu.supports_quantize))
+    register("gguf_quantize_error", "cpu",
+             Backend("c", ggml_cpu.quantize_with_error, ggml_cpu.available, ggml_cpu.supports_quantize))
     register("gguf_dequantize", "cpu", Backend("c", ggml_cpu.dequantize, ggml_cpu.available, ggml_cpu.supports_dequantize))
 
 

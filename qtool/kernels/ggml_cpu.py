@@ -96,6 +96,12 @@ def _split(n: int, workers: int) -> list[tuple[int, int]]:
 def quantize(x, qtype, imatrix=None) -> np.ndarray:
     """[rows, cols] float tensor -> uint8 [rows, bytes per row], the same bytes as
     `qtool.formats.gguf.quants.quantize_tensor` (the reference; also run here for rows with NaN/inf)."""
+    return quantize_with_error(x, qtype, imatrix, error=False)[0]
+
+
+def quantize_with_error(x, qtype, imatrix=None, error: bool = True) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """`quantize`, plus (sum x^2, sum (x - dequantized)^2) accumulated in float64 while the blocks are
+    still in cache (no reconstruction tensor). Rows with NaN/inf make the sums NaN, as torch's would be."""
     import torch
 
     lib = library()
@@ -106,11 +112,16 @@ def quantize(x, qtype, imatrix=None) -> np.ndarray:
     a = xf.numpy()
     out = np.empty((rows, cols // bs * ts), dtype=np.uint8)
     bad: list[int] = []
+    sums: list[np.ndarray] = []
 
     def run(span: tuple[int, int]) -> None:
         r0, r1 = span
+        err = np.zeros(2, dtype=np.float64)
+        if error:
+            sums.append(err)
         while r0 < r1:
-            done = lib.qtool_ggml_quantize(t, a[r0:r1].ctypes.data, r1 - r0, cols, out[r0:r1].ctypes.data, None)
+            done = lib.qtool_ggml_quantize(t, a[r0:r1].ctypes.data, r1 - r0, cols, out[r0:r1].ctypes.data,
+                                           err.ctypes.data if error else None)
             if done < 0:
                 raise RuntimeError(f"_ggml_blocks: type {t} with {cols} columns refused ({done})")
             if r0 + done >= r1:
@@ -129,7 +140,12 @@ def quantize(x, qtype, imatrix=None) -> np.ndarray:
 
         idx = torch.tensor(sorted(bad))
         out[idx.numpy()] = quantize_tensor(xf[idx], qtype)
-    return out
+        if error:
+            sums.append(np.array([float("nan"), float("nan")]))
+    if not error:
+        return out, None
+    total = np.sum(sums, axis=0) if sums else np.zeros(2)
+    return out, (float(total[0]), float(total[1]))
 
 
 def dequantize(data: np.ndarray, qtype) -> np.ndarray:
