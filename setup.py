@@ -16,7 +16,7 @@ from setuptools.command.build_ext import build_ext
 if sys.platform == "win32":
     ARGS = ["/O2", "/fp:strict", "/DQTOOL_PYTHON_MODULE"]
 else:
-    ARGS = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-fast-math", "-DQTOOL_PYTHON_MODULE"]
+    ARGS = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi", "-DQTOOL_PYTHON_MODULE"]
 
 
 class OptionalBuildExt(build_ext):

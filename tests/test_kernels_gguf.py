@@ -35,25 +35,28 @@ REPO = Path(__file__).resolve().parents[1]
 C_FILE = REPO / "qtool" / "kernels" / "_ggml_blocks.c"
 TYPES = [T(t) for t in sorted(ggml_cpu.TYPES)]
 ids = lambda q: q.name  # noqa: E731
-FLAGS = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]  # as setup.py
+FLAGS = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi", "-fPIC", "-shared"]  # as setup.py
 
 
 def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-@pytest.fixture(scope="module")
-def backend(tmp_path_factory):
-    """The C library: the package's build, else one compiled here (the env override points at it)."""
+@pytest.fixture(scope="module", params=["dispatch", "scalar"])
+def backend(request, tmp_path_factory):
+    """The C library: the package's build (else one compiled here), whose K-type searches run 8
+    sub-blocks per AVX2 instruction where the CPU has AVX2 ("dispatch"); and the same file compiled
+    scalar-only ("scalar", the path of CPUs without AVX2 and of non-x86 machines)."""
     ggml_cpu._load.cache_clear()
-    if ggml_cpu.library() is not None and "QTOOL_GGML_BLOCKS_LIB" not in os.environ:
+    if request.param == "dispatch" and ggml_cpu.library() is not None and "QTOOL_GGML_BLOCKS_LIB" not in os.environ:
         yield ggml_cpu
         return
     cc = _compiler()
     if cc is None:
         pytest.skip("the C extension is not built and no C compiler is available to build it")
-    lib = tmp_path_factory.mktemp("ggml_blocks") / "lib_ggml_blocks.so"
-    subprocess.run([cc, *FLAGS, "-o", str(lib), str(C_FILE), "-lm"], check=True)
+    lib = tmp_path_factory.mktemp("ggml_blocks") / f"lib_ggml_blocks_{request.param}.so"
+    extra = ["-DQTOOL_SCALAR_ONLY"] if request.param == "scalar" else []
+    subprocess.run([cc, *FLAGS, *extra, "-o", str(lib), str(C_FILE), "-lm"], check=True)
     mp = pytest.MonkeyPatch()
     mp.setenv("QTOOL_GGML_BLOCKS_LIB", str(lib))
     ggml_cpu._load.cache_clear()

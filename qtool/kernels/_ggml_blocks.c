@@ -18,7 +18,14 @@
 #endif
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+
+#if defined(__GNUC__)
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define ALWAYS_INLINE inline
+#endif
 
 #define QK 32
 #define QKK 256
@@ -215,6 +222,138 @@ static float qkx2_quants(int n, int nmax, const float *x, const float *w, uint8_
     return scale;
 }
 
+
+/* ---- the same searches over 8 sub-blocks at once (GCC/Clang vector extensions) ------------------
+ * Lane b is sub-block b; every lane does exactly the scalar code's operations in the same order
+ * (sums stay sequential per lane), so the bytes are the same; only independent sub-blocks share an
+ * instruction. Element-major input: xt[i][b] = element i of sub-block b. */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(QTOOL_SCALAR_ONLY)
+#define QTOOL_VEC 1
+#define QTOOL_VEC_X86 1
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static ALWAYS_INLINE v8f vsplat(float a) { return (v8f){a, a, a, a, a, a, a, a}; }
+static ALWAYS_INLINE v8i isplat(int32_t a) { return (v8i){a, a, a, a, a, a, a, a}; }
+static ALWAYS_INLINE v8f fsel(v8i m, v8f a, v8f b) { return (v8f)((m & (v8i)a) | (~m & (v8i)b)); }
+static ALWAYS_INLINE v8i isel(v8i m, v8i a, v8i b) { return (m & a) | (~m & b); }
+static ALWAYS_INLINE v8i vnearest(v8f v) { v8f t = v + vsplat(12582912.f); return ((v8i)t & isplat(0x007fffff)) - isplat(0x00400000); }
+static ALWAYS_INLINE v8i iclamp(v8i v, int lo, int hi) {
+    v8i l = isplat(lo), h = isplat(hi);
+    v = isel(v < l, l, v);
+    return isel(v > h, h, v);
+}
+static ALWAYS_INLINE v8f i2f(v8i v) { return __builtin_convertvector(v, v8f); }
+static ALWAYS_INLINE v8f vabs(v8f v) { return (v8f)((v8i)v & isplat(0x7fffffff)); }
+
+/* qkx2_quants on 8 lanes of n elements: scale[b], the_min[b], L[i][b] */
+static ALWAYS_INLINE void qkx2_quants_x8(int n, int nmax, const v8f *x, const v8f *w, v8i *L, v8f *scale_out, v8f *min_out,
+                           float rmin, float rdelta, int nstep, int use_mad) {
+    v8i Laux[32];
+    v8f mn = x[0], mx = x[0], sum_w = w[0], sum_x = w[0] * x[0];
+    for (int i = 1; i < n; ++i) {
+        mn = fsel(x[i] < mn, x[i], mn);
+        mx = fsel(x[i] > mx, x[i], mx);
+        sum_w += w[i];
+        sum_x += w[i] * x[i];
+    }
+    v8f zero = vsplat(0.f);
+    mn = fsel(mn > zero, zero, mn);
+    v8f mn0 = mn;
+    v8i degenerate = ~(mx > mn);
+    v8f iscale = vsplat((float)nmax) / (mx - mn);
+    v8f scale = vsplat(1.f) / iscale;
+    v8f best = zero;
+    for (int i = 0; i < n; ++i) {
+        v8i l = iclamp(vnearest(iscale * (x[i] - mn)), 0, nmax);
+        L[i] = l;
+        v8f diff = scale * i2f(l) + mn - x[i];
+        diff = use_mad ? vabs(diff) : diff * diff;
+        best += w[i] * diff;
+    }
+    for (int is = 0; is <= nstep; ++is) {
+        float c = rmin + rdelta * (float)is + (float)nmax;
+        iscale = vsplat(c) / (mx - mn);
+        v8f sum_l = zero, sum_l2 = zero, sum_xl = zero;
+        for (int i = 0; i < n; ++i) {
+            v8i l = iclamp(vnearest(iscale * (x[i] - mn)), 0, nmax);
+            Laux[i] = l;
+            v8f lf = i2f(l), wl = w[i] * lf;
+            sum_l += wl;
+            sum_l2 += wl * lf;
+            sum_xl += wl * x[i];
+        }
+        v8f D = sum_w * sum_l2 - sum_l * sum_l;
+        v8i ok = D > zero;
+        if (!(ok[0] | ok[1] | ok[2] | ok[3] | ok[4] | ok[5] | ok[6] | ok[7])) continue;
+        v8f this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+        v8f this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+        v8i pos = this_min > zero;
+        this_min = fsel(pos, zero, this_min);
+        this_scale = fsel(pos, sum_xl / sum_l2, this_scale);
+        v8f err = zero;
+        for (int i = 0; i < n; ++i) {
+            v8f diff = i2f(Laux[i]) * this_scale + this_min - x[i];
+            diff = use_mad ? vabs(diff) : diff * diff;
+            err += w[i] * diff;
+        }
+        v8i take = ok & (err < best);
+        for (int i = 0; i < n; ++i) L[i] = isel(take, Laux[i], L[i]);
+        best = fsel(take, err, best);
+        scale = fsel(take, this_scale, scale);
+        mn = fsel(take, this_min, mn);
+    }
+    for (int i = 0; i < n; ++i) L[i] = isel(degenerate, isplat(0), L[i]);
+    *scale_out = fsel(degenerate, zero, scale);
+    *min_out = -fsel(degenerate, mn0, mn);
+}
+
+/* qx_quants (x*x weights) on 8 lanes of n elements: scale[b], L[i][b] in 0..2*nmax-1 */
+static ALWAYS_INLINE v8f qx_quants_x8(int n, int nmax, const v8f *x, v8i *L) {
+    v8f zero = vsplat(0.f), amax = zero, mx = zero;
+    for (int i = 0; i < n; ++i) {
+        v8f ax = vabs(x[i]);
+        v8i upd = ax > amax;
+        amax = fsel(upd, ax, amax);
+        mx = fsel(upd, x[i], mx);
+    }
+    v8i zblock = amax < vsplat(GROUP_MAX_EPS);
+    v8f xx[16], wx[16];
+    for (int i = 0; i < n; ++i) { xx[i] = x[i] * x[i]; wx[i] = xx[i] * x[i]; }
+    v8f iscale = vsplat((float)(-nmax)) / mx;
+    v8f sumlx = zero, suml2 = zero;
+    for (int i = 0; i < n; ++i) {
+        v8i l = iclamp(vnearest(iscale * x[i]), -nmax, nmax - 1);
+        L[i] = l + isplat(nmax);
+        v8f lf = i2f(l);
+        sumlx += wx[i] * lf;
+        suml2 += (xx[i] * lf) * lf;
+    }
+    v8f scale = fsel(suml2 != zero, sumlx / suml2, zero);
+    v8f best = scale * sumlx;
+    for (int is = -9; is <= 9; ++is) {
+        if (is == 0) continue;
+        float c = -((float)nmax + 0.1f * (float)is);
+        iscale = vsplat(c) / mx;
+        v8f slx = zero, sl2 = zero;
+        v8i Lc[16];
+        for (int i = 0; i < n; ++i) {
+            v8i l = iclamp(vnearest(iscale * x[i]), -nmax, nmax - 1);
+            Lc[i] = l;
+            v8f lf = i2f(l);
+            slx += wx[i] * lf;
+            sl2 += (xx[i] * lf) * lf;
+        }
+        v8i take = (sl2 > zero) & (slx * slx > best * sl2);
+        for (int i = 0; i < n; ++i) L[i] = isel(take, Lc[i] + isplat(nmax), L[i]);
+        scale = fsel(take, slx / sl2, scale);
+        best = fsel(take, scale * slx, best);
+    }
+    for (int i = 0; i < n; ++i) L[i] = isel(zblock, isplat(0), L[i]);
+    return fsel(zblock, zero, scale);
+}
+#endif
+
 /* ---- one block / super-block of each type ------------------------------------------------------ */
 
 static void q8_0_block(const float *x, uint8_t *y) {
@@ -285,12 +424,34 @@ static void pack_2bit(const uint8_t *L, uint8_t *qs) {
             qs[j / 4 + l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6));
 }
 
-static void q2_K_block(const float *x, uint8_t *y) {
+static ALWAYS_INLINE void q2_K_impl(const float *x, uint8_t *y, int vec) {
+    (void)vec;
     uint8_t L[QKK], *sc = y, *qs = y + 16;
     float w[16], scales[16], mins[16], max_scale = 0.f, max_min = 0.f;
+#ifdef QTOOL_VEC
+    if (vec) {
+    for (int g = 0; g < 2; ++g) {
+        v8f xt[16], wt[16], sv, mv;
+        v8i Lt[16];
+        for (int i = 0; i < 16; ++i)
+            for (int b = 0; b < 8; ++b) xt[i][b] = x[16 * (8 * g + b) + i];
+        for (int i = 0; i < 16; ++i) wt[i] = vabs(xt[i]);
+        qkx2_quants_x8(16, 3, xt, wt, Lt, &sv, &mv, -0.5f, 0.1f, 15, 1);
+        for (int b = 0; b < 8; ++b) {
+            scales[8 * g + b] = sv[b]; mins[8 * g + b] = mv[b];
+            for (int i = 0; i < 16; ++i) L[16 * (8 * g + b) + i] = (uint8_t)Lt[i][b];
+        }
+    }
+    (void)w;
+    } else
+#endif
+    {
     for (int j = 0; j < 16; ++j) {
         for (int l = 0; l < 16; ++l) w[l] = fabsf(x[16 * j + l]);
         scales[j] = qkx2_quants(16, 3, x + 16 * j, w, L + 16 * j, &mins[j], -0.5f, 0.1f, 15, 1);
+    }
+    }
+    for (int j = 0; j < 16; ++j) {
         if (scales[j] > max_scale) max_scale = scales[j];
         if (mins[j] > max_min) max_min = mins[j];
     }
@@ -354,9 +515,37 @@ static void q3_K_block(const float *x, uint8_t *y) {
     put16(y + 108, db);
 }
 
-static void q45_K_block(const float *x, uint8_t *y, int nmax) {
+static ALWAYS_INLINE void q45_K_impl(const float *x, uint8_t *y, int nmax, int vec) {
+    (void)vec;
     uint8_t L[QKK], *sc = y + 4;
     float w[32], scales[8], mins[8], max_scale = 0.f, max_min = 0.f;
+#ifdef QTOOL_VEC
+    if (vec) {
+    {
+        v8f xt[32], wt[32], sv, mv;
+        v8i Lt[32];
+        for (int i = 0; i < 32; ++i)
+            for (int b = 0; b < 8; ++b) xt[i][b] = x[32 * b + i];
+        v8f s2 = vsplat(0.f);
+        for (int i = 0; i < 32; ++i) s2 += xt[i] * xt[i];
+        v8f q = s2 / vsplat(32.f), av;
+        for (int b = 0; b < 8; ++b) av[b] = sqrtf(q[b]);
+        for (int i = 0; i < 32; ++i) wt[i] = av + vabs(xt[i]);
+        if (nmax == 15) qkx2_quants_x8(32, 15, xt, wt, Lt, &sv, &mv, -1.f, 0.1f, 20, 0);
+        else qkx2_quants_x8(32, 31, xt, wt, Lt, &sv, &mv, -0.5f, 0.1f, 15, 0);
+        for (int b = 0; b < 8; ++b) {
+            scales[b] = sv[b]; mins[b] = mv[b];
+            for (int i = 0; i < 32; ++i) L[32 * b + i] = (uint8_t)Lt[i][b];
+        }
+        (void)w;
+    }
+    for (int j = 0; j < 8; ++j) {
+        if (scales[j] > max_scale) max_scale = scales[j];
+        if (mins[j] > max_min) max_min = mins[j];
+    }
+    } else
+#endif
+    {
     for (int j = 0; j < 8; ++j) {
         const float *xb = x + 32 * j;
         float s2 = 0.f;
@@ -367,6 +556,7 @@ static void q45_K_block(const float *x, uint8_t *y, int nmax) {
         else scales[j] = qkx2_quants(32, 31, xb, w, L + 32 * j, &mins[j], -0.5f, 0.1f, 15, 0);
         if (scales[j] > max_scale) max_scale = scales[j];
         if (mins[j] > max_min) max_min = mins[j];
+    }
     }
     float inv_s = max_scale > 0.f ? 63.f / max_scale : 0.f;
     float inv_m = max_min > 0.f ? 63.f / max_min : 0.f;
@@ -416,15 +606,31 @@ static void q45_K_block(const float *x, uint8_t *y, int nmax) {
     }
 }
 
-static void q4_K_block(const float *x, uint8_t *y) { q45_K_block(x, y, 15); }
-static void q5_K_block(const float *x, uint8_t *y) { q45_K_block(x, y, 31); }
 
-static void q6_K_block(const float *x, uint8_t *y) {
+static ALWAYS_INLINE void q6_K_impl(const float *x, uint8_t *y, int vec) {
+    (void)vec;
     uint8_t L[QKK], *ql = y, *qh = y + 128;
     int8_t *sc = (int8_t *)(y + 192);
     float scales[16], amax = 0.f, max_scale = 0.f;
+#ifdef QTOOL_VEC
+    if (vec) {
+    for (int g = 0; g < 2; ++g) {
+        v8f xt[16];
+        v8i Lt[16];
+        for (int i = 0; i < 16; ++i)
+            for (int b = 0; b < 8; ++b) xt[i][b] = x[16 * (8 * g + b) + i];
+        v8f sv = qx_quants_x8(16, 32, xt, Lt);
+        for (int b = 0; b < 8; ++b) {
+            scales[8 * g + b] = sv[b];
+            for (int i = 0; i < 16; ++i) L[16 * (8 * g + b) + i] = (uint8_t)Lt[i][b];
+        }
+    }
+    } else
+#endif
+    {
+    for (int j = 0; j < 16; ++j) scales[j] = qx_quants(16, 32, x + 16 * j, L + 16 * j);
+    }
     for (int j = 0; j < 16; ++j) {
-        scales[j] = qx_quants(16, 32, x + 16 * j, L + 16 * j);
         float a = fabsf(scales[j]);
         if (a > amax) { amax = a; max_scale = scales[j]; }
     }
@@ -450,6 +656,19 @@ static void q6_K_block(const float *x, uint8_t *y) {
         ql += 64; qh += 32;
     }
 }
+
+/* scalar entry points, and the 8-lane ones compiled for AVX2 (picked at run time when the CPU has it;
+ * AVX2 brings no FMA, and -ffp-contract=off would forbid contracting anyway: same bytes) */
+static void q2_K_block(const float *x, uint8_t *y) { q2_K_impl(x, y, 0); }
+static void q4_K_block(const float *x, uint8_t *y) { q45_K_impl(x, y, 15, 0); }
+static void q5_K_block(const float *x, uint8_t *y) { q45_K_impl(x, y, 31, 0); }
+static void q6_K_block(const float *x, uint8_t *y) { q6_K_impl(x, y, 0); }
+#ifdef QTOOL_VEC_X86
+__attribute__((target("avx2"))) static void q2_K_block_avx2(const float *x, uint8_t *y) { q2_K_impl(x, y, 1); }
+__attribute__((target("avx2"))) static void q4_K_block_avx2(const float *x, uint8_t *y) { q45_K_impl(x, y, 15, 1); }
+__attribute__((target("avx2"))) static void q5_K_block_avx2(const float *x, uint8_t *y) { q45_K_impl(x, y, 31, 1); }
+__attribute__((target("avx2"))) static void q6_K_block_avx2(const float *x, uint8_t *y) { q6_K_impl(x, y, 1); }
+#endif
 
 /* ---- dequantization (gguf-py's / ggml's dequantize_row_*) -------------------------------------- */
 
@@ -537,7 +756,7 @@ typedef void (*dfn)(const uint8_t *, float *);
 struct qt { int type, bs, ts; qfn q; dfn dq; };
 
 /* ggml type ids */
-static const struct qt TYPES[] = {
+static struct qt TYPES[] = {
     {2, 32, 18, q4_0_block, dq_q4_0},   {3, 32, 20, q4_1_block, dq_q4_1},
     {6, 32, 22, q5_0_block, dq_q5_0},   {7, 32, 24, q5_1_block, dq_q5_1},
     {8, 32, 34, q8_0_block, dq_q8_0},   {10, 256, 84, q2_K_block, dq_q2_K},
@@ -545,7 +764,34 @@ static const struct qt TYPES[] = {
     {13, 256, 176, q5_K_block, dq_q5_K}, {14, 256, 210, q6_K_block, dq_q6_K},
 };
 
+static void pick_simd(void) {
+#ifdef QTOOL_VEC_X86
+    static int done = 0;
+    if (done) return;
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && !getenv("QTOOL_GGML_NO_AVX2")) {
+        for (unsigned i = 0; i < sizeof TYPES / sizeof TYPES[0]; ++i) {
+            if (TYPES[i].type == 10) TYPES[i].q = q2_K_block_avx2;
+            if (TYPES[i].type == 12) TYPES[i].q = q4_K_block_avx2;
+            if (TYPES[i].type == 13) TYPES[i].q = q5_K_block_avx2;
+            if (TYPES[i].type == 14) TYPES[i].q = q6_K_block_avx2;
+        }
+    }
+    done = 1;
+#endif
+}
+
+int qtool_ggml_simd(void) {
+    pick_simd();
+#ifdef QTOOL_VEC_X86
+    return TYPES[9].q == q6_K_block_avx2;
+#else
+    return 0;
+#endif
+}
+
 static const struct qt *find(int type) {
+    pick_simd();
     for (unsigned i = 0; i < sizeof TYPES / sizeof TYPES[0]; ++i)
         if (TYPES[i].type == type) return &TYPES[i];
     return 0;
