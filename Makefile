@@ -10,7 +10,7 @@ MODEL_DIR := $(CACHE)/SmolLM2-135M-Instruct-bf16
 DEMO_OUT := $(CACHE)/demo/SmolLM2-135M-Instruct-rtn-w4g64
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: setup model demo test bench clean llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv
+.PHONY: setup model demo test bench bench-speed clean llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -92,6 +92,11 @@ test: setup llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv
 
 bench: model
 	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/run_bench.py --out tests/bench/results
+
+# HF folder -> GGUF (Q4_K_M, Q8_0, Q4_0) end to end vs llama.cpp's convert + quantize, `--help` and
+# `inspect` costs: tests/bench/results/speed.md (needs `make llama-cpp`).
+bench-speed: model llama-cpp
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/speed_bench.py --out tests/bench/results
 
 clean:
 	rm -rf $(CACHE)/demo
