@@ -10,14 +10,14 @@ MODEL_DIR := $(CACHE)/SmolLM2-135M-Instruct-bf16
 DEMO_OUT := $(CACHE)/demo/SmolLM2-135M-Instruct-rtn-w4g64
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: setup model demo test bench clean llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv llmcompressor-venv aqlm-venv
+.PHONY: setup model demo test bench bench-speed clean llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv llmcompressor-venv aqlm-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 # torch first, pinned, so pip takes the local CPU build instead of downloading a CUDA one.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml setup.py qtool/kernels/_ggml_blocks.c | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
@@ -115,6 +115,11 @@ test: setup llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv aq
 
 bench: model otf-venv hqq-quanto-quark-venv
 	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/run_bench.py --otf --out tests/bench/results
+
+# HF folder -> GGUF (Q4_K_M, Q8_0, Q4_0) end to end vs llama.cpp's convert + quantize, `--help` and
+# `inspect` costs: tests/bench/results/speed.md (needs `make llama-cpp`).
+bench-speed: model llama-cpp
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/speed_bench.py --out tests/bench/results
 
 clean:
 	rm -rf $(CACHE)/demo

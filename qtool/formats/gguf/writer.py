@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from gguf.gguf_writer import GGUFValue
 
-from qtool import __version__
+from qtool import __version__, kernels
 from qtool.config import QuantRecipe
 from qtool.core.qweight import QuantizedWeight
 from qtool.errors import FormatError, UnsupportedError, UsageError
@@ -74,9 +74,10 @@ _TORCH_FLOATS = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloa
 
 
 def _quantize_rows(rows: torch.Tensor, qtype: T, importance: torch.Tensor | None = None) -> np.ndarray:
-    """[rows, cols] float32 -> uint8 [rows, bytes_per_row], llama.cpp's block bytes."""
+    """[rows, cols] float32 -> uint8 [rows, bytes_per_row], llama.cpp's block bytes (the kernels'
+    `gguf_quantize`: the C backend where built and applicable, else quants.quantize_tensor)."""
     if qtype in quants.SUPPORTED:
-        return np.ascontiguousarray(quants.quantize_tensor(rows, qtype, imatrix=importance))
+        return np.ascontiguousarray(kernels.call("gguf_quantize", rows, qtype, importance))
     raise UnsupportedError(f"--format gguf: no quantizer for {qtype.name} is available")
 
 
@@ -86,7 +87,7 @@ def _encode_chunk(xf: torch.Tensor, qtype: T, importance: torch.Tensor | None = 
         h = xf.to(_TORCH_FLOATS[qtype])
         return (h if qtype == T.F32 else h.view(torch.int16)).numpy(), h.float()
     data = _quantize_rows(xf, qtype, importance)
-    return data, torch.from_numpy(gguf.quants.dequantize(data, qtype)).reshape(xf.shape)
+    return data, torch.from_numpy(kernels.call("gguf_dequantize", data, qtype)).reshape(xf.shape)
 
 
 def encode(x: torch.Tensor, qtype: T, importance: torch.Tensor | None = None) -> tuple[np.ndarray, tuple[float, float] | None]:
@@ -108,11 +109,18 @@ def encode(x: torch.Tensor, qtype: T, importance: torch.Tensor | None = None) ->
     parts, signal, noise = [], 0.0, 0.0
     for i in range(0, rows.shape[0], step):
         xf = rows[i : i + step].float()
-        data, recon = _encode_chunk(xf, qtype, importance)
+        if qtype in _TORCH_FLOATS:
+            data, recon = _encode_chunk(xf, qtype, importance)
+            err = None if exact else (torch.linalg.vector_norm(xf).item() ** 2,
+                                      torch.linalg.vector_norm(xf - recon).item() ** 2)
+        elif qtype in quants.SUPPORTED:  # the C kernel where built (errors summed in float64), else torch
+            data, err = kernels.call("gguf_quantize_error", xf, qtype, importance)
+        else:
+            raise UnsupportedError(f"--format gguf: no quantizer for {qtype.name} is available")
         parts.append(np.ascontiguousarray(data))
-        if not exact:
-            signal += torch.linalg.vector_norm(xf).item() ** 2
-            noise += torch.linalg.vector_norm(xf - recon).item() ** 2
+        if err is not None:
+            signal += err[0]
+            noise += err[1]
     data = np.concatenate(parts) if len(parts) > 1 else parts[0]
     return data.reshape(*x.shape[:-1], -1), None if exact else (signal, noise)
 
