@@ -73,6 +73,7 @@ class RunReport:
     calibration: dict | None = None  # provenance of the calibration windows (calibration methods)
     eval: dict | None = None  # `--eval`: qtool eval's figures for the output against the input model
     published: dict | None = None  # `--push-to-hub`: repo, url, commit, files uploaded
+    distributed: dict | None = None  # several processes: world size, backend, bytes all-reduced (rank 0's share)
     notes_extra: list[str] = field(default_factory=list, repr=False)  # run-level notes, ahead of per-layer ones
 
     @property
@@ -503,6 +504,7 @@ def run(
     if checkpoint is not None:
         checkpoint.discard()
     comm.barrier(what="the end of the run")
+    report.distributed = comm.summary() if comm.active else None
     report.output_bytes = _size(out)
     report.seconds = time.perf_counter() - t0
     return report
@@ -676,6 +678,7 @@ class CalibrationReport:
     hessians: bool = True
     calibration: dict | None = None
     imatrix: str | None = None  # llama.cpp importance-matrix file written beside the stats, if asked
+    distributed: dict | None = None  # several processes: world size, backend, bytes all-reduced (rank 0's share)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -751,6 +754,7 @@ def calibrate(
                       chunk_size=calib.seq_len, overwrite=overwrite)
         report.imatrix = str(imatrix_out)
     comm.barrier(what="the end of the run")
+    report.distributed = comm.summary() if comm.active else None
     report.modules = len(modules)
     report.distinct_inputs = len({e["owner"] for e in modules.values()})
     report.output_bytes = _size(out)

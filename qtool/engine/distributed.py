@@ -138,6 +138,11 @@ class Comm:
                 raise UsageError(f"ranks disagree on the {what}: rank {r} differs from rank 0 in "
                                  f"{_describe(diff, _lookup(other, diff), _lookup(records[0], diff)).replace('in the checkpoint', f'on rank {r}').replace(' now', ' on rank 0')}")
 
+    def summary(self) -> dict:
+        """For the run report: what this rank took part in."""
+        return {"world_size": self.world, "backend": self.backend, "bytes_all_reduced": self.bytes_reduced,
+                "collectives": self.collectives}
+
     def close(self) -> None:
         if self.active:
             import torch.distributed as dist

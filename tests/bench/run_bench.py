@@ -17,6 +17,10 @@ GGUF section (gguf_bench.py; skip with --no-gguf, run alone with --gguf-only): q
 against llama.cpp's convert_hf_to_gguf.py + llama-quantize: end-to-end time and peak RSS, 1.1 B
 peak RSS, and llama-perplexity of each mixture (Q8_0 ... Q2_K, Q4_0) for both tools' files.
 
+Distributed section (dist_bench.py; optional, --dist, or run alone with dist_bench.py): 1 vs 2
+processes (`--nproc 2`) on SmolLM2: wall time, peak RSS per rank, bytes all-reduced per block,
+identical bytes; the 8B / 70B on 8 GPUs estimate from those figures.
+
 Calibration section (calib_bench.py; skip with --no-calibration, run alone with calib_bench.py): time,
 peak RSS and file size of `qtool calibrate` (32 x 512 tokens) on SmolLM2 and on the random 1.1 B
 Llama, against the 3 GiB budget.
@@ -48,6 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gguf_bench  # noqa: E402
 import calib_bench  # noqa: E402
+import dist_bench  # noqa: E402
 import gptq_bench  # noqa: E402
 from measure import Measured, run_measured  # noqa: E402
 from random_llama import build as build_random_llama  # noqa: E402
@@ -329,6 +334,8 @@ def markdown(results: dict) -> str:
         lines += ["", gptq_bench.markdown(results["gptq"]).rstrip("\n")]
     if results.get("calibration"):
         lines += ["", calib_bench.markdown(results["calibration"]).rstrip("\n")]
+    if results.get("distributed"):
+        lines += ["", dist_bench.markdown(results["distributed"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -380,6 +387,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gptq-only", action="store_true",
                     help="run only the GPTQ section; merge it into --out/results.json of an earlier run if there is one")
     ap.add_argument("--no-calibration", action="store_true", help="leave out the `qtool calibrate` rows (run alone: calib_bench.py)")
+    ap.add_argument("--dist", action="store_true", help="add the 1-vs-2-processes section (optional; run alone: dist_bench.py)")
     ap.add_argument("--gptq-samples", type=int, default=gptq_bench.DEFAULT_SAMPLES,
                     help=f"GPTQ calibration windows (default {gptq_bench.DEFAULT_SAMPLES})")
     ap.add_argument("--gptq-seq-len", type=int, default=gptq_bench.DEFAULT_SEQ_LEN,
@@ -434,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         results["gptq"] = run_gptq(args, model, text, work)
     if not args.no_calibration:
         results["calibration"] = calib_bench.run_calibration_section(model, text, work, qtool_exe(), child_env(), skip_1b=args.skip_1b)
+    if args.dist:
+        results["distributed"] = dist_bench.run_dist_section(model, text, work / "dist", qtool_exe(), child_env())
     results["bench_seconds"] = time.perf_counter() - t0
     return write_results(args.out, results)
 
