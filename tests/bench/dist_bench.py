@@ -127,6 +127,16 @@ def run_pair(label: str, command: str, flags: list[str], leaf: str, calibrated: 
         _remove(out)
     if len(digests) == 2:
         row["identical"] = digests[1] == digests[2]
+        if not row["identical"]:  # one process with the threads each rank had (the launcher gives each cores / N)
+            threads = str(max(1, (os.cpu_count() or 1) // 2))
+            out = work / f"dist-n1t-{leaf}"
+            _remove(out)
+            cmd = [qtool, command, str(model), *flags, "-o", str(out), "--json", "-q"] + (["--dataset", str(text)] if calibrated else [])
+            done, wall, _ = run_sampled(cmd, {**env, "OMP_NUM_THREADS": threads})
+            if done.returncode == 0:
+                row["one_process_threads_per_rank"] = {"threads": int(threads), "seconds": round(wall, 1),
+                                                       "identical": _digest(out) == digests[2]}
+            _remove(out)
     return row
 
 
@@ -163,11 +173,12 @@ def scaling_notes(rows: list[dict], cores: int) -> list[str]:
     return notes
 
 
-def run_dist_section(model: Path, text: Path, work: Path, qtool: str, env: dict) -> dict:
+def run_dist_section(model: Path, text: Path, work: Path, qtool: str, env: dict, rows: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     cfg = json.loads((model / "config.json").read_text())
     blocks = int(cfg["num_hidden_layers"])
-    rows = [run_pair(*r, model=model, text=text, work=work, qtool=qtool, env=env, blocks=blocks) for r in RUNS]
+    rows = [run_pair(*r, model=model, text=text, work=work, qtool=qtool, env=env, blocks=blocks) for r in RUNS
+            if rows is None or r[0] in rows]
     return {"rows": rows, "notes": scaling_notes(rows, os.cpu_count() or 1), "samples": SAMPLES, "seq_len": SEQ_LEN}
 
 
@@ -185,8 +196,12 @@ def markdown(section: dict) -> str:
         rss2 = ", ".join(f"{v / MIB:.0f}" for _, v in sorted(two["peak_rss_per_rank_bytes"].items()))
         vol = f"{two['bytes_all_reduced_per_block'] / MIB:.1f} MiB" if two.get("bytes_all_reduced_per_block") else \
             f"none ({two['collectives']} gathers to rank 0)"
-        lines.append(f"| {r['row']} | {one['seconds']:.1f} s | {two['seconds']:.1f} s | {rss1:.0f} MiB | {rss2} MiB | {vol} | "
-                     f"{'yes' if r.get('identical') else 'NO'} |")
+        same = "yes" if r.get("identical") else "NO"
+        if not r.get("identical") and r.get("one_process_threads_per_rank"):
+            t = r["one_process_threads_per_rank"]
+            same += (f" (vs 1 process at {t['threads']} thread, as each rank: {'yes' if t['identical'] else 'NO'}; one process "
+                     "at 2 vs 1 threads differs itself)")
+        lines.append(f"| {r['row']} | {one['seconds']:.1f} s | {two['seconds']:.1f} s | {rss1:.0f} MiB | {rss2} MiB | {vol} | {same} |")
     lines += [""] + [f"- {n}" for n in section.get("notes", [])]
     return "\n".join(lines) + "\n"
 
@@ -197,11 +212,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=run_bench.REPO / "tests/bench/results")
     ap.add_argument("--datasets", type=Path, default=run_bench.REPO.parent / "shared/datasets")
+    ap.add_argument("--rows", default=None, help="comma-separated row labels to (re)run, merged into --out/distributed.json")
     args = ap.parse_args(argv)
     model = run_bench.cache_dir() / "SmolLM2-135M-Instruct-bf16"
     work = run_bench.cache_dir() / "bench" / "dist"
     work.mkdir(parents=True, exist_ok=True)
-    section = run_dist_section(model, args.datasets / run_bench.TEXT_FILE, work, run_bench.qtool_exe(), run_bench.child_env())
+    section = run_dist_section(model, args.datasets / run_bench.TEXT_FILE, work, run_bench.qtool_exe(), run_bench.child_env(),
+                               rows=args.rows.split(",") if args.rows else None)
+    kept = args.out / "distributed.json"
+    if args.rows and kept.is_file():  # the rows not rerun, as the earlier run measured them
+        old = {r["row"]: r for r in json.loads(kept.read_text())["rows"]}
+        new = {r["row"]: r for r in section["rows"]}
+        section["rows"] = [new.get(r, old.get(r)) for r in dict.fromkeys([*old, *new])]
+        section["notes"] = scaling_notes(section["rows"], os.cpu_count() or 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "distributed.json").write_text(json.dumps(section, indent=2) + "\n")  # kept even if the merge fails
     print(markdown(section))
