@@ -17,6 +17,10 @@ GGUF section (gguf_bench.py; skip with --no-gguf, run alone with --gguf-only): q
 against llama.cpp's convert_hf_to_gguf.py + llama-quantize: end-to-end time and peak RSS, 1.1 B
 peak RSS, and llama-perplexity of each mixture (Q8_0 ... Q2_K, Q4_0) for both tools' files.
 
+Distributed section (dist_bench.py; optional, --dist, or run alone with dist_bench.py): 1 vs 2
+processes (`--nproc 2`) on SmolLM2: wall time, peak RSS per rank, bytes all-reduced per block,
+identical bytes; the 8B / 70B on 8 GPUs estimate from those figures.
+
 Calibration section (calib_bench.py; skip with --no-calibration, run alone with calib_bench.py): time,
 peak RSS and file size of `qtool calibrate` (32 x 512 tokens) on SmolLM2 and on the random 1.1 B
 Llama, against the 3 GiB budget.
@@ -58,6 +62,7 @@ import gguf_bench  # noqa: E402
 import arch_bench  # noqa: E402
 import otf_bench  # noqa: E402
 import calib_bench  # noqa: E402
+import dist_bench  # noqa: E402
 import gptq_bench  # noqa: E402
 import awq_bench  # noqa: E402
 from measure import Measured, run_measured  # noqa: E402
@@ -346,6 +351,8 @@ def markdown(results: dict) -> str:
         lines += ["", arch_bench.markdown(results["arch"]).rstrip("\n")]
     if results.get("otf"):
         lines += ["", otf_bench.markdown(results["otf"]).rstrip("\n")]
+    if results.get("distributed"):
+        lines += ["", dist_bench.markdown(results["distributed"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -407,6 +414,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--otf-cases", default=None, help=f"comma-separated subset of {', '.join(otf_bench.CASES)}")
     ap.add_argument("--aqlm", action="store_true", help="add the AQLM ~2-bit section (aqlm_bench.py; hours on a 2-core CPU)")
     ap.add_argument("--no-calibration", action="store_true", help="leave out the `qtool calibrate` rows (run alone: calib_bench.py)")
+    ap.add_argument("--dist", action="store_true", help="add the 1-vs-2-processes section (optional; run alone: dist_bench.py)")
     ap.add_argument("--gptq-samples", type=int, default=gptq_bench.DEFAULT_SAMPLES,
                     help=f"GPTQ calibration windows (default {gptq_bench.DEFAULT_SAMPLES})")
     ap.add_argument("--gptq-seq-len", type=int, default=gptq_bench.DEFAULT_SEQ_LEN,
@@ -489,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         import aqlm_bench
 
         results["aqlm"] = aqlm_bench.run_section(model, text, work / "aqlm", samples=32, seq_len=512, windows=args.windows)
+    if args.dist:
+        results["distributed"] = dist_bench.run_dist_section(model, text, work / "dist", qtool_exe(), child_env())
     results["bench_seconds"] = time.perf_counter() - t0
     return write_results(args.out, results)
 

@@ -420,12 +420,7 @@ class GGUFWriter(FormatWriter):
         if recipe is not None:
             self.check_recipe(recipe)
         self.out = Path(out)
-        self.entries = self.plan(source, recipe)
-        self._routes: dict[str, list[tuple[Entry, int]]] = {}
-        for e in self.entries:
-            for i, s in enumerate(e.sources):
-                self._routes.setdefault(s, []).append((e, i))
-        self._next = 0
+        self.prepare(source, recipe)
         w = _KVWriter(path=None, arch=self.spec.name)
         self._metadata(w, source)
         for e in self.entries:
@@ -439,6 +434,17 @@ class GGUFWriter(FormatWriter):
             if e.const is not None:
                 e.data[0] = encode(e.const, e.qtype)[0]
         self._flush()
+
+    def prepare(self, source: CheckpointSource, recipe: QuantRecipe | None) -> None:
+        """The plan and each source tensor's routes, without a file: what begin() starts from, and
+        all that the other ranks of a run over several processes need to encode their share of
+        the tensors (encode_tensor) for rank 0 to write (put_encoded)."""
+        self.entries = self.plan(source, recipe)
+        self._routes: dict[str, list[tuple[Entry, int]]] = {}
+        for e in self.entries:
+            for i, s in enumerate(e.sources):
+                self._routes.setdefault(s, []).append((e, i))
+        self._next = 0
 
     def _metadata(self, w: gguf.GGUFWriter, source: CheckpointSource) -> None:
         shared = sum(math.prod(e.shape) for e in self.entries if "_exps." not in e.name)
@@ -512,16 +518,32 @@ class GGUFWriter(FormatWriter):
         return replace(qw, codes=rows(qw.codes), scale=rows(qw.scale), zero_point=rows(qw.zero_point))
 
     def add_tensor(self, name: str, t: torch.Tensor) -> TensorOutcome | None:
-        routes = self._routes.pop(name, None)
+        return self.put_encoded(name, self.encode_tensor(name, t))
+
+    def takes(self, name: str) -> bool:
+        """Does the plan encode the source tensor `name` (still to come)?"""
+        return name in self._routes
+
+    def encode_tensor(self, name: str, t: torch.Tensor) -> list | None:
+        """The encoded blocks of every entry part the source tensor `name` feeds, in route order
+        (None: a tensor the plan skips); the writer's state is unchanged."""
+        routes = self._routes.get(name)
         if routes is None:
             if name in self.skipped:
                 return None
             raise FormatError(f"--format gguf: tensor {name} was not in the plan (or came twice)")
+        return [encode(entry.apply(t), entry.qtype, self._importance(entry, part)) for entry, part in routes]
+
+    def put_encoded(self, name: str, encoded: list | None) -> TensorOutcome | None:
+        """encode_tensor's result for `name` into the file order (written as soon as it is next)."""
+        if encoded is None:
+            return None
+        routes = self._routes.pop(name, None)
+        if routes is None:
+            raise FormatError(f"--format gguf: tensor {name} was not in the plan (or came twice)")
         signal = noise = 0.0
         bits, kinds, notes, counted = 0, [], [], False
-        for entry, part in routes:
-            y = entry.apply(t)
-            data, err = encode(y, entry.qtype, self._importance(entry, part))
+        for (entry, part), (data, err) in zip(routes, encoded):
             entry.data[part] = data
             if mx.allows_quantization(entry.name, entry.ne):
                 counted = True
