@@ -342,6 +342,20 @@ class BlockRunner:
         self.hidden = outputs
 
 
+def group_hessians(block: torch.nn.Module, inputs, group: list[str], stop_after: str | None) -> "HessianCollector":
+    """One pass of `inputs` through `block` collecting the Hessians of the linears in `group` (cut short
+    after `stop_after`); a linear the forward never called is an UnsupportedError naming it."""
+    collector = HessianCollector({m: block.get_submodule(m) for m in group}, stop_after=stop_after)
+    try:
+        inputs.run(block, before_each=collector.new_pass)
+    finally:
+        collector.remove()
+    for m in group:
+        if m not in collector.owner:
+            raise UnsupportedError(f"{inputs.prefix}.{m}.weight: the model's forward never called this layer on the calibration data")
+    return collector
+
+
 def groups_from_probe(block: torch.nn.Module, modules: list[str], run_probe) -> tuple[list[list[str]], dict[str, str]]:
     """`modules` (linears of `block`) grouped by shared input, in the order the forward reaches
     them, and each one's group owner; `run_probe(before_each)` runs one sample through the block.

@@ -256,7 +256,7 @@ class AQLMMethod(BlockMethod):
         """True-sequential like GPTQ: per input group (q/k/v, o, gate/up, down), the Hessians from a
         pass in which the groups before it hold their coded weights."""
         from qtool.engine.block_engine import input_groups
-        from qtool.engine.blockwise import HessianCollector
+        from qtool.engine.blockwise import group_hessians
 
         groups, _ = input_groups(block, inputs, list(specs))
         result = BlockResult({})
@@ -270,14 +270,8 @@ class AQLMMethod(BlockMethod):
 
         for gi, group in enumerate(groups):
             last = group[-1] if len(groups) > 1 else None
-            collector = HessianCollector({m: block.get_submodule(m) for m in group}, stop_after=last)
-            try:
-                inputs.run(block, before_each=collector.new_pass)
-            finally:
-                collector.remove()
+            collector = group_hessians(block, inputs, group, last)
             for m in group:
-                if m not in collector.owner:
-                    raise UnsupportedError(f"{inputs.prefix}.{m}.weight: the model's forward never called this layer on the calibration data")
                 lin = block.get_submodule(m)
                 progress(done, total, f"{m} k-means init")
                 qw, st = self.quantize_with_stats(lin.weight.detach(), specs[m], collector.hessian(m),
