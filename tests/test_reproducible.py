@@ -1,5 +1,6 @@
 """Reproducible outputs: the same input files, recipe, seed and qtool version give byte-identical
-outputs across runs and thread counts (1 and 2 threads), for every format; the provenance names
+outputs across runs and thread counts (1 and 2 threads), for every format on tiny models (on SmolLM2, calibration
+methods can differ between thread counts: float32 matmul sums in a thread-dependent order; README); the provenance names
 the input hashes, versions and recipe."""
 
 from __future__ import annotations
