@@ -43,9 +43,9 @@ def run_section(model: Path, text: Path, work: Path, *, samples: int, seq_len: i
                 only: list[str] | None = None, aqlm_steps: int = 2) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     rows = {}
-    for name, args in configs(aqlm_steps).items():
-        if only and name not in only:
-            continue
+    table = configs(aqlm_steps)
+    for name in only or list(table):  # --only also sets the order (the cheap rows first, when time is short)
+        args = table[name]
         cmd = [sys.executable, "-m", "qtool", "quantize", str(model), *args, "--dataset", str(text), "--samples", str(samples),
                "--seq-len", str(seq_len), "--eval", "--eval-windows", str(windows), "--eval-seq-len", str(seq_len),
                "-o", str(work / name), "--overwrite", "--json"]
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--aqlm-steps", type=int, default=2)
-    ap.add_argument("--only", default="", help="comma-separated rows: aqlm-2x8, aqlm-1x16, gptq-w2g64, autoround-w2g64")
+    ap.add_argument("--only", default="", help="comma-separated rows, run in this order: aqlm-2x8, aqlm-1x16, gptq-w2g64, autoround-w2g64")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     res = run_section(a.model, a.datasets / TEXT, a.out / "work", samples=a.samples, seq_len=a.seq_len, windows=a.windows,
