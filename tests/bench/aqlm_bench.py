@@ -40,7 +40,7 @@ def configs(aqlm_steps: int) -> dict[str, list[str]]:
 
 
 def run_section(model: Path, text: Path, work: Path, *, samples: int, seq_len: int, windows: int,
-                only: list[str] | None = None, aqlm_steps: int = 2) -> dict:
+                only: list[str] | None = None, aqlm_steps: int = 2, partial: Path | None = None) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     rows = {}
     table = configs(aqlm_steps)
@@ -55,12 +55,13 @@ def run_section(model: Path, text: Path, work: Path, *, samples: int, seq_len: i
         if m.returncode == 0:
             rep = json.loads(m.stdout[m.stdout.index("{"):])
             ev = rep.get("eval") or {}
-            row.update(bpw=rep.get("bpw_quantized"), ppl=(ev.get("candidate") or ev).get("perplexity"),
-                       ppl_base=(ev.get("base") or {}).get("perplexity"), eval=ev)
+            row.update(bpw=rep.get("bpw_quantized"), ppl=ev.get("perplexity"), ppl_base=ev.get("base_perplexity"), eval=ev)
         else:
             row["error"] = m.stderr[-500:]
         rows[name] = row
         print(json.dumps({name: {k: v for k, v in row.items() if k != "eval"}}), flush=True)
+        if partial is not None:  # each row kept as soon as it is measured (a long run may be cut off)
+            partial.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     uniform = [r for n, r in rows.items() if not n.startswith("aqlm") and r.get("ppl")]
     for n, r in rows.items():
         if n.startswith("aqlm") and r.get("ppl") and uniform:
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     res = run_section(a.model, a.datasets / TEXT, a.out / "work", samples=a.samples, seq_len=a.seq_len, windows=a.windows,
-                      only=[x for x in a.only.split(",") if x], aqlm_steps=a.aqlm_steps)
+                      only=[x for x in a.only.split(",") if x], aqlm_steps=a.aqlm_steps, partial=a.out / "aqlm.partial.json")
     (a.out / "aqlm.json").write_text(json.dumps(res, indent=1) + "\n")
     return 0
 
