@@ -29,8 +29,8 @@ TEXT = "wikitext2-valid.txt"
 BLOCKS = 30  # SmolLM2-135M decoder blocks
 
 
-def configs(aqlm_steps: int, autoround_iters: int | None = None) -> dict[str, list[str]]:
-    a = ["-m", "aqlm", "-f", "aqlm", "--steps", str(aqlm_steps)]
+def configs(aqlm_steps: int, autoround_iters: int | None = None, aqlm_args: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    a = ["-m", "aqlm", "-f", "aqlm", "--steps", str(aqlm_steps), *aqlm_args]
     return {
         "aqlm-2x8": [*a, "--codebooks", "2", "--codebook-bits", "8"],
         "aqlm-1x16": [*a, "--codebooks", "1", "--codebook-bits", "16", "--kmeans-iters", "3"],
@@ -42,10 +42,10 @@ def configs(aqlm_steps: int, autoround_iters: int | None = None) -> dict[str, li
 
 def run_section(model: Path, text: Path, work: Path, *, samples: int, seq_len: int, windows: int,
                 only: list[str] | None = None, aqlm_steps: int = 2, partial: Path | None = None,
-                autoround_iters: int | None = None) -> dict:
+                autoround_iters: int | None = None, aqlm_args: tuple[str, ...] = ()) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     rows = {}
-    table = configs(aqlm_steps, autoround_iters)
+    table = configs(aqlm_steps, autoround_iters, aqlm_args)
     for name in only or list(table):  # --only also sets the order (the cheap rows first, when time is short)
         args = table[name]
         cmd = [sys.executable, "-m", "qtool", "quantize", str(model), *args, "--dataset", str(text), "--samples", str(samples),
@@ -69,7 +69,7 @@ def run_section(model: Path, text: Path, work: Path, *, samples: int, seq_len: i
         if n.startswith("aqlm") and r.get("ppl") and uniform:
             r["goal_met"] = all(r["ppl"] < u["ppl"] and r["bpw"] <= u["bpw"] for u in uniform)
     return {"settings": {"samples": samples, "seq_len": seq_len, "windows": windows, "aqlm_steps": aqlm_steps,
-                         "autoround_iters": autoround_iters}, "rows": rows}
+                         "autoround_iters": autoround_iters, "aqlm_args": list(aqlm_args)}, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,13 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--aqlm-steps", type=int, default=2)
+    ap.add_argument("--aqlm-args", default="", help="more -m aqlm options for the AQLM rows, e.g. '--codebook-steps 10 --beam 4'")
     ap.add_argument("--autoround-iters", type=int, default=None, help="autoround's --iters (default: its own, 200)")
     ap.add_argument("--only", default="", help="comma-separated rows, run in this order: aqlm-2x8, aqlm-1x16, gptq-w2g64, autoround-w2g64")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     res = run_section(a.model, a.datasets / TEXT, a.out / "work", samples=a.samples, seq_len=a.seq_len, windows=a.windows,
                       only=[x for x in a.only.split(",") if x], aqlm_steps=a.aqlm_steps, partial=a.out / "aqlm.partial.json",
-                      autoround_iters=a.autoround_iters)
+                      autoround_iters=a.autoround_iters, aqlm_args=tuple(a.aqlm_args.split()))
     (a.out / "aqlm.json").write_text(json.dumps(res, indent=1) + "\n")
     return 0
 
