@@ -21,12 +21,16 @@ FAST = ["-m", "aqlm", "-f", "aqlm", "--steps", "1", "--codebook-steps", "10", "-
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, wiki_sample):
+def tiny(tmp_path_factory) -> Path:
     from tiny_models import build_tiny_with_byte_tokenizer
 
+    return build_tiny_with_byte_tokenizer(tmp_path_factory.mktemp("aqlm_ft_src") / "tiny", hidden_size=64, intermediate_size=128,
+                                          num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, wiki_sample, tiny):
     root = tmp_path_factory.mktemp("aqlm_ft")
-    tiny = build_tiny_with_byte_tokenizer(root / "tiny", hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                          num_key_value_heads=2, num_hidden_layers=2)
     outs = {}
     # lr 1e-3: with 8 samples (4 Adam steps) the default 1e-4 moves the norms by less than a bf16 ulp
     for name, extra in {"plain": [], "finetune": ["--finetune", "--finetune-lr", "1e-3"]}.items():
@@ -70,8 +74,13 @@ def test_finetune_lowers_the_block_output_error_with_the_codes_fixed(runs, wiki_
     assert torch.equal(rest_p["model.norm.weight"], rest_t["model.norm.weight"])  # outside the blocks: untouched
 
 
-def test_finetune_parameters_are_checked(tmp_path, wiki_sample, runs):
-    tiny, _ = runs
+def test_finetune_parameters_are_checked(tmp_path, wiki_sample, tiny):
     for args, word in ((["--finetune-epochs", "0"], "--finetune-epochs"), (["--finetune-lr", "5"], "--finetune-lr")):
         r = invoke_cli("quantize", tiny, *FAST, "--finetune", *args, "--dataset", wiki_sample, *CALIB, "-o", tmp_path / "x")
         assert r.exit_code == 2 and word in r.output, r.output
+    # statistics alone (`qtool calibrate`) hold no block inputs to tune on: refused before any work
+    r = invoke_cli("calibrate", tiny, "--dataset", wiki_sample, *CALIB, "-o", tmp_path / "st.safetensors", "-q")
+    assert r.exit_code == 0, r.output
+    r = invoke_cli("quantize", tiny, *FAST, "--finetune", "--stats", tmp_path / "st.safetensors", "-o", tmp_path / "y")
+    assert r.exit_code == 2 and "need calibration data run through the model" in r.output, r.output
+    assert not (tmp_path / "y").exists()
