@@ -80,8 +80,8 @@ def export(
         notes.append(f"from {source.layout.label}: {kept}")
     elif isinstance(source, DequantizedSource):
         notes.append(f"from {source.method}: dequantized" + (" (float32)" if exact else ""))
-    if writer_cls.self_quantizing and report.layers:  # the error the re-quantization added, per tensor
-        full = report.to_dict()
+    full = report.to_dict()
+    if writer_cls.self_quantizing and full["sqnr_db_min"] is not None:  # the error the re-quantization added, per tensor
         worst = min(report.layers, key=lambda r: r.sqnr_db)
         d.update(sqnr_db_mean=full["sqnr_db_mean"], sqnr_db_min=full["sqnr_db_min"],
                  layers=[{"name": r["name"], "type": r["strategy"], "sqnr_db": r["sqnr_db"]} for r in full["layers"]])
