@@ -653,7 +653,9 @@ def check_calibration_flags(recipe: QuantRecipe, method_cls) -> None:
         if recipe.stats:
             if hasattr(method_cls, "uses_stats") and not method_cls.uses_stats:
                 raise UsageError(f"--stats: --method {recipe.method} needs calibration data run through the model (give --dataset)")
-            method_cls(**params)
+            if getattr(method_cls(**params), "wants_targets", False):  # e.g. -m aqlm --finetune
+                raise UsageError(f"--stats: --method {recipe.method} with these options tunes against the float blocks' "
+                                 "outputs, which need calibration data run through the model (give --dataset)")
             return
         if not recipe.dataset:
             raise UsageError(f"--method {recipe.method} needs calibration data: give --dataset FILE|RECIPE|HUB_ID (e.g. wikitext2) "

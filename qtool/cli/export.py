@@ -12,6 +12,7 @@ from qtool.cli._app import ProgressDisplay, handle_errors, human_bytes, out, pri
 from qtool.errors import UnsupportedError, UsageError
 from qtool.formats import FORMATS
 from qtool.convert import plan_repack
+from qtool.model.dequantized_source import DequantizedSource
 from qtool.model.quantized_source import QuantizedSource, open_quantized
 from qtool.model.resolve import open_source
 from qtool.pipeline import run
@@ -56,7 +57,10 @@ def export(
         raise UsageError("--out/-o is required for export")
     publish = check_push_flags(push_to_hub, token, private, push_branch, overwrite)  # before any weight is read
     writer = writer_cls(dtype=DTYPES[dtype.lower()] if dtype else None, type=gguf_type, imatrix=imatrix)
-    with open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as raw:
+    # a writer that re-quantizes (GGUF types) starts from the exact float32 dequantization of a
+    # quantized checkpoint, so the error it reports is the one added to that checkpoint's weights
+    exact = torch.float32 if writer_cls.self_quantizing else None
+    with open_source(model, revision=revision, token=token, allow_pickle=allow_pickle, dequantize_dtype=exact) as raw:
         source = open_quantized(raw)  # a quantized folder: layers dequantized, or repacked as stored
         recipe = method = None
         if repack and not isinstance(source, QuantizedSource):
@@ -74,6 +78,15 @@ def export(
     if isinstance(source, QuantizedSource):
         kept = f"codes kept exactly ({len(report.layers)} layers)" if repack else "dequantized"
         notes.append(f"from {source.layout.label}: {kept}")
+    elif isinstance(source, DequantizedSource):
+        notes.append(f"from {source.method}: dequantized" + (" (float32)" if exact else ""))
+    full = report.to_dict()
+    if writer_cls.self_quantizing and full["sqnr_db_min"] is not None:  # the error the re-quantization added, per tensor
+        worst = min(report.layers, key=lambda r: r.sqnr_db)
+        d.update(sqnr_db_mean=full["sqnr_db_mean"], sqnr_db_min=full["sqnr_db_min"],
+                 layers=[{"name": r["name"], "type": r["strategy"], "sqnr_db": r["sqnr_db"]} for r in full["layers"]])
+        notes.append(f"{report.format} re-quantization error vs the source weights: SQNR mean {full['sqnr_db_mean']} dB, "
+                     f"worst {full['sqnr_db_min']} dB ({worst.name}), {len(report.layers)} tensors")
     if json_out:
         print_json({**d, "notes": notes} if notes else d)
     else:

@@ -17,6 +17,8 @@ calibration Hessian H = XᵀX (§3, eq. 2), damped by `damp` · mean(diag H). Ro
      b. codebooks and scales: `codebook_steps` Adam steps on the relative objective, codes fixed; a
         round whose update produces NaN/Inf is reverted (reported in the layer's stats);
   3. codebooks and scales rounded to float16 (what is stored), then one more code sweep on those.
+With --finetune, once every linear of a block is coded: codebooks, scales and norms tuned against the
+float block's outputs, codes fixed (§3.4; methods/aqlm_finetune.py).
 
 Slow by nature (the 1x16 code search scores 65,536 vectors per group and row): progress per layer and
 round with an ETA for the block; the block engine checkpoints after every block (--resume).
@@ -52,6 +54,10 @@ class AQLMParams(MethodParams):
     codebook_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of codebooks and scales."})
     kmeans_iters: int = field(default=8, metadata={"help": "Lloyd iterations of the k-means codebook initialisation."})
     damp: float = field(default=0.01, metadata={"help": "Damping, a fraction of mean(diag H) added to its diagonal."})
+    finetune: bool = field(default=False, metadata={"help": "After a block is coded, tune its codebooks, scales and norms (codes fixed) against the float block's outputs on the calibration inputs (Adam)."})
+    finetune_epochs: int = field(default=2, metadata={"help": "--finetune: passes over the calibration samples per block."})
+    finetune_lr: float = field(default=1e-4, metadata={"help": "--finetune: Adam learning rate."})
+    finetune_batch: int = field(default=4, metadata={"help": "--finetune: calibration samples per Adam step."})
 
     def __post_init__(self) -> None:
         if not 1 <= self.codebooks <= 8:
@@ -63,6 +69,11 @@ class AQLMParams(MethodParams):
         for name, v in (("beam", self.beam), ("kmeans_iters", self.kmeans_iters)):
             if v < 1:
                 raise UsageError(f"--{name.replace('_', '-')} {v}: must be >= 1")
+        for name, v in (("finetune_epochs", self.finetune_epochs), ("finetune_batch", self.finetune_batch)):
+            if v < 1:
+                raise UsageError(f"--{name.replace('_', '-')} {v}: must be >= 1")
+        if not 0 < self.finetune_lr < 1:
+            raise UsageError(f"--finetune-lr {self.finetune_lr}: expected a small positive rate, e.g. 1e-4")
         for name, v in (("steps", self.steps), ("codebook_steps", self.codebook_steps)):
             if v < 0:
                 raise UsageError(f"--{name.replace('_', '-')} {v}: must be >= 0")
@@ -243,6 +254,7 @@ class AQLMMethod(BlockMethod):
 
     def __init__(self, **params: object) -> None:
         self.params = AQLMParams(**params)  # type: ignore[arg-type]
+        self.wants_targets = self.params.finetune  # the float block's outputs, for --finetune
 
     def quantize_with_stats(self, w: torch.Tensor, spec: LayerSpec, H: torch.Tensor,
                             on_round=lambda r, total, rel: None) -> tuple[CodebookWeight, AQLMStats]:
@@ -284,5 +296,36 @@ class AQLMMethod(BlockMethod):
                     result.notes.append(f"aqlm: NaN/Inf in a codebook update; the round was reverted ({m})")
                 done += max(1, self.params.steps)
             del collector
+        if self.params.finetune:
+            self._finetune(block, inputs, specs, targets, result, progress)
         progress(total, total, "")
         return result
+
+    def _finetune(self, block, inputs: BlockInputs, specs: dict[str, LayerSpec], targets, result: BlockResult,
+                  progress: MethodProgress) -> None:
+        """--finetune: the block's codebooks, scales and norms against the float block's outputs
+        (methods/aqlm_finetune.py); the tuned codebooks replace the coded ones, the norms are returned
+        as replaced float tensors, the MSE before/after goes into every linear's stats."""
+        from qtool.engine.distributed import current
+        from qtool.methods.aqlm_finetune import finetune_block
+
+        if current().active:
+            raise UnsupportedError("-m aqlm --finetune: not available with --nproc > 1 (each rank holds part of the "
+                                   "calibration windows); run it in one process")
+        p = self.params
+        dtype = next(iter(specs.values())).scale_dtype or torch.float32  # the checkpoint's dtype: what norms are stored in
+        qws, norms, st = finetune_block(block, result.quantized, inputs, targets, inputs.call, epochs=p.finetune_epochs,
+                                        lr=p.finetune_lr, batch_size=p.finetune_batch, norm_dtype=dtype,
+                                        seed=layer_seed(inputs.prefix), progress=lambda d, n, w: progress(d, n, w))
+        with torch.no_grad():
+            for m, qw in qws.items():
+                block.get_submodule(m).weight.copy_(qw.dequantize(torch.float32))
+        result.quantized.update(qws)
+        result.replaced.update(norms)
+        for m in qws:
+            result.stats[m].update(finetune_mse_before=st.mse_before, finetune_mse_after=st.mse_after,
+                                   finetune_best_epoch=st.best_epoch)
+        if st.reverted:
+            result.notes.append("aqlm --finetune: NaN/Inf in an epoch; the best state before it was kept")
+        if not st.best_epoch:
+            result.notes.append("aqlm --finetune: no epoch lowered the block's output error; the coded block was kept")

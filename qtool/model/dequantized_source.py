@@ -1,6 +1,6 @@
 """A checkpoint in one of transformers' quantizer layouts that qtool reads (bitsandbytes, torchao,
-fine-grained FP8, FBGEMM FP8, EETQ: qtool/formats/hf_quantized.py), presented dequantized: its
-weights as plain tensors in the checkpoint's dtype, its config without `quantization_config`.
+fine-grained FP8, FBGEMM FP8, EETQ, AQLM: qtool/formats/hf_quantized.py), presented dequantized: its
+weights as plain tensors in the checkpoint's dtype (or the one asked for), its config without `quantization_config`.
 `qtool export` turns such a folder into plain safetensors (or GGUF) through it. The whole model
 is dequantized once, in memory (these layouts are read whole by their loaders too)."""
 
@@ -21,11 +21,12 @@ def dequantizable(config: dict) -> bool:
 
 
 class DequantizedSource(SafetensorsSource):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, dtype: torch.dtype | None = None) -> None:
         from qtool.formats.hf_quantized import read_dequantized
 
         super().__init__(path)
-        dtype = getattr(torch, str(self.config.get("dtype") or self.config.get("torch_dtype") or "bfloat16"), torch.bfloat16)
+        self.method = str((self.config.get("quantization_config") or {}).get("quant_method"))
+        dtype = dtype or getattr(torch, str(self.config.get("dtype") or self.config.get("torch_dtype") or "bfloat16"), torch.bfloat16)
         self._state = read_dequantized(self.folder, dtype)
         self.config = {k: v for k, v in self.config.items() if k != "quantization_config"}
         self._metas = [TensorMeta(n, tuple(t.shape), t.dtype) for n, t in self._state.items()]

@@ -54,7 +54,11 @@ def open_source(
     revision: str | None = None,
     token: str | None = None,
     allow_pickle: bool = False,
+    dequantize_dtype: torch.dtype | None = None,
 ) -> CheckpointSource:
+    """`dequantize_dtype`: the dtype a checkpoint read dequantized (DequantizedSource) is held in;
+    default its own (float32 for a writer that re-quantizes it, so the error it reports is against the
+    exact dequantization, not a bf16 rounding of it)."""
     path = Path(model).expanduser()
     if not path.exists():
         if is_hub_id(model):
@@ -78,5 +82,5 @@ def open_source(
     from qtool.model.dequantized_source import DequantizedSource, dequantizable
 
     if path.is_dir() and (path / "config.json").is_file() and dequantizable(read_config(path)):
-        return DequantizedSource(path)  # bitsandbytes, torchao, FP8, EETQ layouts: read dequantized
+        return DequantizedSource(path, dequantize_dtype)  # bitsandbytes, torchao, FP8, EETQ layouts: read dequantized
     return SafetensorsSource(path, allow_pickle=allow_pickle)

@@ -8,7 +8,7 @@ peak RSS. Goal (issue 14): AQLM's perplexity below every uniform 2-bit row at no
 the table says whether it was met.
 
 usage: python tests/bench/aqlm_bench.py [--out DIR] [--samples N] [--seq-len L] [--windows W]
-       [--only 2x8,gptq,...] [--aqlm-steps S]
+       [--only aqlm-2x8,gptq-w2g64,...] [--aqlm-steps S] [--autoround-iters I]
 Also run by run_bench.py with --aqlm (optional: a full run takes hours on a 2-core CPU; 1x16 most).
 """
 
@@ -29,23 +29,25 @@ TEXT = "wikitext2-valid.txt"
 BLOCKS = 30  # SmolLM2-135M decoder blocks
 
 
-def configs(aqlm_steps: int) -> dict[str, list[str]]:
-    a = ["-m", "aqlm", "-f", "aqlm", "--steps", str(aqlm_steps)]
+def configs(aqlm_steps: int, autoround_iters: int | None = None, aqlm_args: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    a = ["-m", "aqlm", "-f", "aqlm", "--steps", str(aqlm_steps), *aqlm_args]
     return {
         "aqlm-2x8": [*a, "--codebooks", "2", "--codebook-bits", "8"],
         "aqlm-1x16": [*a, "--codebooks", "1", "--codebook-bits", "16", "--kmeans-iters", "3"],
         "gptq-w2g64": ["-m", "gptq", "-b", "2", "-g", "64", "-f", "gptq"],
-        "autoround-w2g64": ["-m", "autoround", "-b", "2", "-g", "64", "-f", "auto-round"],
+        "autoround-w2g64": ["-m", "autoround", "-b", "2", "-g", "64", "-f", "auto-round",
+                            *(["--iters", str(autoround_iters)] if autoround_iters is not None else [])],
     }
 
 
 def run_section(model: Path, text: Path, work: Path, *, samples: int, seq_len: int, windows: int,
-                only: list[str] | None = None, aqlm_steps: int = 2) -> dict:
+                only: list[str] | None = None, aqlm_steps: int = 2, partial: Path | None = None,
+                autoround_iters: int | None = None, aqlm_args: tuple[str, ...] = ()) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     rows = {}
-    for name, args in configs(aqlm_steps).items():
-        if only and name not in only:
-            continue
+    table = configs(aqlm_steps, autoround_iters, aqlm_args)
+    for name in only or list(table):  # --only also sets the order (the cheap rows first, when time is short)
+        args = table[name]
         cmd = [sys.executable, "-m", "qtool", "quantize", str(model), *args, "--dataset", str(text), "--samples", str(samples),
                "--seq-len", str(seq_len), "--eval", "--eval-windows", str(windows), "--eval-seq-len", str(seq_len),
                "-o", str(work / name), "--overwrite", "--json"]
@@ -55,17 +57,19 @@ def run_section(model: Path, text: Path, work: Path, *, samples: int, seq_len: i
         if m.returncode == 0:
             rep = json.loads(m.stdout[m.stdout.index("{"):])
             ev = rep.get("eval") or {}
-            row.update(bpw=rep.get("bpw_quantized"), ppl=(ev.get("candidate") or ev).get("perplexity"),
-                       ppl_base=(ev.get("base") or {}).get("perplexity"), eval=ev)
+            row.update(bpw=rep.get("bpw_quantized"), ppl=ev.get("perplexity"), ppl_base=ev.get("base_perplexity"), eval=ev)
         else:
             row["error"] = m.stderr[-500:]
         rows[name] = row
         print(json.dumps({name: {k: v for k, v in row.items() if k != "eval"}}), flush=True)
+        if partial is not None:  # each row kept as soon as it is measured (a long run may be cut off)
+            partial.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     uniform = [r for n, r in rows.items() if not n.startswith("aqlm") and r.get("ppl")]
     for n, r in rows.items():
         if n.startswith("aqlm") and r.get("ppl") and uniform:
             r["goal_met"] = all(r["ppl"] < u["ppl"] and r["bpw"] <= u["bpw"] for u in uniform)
-    return {"settings": {"samples": samples, "seq_len": seq_len, "windows": windows, "aqlm_steps": aqlm_steps}, "rows": rows}
+    return {"settings": {"samples": samples, "seq_len": seq_len, "windows": windows, "aqlm_steps": aqlm_steps,
+                         "autoround_iters": autoround_iters, "aqlm_args": list(aqlm_args)}, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,11 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--aqlm-steps", type=int, default=2)
-    ap.add_argument("--only", default="", help="comma-separated rows: aqlm-2x8, aqlm-1x16, gptq-w2g64, autoround-w2g64")
+    ap.add_argument("--aqlm-args", default="", help="more -m aqlm options for the AQLM rows, e.g. '--codebook-steps 10 --beam 4'")
+    ap.add_argument("--autoround-iters", type=int, default=None, help="autoround's --iters (default: its own, 200)")
+    ap.add_argument("--only", default="", help="comma-separated rows, run in this order: aqlm-2x8, aqlm-1x16, gptq-w2g64, autoround-w2g64")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     res = run_section(a.model, a.datasets / TEXT, a.out / "work", samples=a.samples, seq_len=a.seq_len, windows=a.windows,
-                      only=[x for x in a.only.split(",") if x], aqlm_steps=a.aqlm_steps)
+                      only=[x for x in a.only.split(",") if x], aqlm_steps=a.aqlm_steps, partial=a.out / "aqlm.partial.json",
+                      autoround_iters=a.autoround_iters, aqlm_args=tuple(a.aqlm_args.split()))
     (a.out / "aqlm.json").write_text(json.dumps(res, indent=1) + "\n")
     return 0
 
