@@ -342,14 +342,26 @@ class BlockRunner:
         self.hidden = outputs
 
 
-def group_hessians(block: torch.nn.Module, inputs, group: list[str], stop_after: str | None) -> "HessianCollector":
+def group_hessians(block: torch.nn.Module, inputs, group: list[str], stop_after: str | None,
+                   owners: dict[str, str] | None = None) -> "HessianCollector":
     """One pass of `inputs` through `block` collecting the Hessians of the linears in `group` (cut short
-    after `stop_after`); a linear the forward never called is an UnsupportedError naming it."""
-    collector = HessianCollector({m: block.get_submodule(m) for m in group}, stop_after=stop_after)
+    after `stop_after`); a linear the forward never called is an UnsupportedError naming it.
+
+    `owners` (groups_from_probe's: linear -> the linear whose input tensor it shares): only the
+    group's owners are hooked, the pass is cut short after the last of them (with `stop_after`
+    set), and the others take their owner's Hessian, the very same sums, without being reached
+    (q/k/v: the pass ends at q's input instead of computing q and k first)."""
+    hooked = group if owners is None else [m for m in group if owners.get(m, m) == m or owners[m] not in group]
+    if owners is not None and stop_after is not None:
+        stop_after = hooked[-1]
+    collector = HessianCollector({m: block.get_submodule(m) for m in hooked}, stop_after=stop_after)
     try:
         inputs.run(block, before_each=collector.new_pass)
     finally:
         collector.remove()
+    for m in group:
+        if m not in hooked and owners[m] in collector.owner:
+            collector.owner[m] = collector.owner[owners[m]]
     for m in group:
         if m not in collector.owner:
             raise UnsupportedError(f"{inputs.prefix}.{m}.weight: the model's forward never called this layer on the calibration data")
