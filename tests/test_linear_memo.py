@@ -47,8 +47,7 @@ def test_reused_outputs_are_bit_identical_to_recomputing(tiny_byte_llama, ids, p
     ref, ref_hits, ref_calls = _run(tiny_byte_llama, ids, params, monkeypatch, memo_on=False)
     new, hits, calls = _run(tiny_byte_llama, ids, params, monkeypatch, memo_on=True)
     assert ref_hits == 0 and hits > 0
-    assert calls + hits == ref_calls  # each hit is one linear not recomputed, nothing else changed
-    assert calls < 0.7 * ref_calls
+    assert calls < 0.5 * ref_calls  # linears computed (a served attention output skips four)
     assert list(ref) == list(new)
     for name, a in ref.items():
         b = new[name]
@@ -114,3 +113,47 @@ def test_outputs_past_the_budget_are_recomputed_and_samples_kept_apart():
     off = LinearMemo(0)  # budget 0 (QTOOL_MEMO=0): freezes nothing, every pass recomputes
     off.freeze(block, ["0"])
     assert not off.frozen and "forward" not in block[0].__dict__
+
+
+class _Attn(nn.Module):
+    """A submodule holding linears and taking keyword arguments, as a transformers attention does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.o = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x, *, scale=None, extra=None):
+        return self.o(torch.softmax(self.q(self.norm(x)) * scale, -1)), None
+
+
+def test_a_submodule_is_memoised_once_all_its_linears_are_final():
+    torch.manual_seed(0)
+    block = nn.ModuleDict({"attn": _Attn(), "mlp": nn.Linear(8, 8)})
+    memo = LinearMemo(1 << 20)
+    x, scale, marker = torch.randn(3, 8), torch.tensor(0.5), object()
+
+    def run(s=scale, extra=marker):
+        memo.begin_pass()
+        memo.begin_sample(0)
+        with torch.no_grad():
+            return block["mlp"](block["attn"](x, scale=s, extra=extra)[0])
+
+    memo.freeze(block, ["attn.q"])
+    assert block["attn"] not in memo.frozen  # o is not final yet
+    memo.freeze(block, ["attn.o"])
+    assert block["attn"] in memo.frozen and block["mlp"] not in memo.frozen
+    y = run()
+    hits = memo.hits
+    assert torch.equal(run(), y) and memo.hits == hits + 1  # the attention output served whole
+    assert not [k for k in memo.store if k[0] in (id(block["attn"].q), id(block["attn"].o))]  # children's copies freed
+    hits = memo.hits
+    run(s=torch.tensor(0.25))  # another tensor argument: recomputed
+    run(extra=object())  # another object: recomputed
+    assert memo.hits == hits
+    with torch.no_grad():
+        block["attn"].norm.weight.mul_(2)  # a parameter that no linear holds changed: unfrozen
+    memo.begin_pass()
+    assert block["attn"] not in memo.frozen
+    memo.close()
+    assert not any("forward" in m.__dict__ for m in block.modules())
