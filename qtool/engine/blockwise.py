@@ -235,9 +235,10 @@ class HessianCollector:
         # remove()): the result then hardly depends on how the samples were split into partial sums,
         # which is what lets ranks that each sum their own windows agree with one process
         if self.hessians:
-            xtx = (X.T @ X).double()
+            xtx = X.T @ X
             acc = self.sum.get(name)
-            self.sum[name] = xtx if acc is None else acc.add_(xtx)
+            # add_ widens the float32 sums exactly, as .double() would, without a float64 temporary
+            self.sum[name] = xtx.double() if acc is None else acc.add_(xtx)
         if self.vectors:
             a = X.abs()
             for store, v in ((self.sum_x2, (X * X).sum(0).double()), (self.sum_abs, a.sum(0).double())):
