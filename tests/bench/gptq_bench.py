@@ -278,8 +278,10 @@ def decode_check(folder: Path, check: dict) -> dict:
 
 
 def run_gptq_section(model: Path, text: Path, work: Path, qtool: str, env: dict, *, samples: int = DEFAULT_SAMPLES,
-                     seq_len: int = DEFAULT_SEQ_LEN, windows: int = DEFAULT_WINDOWS, peers: str = "all") -> dict:
-    """Every row (see the module doc); never raises: a failing part leaves its error."""
+                     seq_len: int = DEFAULT_SEQ_LEN, windows: int = DEFAULT_WINDOWS, peers: str = "all",
+                     recipes: list[str] | None = None, as_shipped: bool = True) -> dict:
+    """Every row (see the module doc); never raises: a failing part leaves its error. `recipes`: the
+    RECIPES keys to run (default all); `as_shipped`: also the int4 g128 run without OMP_WAIT_POLICY."""
     from qtool.evaluate import eval_windows, load_tokenizer
 
     t0 = time.perf_counter()
@@ -317,14 +319,16 @@ def run_gptq_section(model: Path, text: Path, work: Path, qtool: str, env: dict,
     base = stage("bf16", scoring.score_base)
     sec["rows"].append({"key": "bf16", "label": "bf16 (scored in float32)", "tool": "–", "size_bytes": folder_bytes(model),
                         "bpw": 16.0, "eval": base} if "error" not in base else {"key": "bf16", "label": "bf16", **base})
-    for r in RECIPES:
+    chosen = [r for r in RECIPES if recipes is None or r.key in recipes]
+    sec["recipes_run"] = [r.key for r in chosen]
+    for r in chosen:
         row = stage(r.key, lambda r=r: qtool_row(r, qtool, env, model, text, work, samples, seq_len, scoring))
         sec["rows"].append({"key": r.key, "label": r.label, "recipe": " ".join(r.flags) + " -f gptq", **row})
-        if r.key == "gptq-w4g128" and "error" not in row:
+        if r.key == "gptq-w4g128" and "error" not in row and as_shipped:
             sec["as_shipped"] = stage("as_shipped", lambda row=row: as_shipped_row(row, env))
 
     wanted = []
-    for r in RECIPES:
+    for r in chosen:
         if r.peer and (peers in ("all", "matched") or (peers == "w4g128" and r.key == "gptq-w4g128")):
             wanted.append((r.key, "GPTQModel, same algorithm (damp 0.01, act_group_aware off)", r.peer))
         if peers == "all":
