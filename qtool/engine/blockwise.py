@@ -22,6 +22,10 @@ input tensor (q/k/v; o; gate/up; down in a llama block). Each group's Hessians c
 which the groups before it already hold their quantized weights; that pass stops as soon as the
 group's last linear is reached, so the four groups of a llama block cost about one extra forward.
 `true_sequential=False` quantizes every linear of a block from one pass on the block's inputs.
+Through the block engine (engine/block_engine.py), GPTQ's passes end at the *first* linear of a
+group sharing one input (`group_hessians(owners=...)`: q/k/v end at q), and the outputs of the
+groups already quantized, the whole attention once o is, are served from engine/memo.py instead
+of recomputed by every later pass; both bit-identical to this module's `run_blockwise`.
 """
 
 from __future__ import annotations
