@@ -190,7 +190,7 @@ class Scoring:
 def _measured(cmd: list, env: dict, cwd: Path) -> tuple[Measured, dict]:
     load = os.getloadavg()[0]
     m = run_measured([str(c) for c in cmd], env=env, cwd=cwd)
-    fields = {"command": m.cmd, "wall_s": round(m.wall_s, 2), "peak_rss_bytes": m.peak_rss_bytes,
+    fields = {"command": m.cmd, "wall_s": round(m.wall_s, 2), "cpu_s": round(m.cpu_s, 2), "peak_rss_bytes": m.peak_rss_bytes,
               "load_average_before": round(load, 2), "load_average_after": round(os.getloadavg()[0], 2)}
     if m.returncode != 0:
         raise RuntimeError(f"exit {m.returncode}: {m.stderr.strip().splitlines()[-1] if m.stderr.strip() else ''}")
@@ -426,6 +426,12 @@ def markdown(sec: dict) -> str:
         if r.get("qtool_seconds") is not None:
             notes.append(f"qtool {r['label']}: `qtool quantize` reports {r['qtool_seconds']:.1f} s of its own; "
                          f"load average {r.get('load_average_before')} before, {r.get('load_average_after')} after.")
+    rows_by_key = {r.get("key"): r for r in sec["rows"]}
+    for p in sec.get("peers", []):
+        ours = rows_by_key.get(p["key"]) or {}
+        if ours.get("cpu_s") and p.get("cpu_s"):
+            notes.append(f"{p['key']}: CPU time (user + system) qtool {ours['cpu_s']:.1f} s, {p['label']} {p['cpu_s']:.1f} s: "
+                         f"**{ours['cpu_s'] / p['cpu_s']:.2f}×**.")
     for p in sec.get("peers", []):
         info = p.get("peer") or {}
         if info:
