@@ -29,21 +29,18 @@ import os
 import torch
 from torch import nn
 
-_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 BUDGET_FRACTION = 0.25  # of the memory available when the block starts (engine/activations.py)
 
 
 def bit_fingerprint(t: torch.Tensor) -> tuple:
-    """A cheap fingerprint of a tensor's exact bits (the sum of its elements read as integers, with
-    shape, dtype and device): a change of any single element changes it."""
-    t = t.detach()
-    if t.is_floating_point() or t.is_complex():
-        if t.element_size() not in _INT_OF_SIZE:
-            return (tuple(t.shape), str(t.dtype), str(t.device), t.double().sum().item())
-        t = t.contiguous().view(_INT_OF_SIZE[t.element_size()])
-    elif t.dtype == torch.bool:
-        t = t.to(torch.int8)
-    return (tuple(t.shape), str(t.dtype), str(t.device), int(t.sum(dtype=torch.int64)))
+    """A cheap fingerprint of a tensor's exact bits: the wrapping sum of its bytes read as 64-bit
+    integers (the odd tail bytes summed apart), with shape, dtype and device. A change of any
+    single element changes it."""
+    flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    whole = flat.numel() // 8 * 8
+    words = int(flat[:whole].view(torch.int64).sum()) if whole else 0
+    tail = int(flat[whole:].sum(dtype=torch.int64)) if whole < flat.numel() else 0
+    return (tuple(t.shape), str(t.dtype), str(t.device), words, tail)
 
 
 def _args_fingerprint(obj) -> object:
