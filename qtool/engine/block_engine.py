@@ -14,6 +14,9 @@ The engine owns, and methods never repeat:
     dtype and loaded, its QuantizedWeights dequantized into the block, then one forward of that
     block gives the next block's inputs (sequential); NaN/Inf there stops the run (NumericalError
     naming the block);
+  * reuse across a block's passes (engine/memo.py): outputs of the linears a method `freeze`s (and of
+    submodules all of whose linears are frozen) are served to its later passes and to the forward
+    that makes the next block's inputs, bit-identical to recomputing them (`QTOOL_MEMO=0`: recompute);
   * what the pipeline receives: QuantizedLinear / PassThrough items (engine/blockwise.py), a
     replaced tensor instead of the checkpoint's, and BlockNote items for the report.
   * progress: ("quantize", block, blocks, prefix) per block, ("iterate", done, total, item) per
