@@ -14,6 +14,9 @@ The engine owns, and methods never repeat:
     dtype and loaded, its QuantizedWeights dequantized into the block, then one forward of that
     block gives the next block's inputs (sequential); NaN/Inf there stops the run (NumericalError
     naming the block);
+  * reuse across a block's passes (engine/memo.py): outputs of the linears a method `freeze`s (and of
+    submodules all of whose linears are frozen) are served to its later passes and to the forward
+    that makes the next block's inputs, bit-identical to recomputing them (`QTOOL_MEMO=0`: recompute);
   * what the pipeline receives: QuantizedLinear / PassThrough items (engine/blockwise.py), a
     replaced tensor instead of the checkpoint's, and BlockNote items for the report.
   * progress: ("quantize", block, blocks, prefix) per block, ("iterate", done, total, item) per
@@ -29,6 +32,7 @@ import torch
 
 from qtool.engine.activations import ActivationStore, choose_storage
 from qtool.engine.blockwise import BlockRunner, PassThrough, Progress, QuantizedLinear, groups_from_probe
+from qtool.engine.memo import LinearMemo, memo_budget
 from qtool.errors import NumericalError, UnsupportedError
 from qtool.methods.base import BlockInputs, BlockMethod, BlockResult, LayerSpec
 from qtool.model.source import CheckpointSource
@@ -135,10 +139,20 @@ def _one_block(source: CheckpointSource, specs: dict[str, LayerSpec], method: Bl
                progress: Progress) -> tuple[list, ActivationStore, set[str]]:
     """One decoder block through the method -> (its items in yield order, the next block's inputs,
     the tensor names whose items carry values other than the checkpoint's)."""
+    memo = LinearMemo(memo_budget())  # outputs of the linears the method froze, for its later passes and ours
+    try:
+        return _one_block_in(source, specs, method, runner, b, prefix, block, store, device, stats, progress, memo)
+    finally:
+        memo.close()
+
+
+def _one_block_in(source: CheckpointSource, specs: dict[str, LayerSpec], method: BlockMethod, runner: BlockRunner, b: int,
+                  prefix: str, block: torch.nn.Module, store: ActivationStore, device: torch.device, stats,
+                  progress: Progress, memo: LinearMemo) -> tuple[list, ActivationStore, set[str]]:
     metas = {m.name: m for m in source.tensors()}
     names = runner.linears(prefix, block, specs)  # module inside the block -> tensor name
     block.to(device)
-    inputs = BlockInputs(prefix, store, to_device(runner.calls[b], device), device, stats)
+    inputs = BlockInputs(prefix, store, to_device(runner.calls[b], device), device, stats, memo)
     targets = None
     if method.wants_targets:
         targets = ActivationStore.like(store)

@@ -22,6 +22,10 @@ input tensor (q/k/v; o; gate/up; down in a llama block). Each group's Hessians c
 which the groups before it already hold their quantized weights; that pass stops as soon as the
 group's last linear is reached, so the four groups of a llama block cost about one extra forward.
 `true_sequential=False` quantizes every linear of a block from one pass on the block's inputs.
+Through the block engine (engine/block_engine.py), GPTQ's passes end at the *first* linear of a
+group sharing one input (`group_hessians(owners=...)`: q/k/v end at q), and the outputs of the
+groups already quantized, the whole attention once o is, are served from engine/memo.py instead
+of recomputed by every later pass; both bit-identical to this module's `run_blockwise`.
 """
 
 from __future__ import annotations
@@ -235,9 +239,10 @@ class HessianCollector:
         # remove()): the result then hardly depends on how the samples were split into partial sums,
         # which is what lets ranks that each sum their own windows agree with one process
         if self.hessians:
-            xtx = (X.T @ X).double()
+            xtx = X.T @ X
             acc = self.sum.get(name)
-            self.sum[name] = xtx if acc is None else acc.add_(xtx)
+            # add_ widens the float32 sums exactly, as .double() would, without a float64 temporary
+            self.sum[name] = xtx.double() if acc is None else acc.add_(xtx)
         if self.vectors:
             a = X.abs()
             for store, v in ((self.sum_x2, (X * X).sum(0).double()), (self.sum_abs, a.sum(0).double())):
@@ -342,14 +347,26 @@ class BlockRunner:
         self.hidden = outputs
 
 
-def group_hessians(block: torch.nn.Module, inputs, group: list[str], stop_after: str | None) -> "HessianCollector":
+def group_hessians(block: torch.nn.Module, inputs, group: list[str], stop_after: str | None,
+                   owners: dict[str, str] | None = None) -> "HessianCollector":
     """One pass of `inputs` through `block` collecting the Hessians of the linears in `group` (cut short
-    after `stop_after`); a linear the forward never called is an UnsupportedError naming it."""
-    collector = HessianCollector({m: block.get_submodule(m) for m in group}, stop_after=stop_after)
+    after `stop_after`); a linear the forward never called is an UnsupportedError naming it.
+
+    `owners` (groups_from_probe's: linear -> the linear whose input tensor it shares): only the
+    group's owners are hooked, the pass is cut short after the last of them (with `stop_after`
+    set), and the others take their owner's Hessian, the very same sums, without being reached
+    (q/k/v: the pass ends at q's input instead of computing q and k first)."""
+    hooked = group if owners is None else [m for m in group if owners.get(m, m) == m or owners[m] not in group]
+    if owners is not None and stop_after is not None:
+        stop_after = hooked[-1]
+    collector = HessianCollector({m: block.get_submodule(m) for m in hooked}, stop_after=stop_after)
     try:
         inputs.run(block, before_each=collector.new_pass)
     finally:
         collector.remove()
+    for m in group:
+        if m not in hooked and owners[m] in collector.owner:
+            collector.owner[m] = collector.owner[owners[m]]
     for m in group:
         if m not in collector.owner:
             raise UnsupportedError(f"{inputs.prefix}.{m}.weight: the model's forward never called this layer on the calibration data")

@@ -69,19 +69,29 @@ class BlockInputs:
     this block (position embeddings, attention mask, cache position...), already on `device`.
     `stats`, with `--stats FILE`, gives the per-linear input statistics of the *unquantized* model
     (a qtool.calib.stats.CalibStats; module names there are full, `prefix + "." + name`); `hidden`
-    then holds one short probe sample only, enough to discover the block's structure."""
+    then holds one short probe sample only, enough to discover the block's structure. `memo`
+    (engine/memo.py), set by the engine: the outputs of linears the method declared final with
+    `freeze` are reused by later passes instead of recomputed (bit-identical)."""
 
     prefix: str
     hidden: Sequence[torch.Tensor]
     call: tuple[tuple, dict]
     device: torch.device
     stats: object | None = None
+    memo: object | None = None  # engine/memo.py LinearMemo: outputs of linears the method froze, reused
 
     def __len__(self) -> int:
         return len(self.hidden)
 
     def sample(self, i: int) -> torch.Tensor:
         return self.hidden[i].to(self.device, torch.float32)
+
+    def freeze(self, block: nn.Module, modules: Iterable[str]) -> None:
+        """`modules` (linears of `block`) are final for the rest of this block: quantized, and fed
+        only by what is final too (true-sequential: the groups quantized before them). Later passes,
+        the engine's forward for the next block's inputs included, may reuse their outputs."""
+        if self.memo is not None:
+            self.memo.freeze(block, modules)
 
     def run(self, block: nn.Module, *, samples: Iterable[int] | None = None,
             before_each: Callable[[], None] | None = None) -> list[torch.Tensor | None]:
@@ -90,10 +100,14 @@ class BlockInputs:
         short (its output is then None). `before_each` runs before every sample."""
         args, kwargs = self.call
         outs: list[torch.Tensor | None] = []
+        if self.memo is not None:
+            self.memo.begin_pass()
         with torch.no_grad():
             for i in (range(len(self)) if samples is None else samples):
                 if before_each is not None:
                     before_each()
+                if self.memo is not None:
+                    self.memo.begin_sample(i)
                 try:
                     out = block(self.sample(i), *args, **kwargs)
                 except StopForward:

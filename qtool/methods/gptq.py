@@ -408,12 +408,12 @@ class GPTQMethod(BlockMethod):
         from qtool.engine.blockwise import group_hessians
         from qtool.errors import UnsupportedError
 
-        groups, _ = input_groups(block, inputs, list(specs)) if self.true_sequential else ([list(specs)], {})
+        groups, owners = input_groups(block, inputs, list(specs)) if self.true_sequential else ([list(specs)], None)
         result = BlockResult({})
         for gi, group in enumerate(groups):
             progress(gi, len(groups), group[0])
             last = group[-1] if self.true_sequential and len(groups) > 1 else None
-            collector = group_hessians(block, inputs, group, last)
+            collector = group_hessians(block, inputs, group, last, owners)
             for m in group:
                 lin = block.get_submodule(m)
                 # float32 copy of the checkpoint's values (exact); the engine's spec carries the scale dtype
@@ -423,5 +423,7 @@ class GPTQMethod(BlockMethod):
                 result.quantized[m], result.stats[m] = qw, asdict(st)
                 result.shares[m] = collector.owner[m]
             del collector
+            if self.true_sequential:  # final now, and fed only by groups before it: later passes reuse its outputs
+                inputs.freeze(block, group)
         progress(len(groups), len(groups), "")
         return result

@@ -190,7 +190,7 @@ class Scoring:
 def _measured(cmd: list, env: dict, cwd: Path) -> tuple[Measured, dict]:
     load = os.getloadavg()[0]
     m = run_measured([str(c) for c in cmd], env=env, cwd=cwd)
-    fields = {"command": m.cmd, "wall_s": round(m.wall_s, 2), "peak_rss_bytes": m.peak_rss_bytes,
+    fields = {"command": m.cmd, "wall_s": round(m.wall_s, 2), "cpu_s": round(m.cpu_s, 2), "peak_rss_bytes": m.peak_rss_bytes,
               "load_average_before": round(load, 2), "load_average_after": round(os.getloadavg()[0], 2)}
     if m.returncode != 0:
         raise RuntimeError(f"exit {m.returncode}: {m.stderr.strip().splitlines()[-1] if m.stderr.strip() else ''}")
@@ -278,8 +278,10 @@ def decode_check(folder: Path, check: dict) -> dict:
 
 
 def run_gptq_section(model: Path, text: Path, work: Path, qtool: str, env: dict, *, samples: int = DEFAULT_SAMPLES,
-                     seq_len: int = DEFAULT_SEQ_LEN, windows: int = DEFAULT_WINDOWS, peers: str = "all") -> dict:
-    """Every row (see the module doc); never raises: a failing part leaves its error."""
+                     seq_len: int = DEFAULT_SEQ_LEN, windows: int = DEFAULT_WINDOWS, peers: str = "all",
+                     recipes: list[str] | None = None, as_shipped: bool = True) -> dict:
+    """Every row (see the module doc); never raises: a failing part leaves its error. `recipes`: the
+    RECIPES keys to run (default all); `as_shipped`: also the int4 g128 run without OMP_WAIT_POLICY."""
     from qtool.evaluate import eval_windows, load_tokenizer
 
     t0 = time.perf_counter()
@@ -317,14 +319,16 @@ def run_gptq_section(model: Path, text: Path, work: Path, qtool: str, env: dict,
     base = stage("bf16", scoring.score_base)
     sec["rows"].append({"key": "bf16", "label": "bf16 (scored in float32)", "tool": "–", "size_bytes": folder_bytes(model),
                         "bpw": 16.0, "eval": base} if "error" not in base else {"key": "bf16", "label": "bf16", **base})
-    for r in RECIPES:
+    chosen = [r for r in RECIPES if recipes is None or r.key in recipes]
+    sec["recipes_run"] = [r.key for r in chosen]
+    for r in chosen:
         row = stage(r.key, lambda r=r: qtool_row(r, qtool, env, model, text, work, samples, seq_len, scoring))
         sec["rows"].append({"key": r.key, "label": r.label, "recipe": " ".join(r.flags) + " -f gptq", **row})
-        if r.key == "gptq-w4g128" and "error" not in row:
+        if r.key == "gptq-w4g128" and "error" not in row and as_shipped:
             sec["as_shipped"] = stage("as_shipped", lambda row=row: as_shipped_row(row, env))
 
     wanted = []
-    for r in RECIPES:
+    for r in chosen:
         if r.peer and (peers in ("all", "matched") or (peers == "w4g128" and r.key == "gptq-w4g128")):
             wanted.append((r.key, "GPTQModel, same algorithm (damp 0.01, act_group_aware off)", r.peer))
         if peers == "all":
@@ -422,6 +426,12 @@ def markdown(sec: dict) -> str:
         if r.get("qtool_seconds") is not None:
             notes.append(f"qtool {r['label']}: `qtool quantize` reports {r['qtool_seconds']:.1f} s of its own; "
                          f"load average {r.get('load_average_before')} before, {r.get('load_average_after')} after.")
+    rows_by_key = {r.get("key"): r for r in sec["rows"]}
+    for p in sec.get("peers", []):
+        ours = rows_by_key.get(p["key"]) or {}
+        if ours.get("cpu_s") and p.get("cpu_s"):
+            notes.append(f"{p['key']}: CPU time (user + system) qtool {ours['cpu_s']:.1f} s, {p['label']} {p['cpu_s']:.1f} s: "
+                         f"**{ours['cpu_s'] / p['cpu_s']:.2f}×**.")
     for p in sec.get("peers", []):
         info = p.get("peer") or {}
         if info:

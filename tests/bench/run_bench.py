@@ -423,6 +423,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"512-token evaluation windows per GPTQ row (default {gptq_bench.DEFAULT_WINDOWS})")
     ap.add_argument("--gptq-peers", choices=gptq_bench.PEER_CHOICES, default="all",
                     help="GPTQModel runs: all (every recipe + its defaults at int4 g128), matched, w4g128 or none")
+    ap.add_argument("--gptq-recipes", default=None,
+                    help=f"comma-separated subset of {', '.join(r.key for r in gptq_bench.RECIPES)} (default all)")
+    ap.add_argument("--gptq-no-as-shipped", action="store_true", help="leave out the int4 g128 run without OMP_WAIT_POLICY")
     ap.add_argument("--no-awq", action="store_true", help="leave out the AWQ / GPTQ-defaults section")
     ap.add_argument("--awq-only", action="store_true",
                     help="run only the AWQ / GPTQ-defaults section; merge it into --out/results.json of an earlier run")
@@ -511,7 +514,9 @@ def run_gguf(args: argparse.Namespace, model: Path, text: Path, work: Path) -> d
 def run_gptq(args: argparse.Namespace, model: Path, text: Path, work: Path) -> dict:
     gc.collect()
     return gptq_bench.run_gptq_section(model, text, work, qtool_exe(), child_env(), samples=args.gptq_samples,
-                                       seq_len=args.gptq_seq_len, windows=args.gptq_windows, peers=args.gptq_peers)
+                                       seq_len=args.gptq_seq_len, windows=args.gptq_windows, peers=args.gptq_peers,
+                                       recipes=args.gptq_recipes.split(",") if args.gptq_recipes else None,
+                                       as_shipped=not args.gptq_no_as_shipped)
 
 
 def gptq_only(args: argparse.Namespace, model: Path, text: Path, work: Path, t0: float) -> int:
