@@ -237,6 +237,57 @@ class _KVWriter(gguf.GGUFWriter):
     def add_key_value(self, key, val, vtype, sub_type=None) -> None:
         self.kv_data[0][key] = GGUFValue(value=val, type=vtype, sub_type=sub_type)
 
+    def _pack_val(self, val, vtype, add_vtype: bool, sub_type=None) -> bytes:
+        """gguf-py's packing, with the vocabulary's arrays (tokens, types, scores, merges: 10^5
+        items) packed in bulk instead of item by item; the same bytes (tests/test_gguf_writer.py)."""
+        if vtype == gguf.GGUFValueType.ARRAY and self.endianess == gguf.GGUFEndian.LITTLE:
+            packed = _pack_array(val, sub_type)
+            if packed is not None:
+                return (self._pack("I", vtype) if add_vtype else b"") + packed
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+
+_NUMPY_OF = {gguf.GGUFValueType.UINT8: "<u1", gguf.GGUFValueType.INT8: "<i1", gguf.GGUFValueType.UINT16: "<u2",
+             gguf.GGUFValueType.INT16: "<i2", gguf.GGUFValueType.UINT32: "<u4", gguf.GGUFValueType.INT32: "<i4",
+             gguf.GGUFValueType.FLOAT32: "<f4", gguf.GGUFValueType.UINT64: "<u8", gguf.GGUFValueType.INT64: "<i8",
+             gguf.GGUFValueType.FLOAT64: "<f8"}
+
+
+def _pack_array(val, sub_type) -> bytes | None:
+    """A GGUF array of strings or of one numeric type, little-endian, as gguf-py writes it item by
+    item (type, count, items); None for what it should pack itself (empty, mixed, nested, bool, a
+    value out of range: gguf-py raises its own error)."""
+    import operator
+    import struct
+
+    VT = gguf.GGUFValueType
+    if isinstance(val, (bytes, str)) or not isinstance(val, (list, tuple)) or not val:
+        return None
+    ltype = sub_type if sub_type is not None else VT.get_type(val[0])
+    if sub_type is None and not all(VT.get_type(i) is ltype for i in val):
+        return None
+    head = struct.pack("<IQ", ltype, len(val))
+    if ltype == VT.STRING:
+        enc = [v.encode("utf-8") if isinstance(v, str) else v for v in val]
+        if not all(isinstance(b, bytes) for b in enc):
+            return None
+        length = struct.Struct("<Q").pack
+        return head + b"".join(length(len(b)) + b for b in enc)
+    dt = _NUMPY_OF.get(ltype)
+    if dt is None:
+        return None
+    try:
+        if ltype in (VT.FLOAT32, VT.FLOAT64):
+            src = np.array([float(v) for v in val], dtype=np.float64)
+            arr = src.astype(dt)
+            if np.isinf(arr).sum() != np.isinf(src).sum():
+                return None  # too large for float32: gguf-py's struct.pack raises
+        else:
+            arr = np.array([operator.index(v) for v in val], dtype=dt)
+    except (TypeError, OverflowError, ValueError):
+        return None
+    return head + arr.tobytes()
+
 
 def _folder(source: CheckpointSource) -> Path:
     return source.path if source.path.is_dir() else source.path.parent
