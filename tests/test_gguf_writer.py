@@ -526,3 +526,15 @@ def test_plain_tokenizer_reads_what_autotokenizer_reads(smollm2_dir, tmp_path, m
                    {"added_tokens_decoder": {"0": {"content": "<|endoftext|>", "special": False, "normalized": False}}}):
         (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, **change}))
         assert tk._PlainTokenizer.open(tmp_path) is None, change
+
+
+def test_special_vocab_merges_are_gguf_pys(smollm2_dir, tmp_path):
+    """The bulk merges of tk.SpecialVocab equal gguf-py's, spaces inside a merge part included."""
+    ours, theirs = tk.SpecialVocab(smollm2_dir, load_merges=True), gguf.SpecialVocab(smollm2_dir, load_merges=True)
+    assert len(ours.merges) > 40000 and ours.merges == theirs.merges
+    assert (ours.special_token_ids, ours.add_special_token, ours.chat_template) == \
+        (theirs.special_token_ids, theirs.add_special_token, theirs.chat_template)
+    spec = json.loads((smollm2_dir / "tokenizer.json").read_text())
+    spec["model"]["merges"] = [["a b", "c"], ["Ġx", " "], *spec["model"]["merges"][:10]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    assert tk.SpecialVocab(tmp_path, load_merges=True).merges == gguf.SpecialVocab(tmp_path, load_merges=True).merges

@@ -123,6 +123,30 @@ class _PlainTokenizer:
         return self._tok.decode(ids, skip_special_tokens=False)
 
 
+class SpecialVocab(gguf.SpecialVocab):
+    """gguf-py's SpecialVocab, with a tokenizer.json's pair-list merges (the format since transformers
+    4.45) joined in bulk rather than character by character: the same strings (a space inside a
+    part becomes chr(32 + 256), as gguf-py writes it), a second less per run on a 50k-merge vocab."""
+
+    def _try_load_from_tokenizer_json(self, path: Path) -> bool:
+        merges = None
+        f = path / "tokenizer.json"
+        if self.load_merges and f.is_file():
+            m = json.loads(f.read_text(encoding="utf-8")).get("model", {}).get("merges")
+            if (isinstance(m, list) and m and isinstance(m[0], list) and len(m[0]) == 2 and isinstance(m[0][0], str)
+                    and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], str) for p in m)):
+                merges = [f"{a.replace(' ', chr(288))} {b.replace(' ', chr(288))}" for a, b in m]
+        if merges is None:
+            return super()._try_load_from_tokenizer_json(path)
+        self.load_merges = False
+        try:
+            found = super()._try_load_from_tokenizer_json(path)
+        finally:
+            self.load_merges = True
+        self.merges = merges
+        return found
+
+
 def bpe_vocab(folder: Path, vocab_size: int | None) -> tuple[list[str], list[int], str]:
     """get_vocab_base: tokens, token types and the pre-tokenizer name."""
     tok = _PlainTokenizer.open(folder)
@@ -215,7 +239,7 @@ def _bpe(w: gguf.GGUFWriter, folder: Path, vocab_size: int | None, add_bos: bool
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
-    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
+    special = SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
     if add_bos is not None:
         special.add_special_token["bos"] = add_bos
     special.add_to_gguf(w, quiet=True)
