@@ -107,8 +107,16 @@ def encode(x: torch.Tensor, qtype: T, importance: torch.Tensor | None = None) ->
     rows = x.reshape(-1, x.shape[-1])
     step = max(1, CHUNK_ELEMENTS // max(1, rows.shape[1]))
     parts, signal, noise = [], 0.0, 0.0
+    # the quantizers' float32 rows go through one buffer: a fresh 16 MB block per chunk costs more in
+    # page faults than the conversion itself (their outputs are new arrays; float outputs may be views)
+    buf = None if qtype in _TORCH_FLOATS or rows.dtype == torch.float32 else torch.empty(
+        (min(step, rows.shape[0]), rows.shape[1]), dtype=torch.float32)
     for i in range(0, rows.shape[0], step):
-        xf = rows[i : i + step].float()
+        if buf is None:
+            xf = rows[i : i + step].float()
+        else:
+            xf = buf[: min(step, rows.shape[0] - i)]
+            xf.copy_(rows[i : i + step])
         if qtype in _TORCH_FLOATS:
             data, recon = _encode_chunk(xf, qtype, importance)
             err = None if exact else (torch.linalg.vector_norm(xf).item() ** 2,
@@ -288,6 +296,71 @@ def _pack_array(val, sub_type) -> bytes | None:
         return None
     return head + arr.tobytes()
 
+
+
+class _BackgroundWrites:
+    """Tensor data written by one thread in submission order, while the caller encodes the next
+    tensors (numpy's tofile releases the GIL): the disk's time overlaps the quantizers'. At most
+    `limit` bytes wait beyond the one being written; a write error is raised to the caller at the
+    next submit or at join()."""
+
+    def __init__(self, file: gguf.GGUFWriter, limit: int = 256 << 20) -> None:
+        import threading
+
+        self._file, self._limit = file, limit
+        self._queue: list[np.ndarray] = []
+        self._pending, self._error, self._closed = 0, None, False
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="qtool-gguf-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                array = self._queue[0]
+            try:
+                if self._error is None:
+                    self._writes.submit(array)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                self._error = e
+            with self._cv:
+                self._queue.pop(0)
+                self._pending -= array.nbytes
+                self._cv.notify_all()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+
+    def submit(self, array: np.ndarray) -> None:
+        with self._cv:
+            while self._pending and self._pending + array.nbytes > self._limit and self._error is None:
+                self._cv.wait()
+            self._raise()
+            self._queue.append(array)
+            self._pending += array.nbytes
+            self._cv.notify_all()
+
+    def join(self) -> None:
+        """Wait for every submitted write; stop the thread; raise its error, if any."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join()
+        self._raise()
+
+    def discard(self) -> None:
+        """After a failure: stop writing (what was queued is dropped) and stop the thread."""
+        with self._cv:
+            self._error = self._error or RuntimeError("discarded")
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join()
 
 def _folder(source: CheckpointSource) -> Path:
     return source.path if source.path.is_dir() else source.path.parent
@@ -481,6 +554,7 @@ class GGUFWriter(FormatWriter):
         self._provenance_at = w.fout[0].tell() - PROVENANCE_BYTES
         w.write_ti_data_to_file()
         self._file = w
+        self._writes = _BackgroundWrites(w)
         for e in self.entries:
             if e.const is not None:
                 e.data[0] = encode(e.const, e.qtype)[0]
@@ -657,6 +731,7 @@ class GGUFWriter(FormatWriter):
             provenance = {**provenance, "inputs": {"files": len(provenance.get("inputs", {}))}}
             record = json.dumps({"qtool_version": __version__, "gguf_type": self.mixture.name, **provenance},
                                 sort_keys=True, ensure_ascii=True)[:PROVENANCE_BYTES]
+        self._writes.join()
         f = self._file.fout[0]
         f.flush()
         f.seek(self._provenance_at)
@@ -666,5 +741,7 @@ class GGUFWriter(FormatWriter):
 
     def abort(self) -> None:
         if self._file is not None:
+            if getattr(self, "_writes", None) is not None:
+                self._writes.discard()
             self._file.close()
             self._file = None
