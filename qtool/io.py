@@ -79,9 +79,42 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 22, cancelled=None) -> str:
+    """`cancelled`: a threading.Event that stops the read early (the digest is then meaningless)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while b := f.read(chunk):
             h.update(b)
+            if cancelled is not None and cancelled.is_set():
+                break
     return h.hexdigest()
+
+
+class BackgroundHashes:
+    """sha256 of files in a daemon thread while the caller works: file reads and hashlib's update
+    release the GIL, so on a multi-core machine the hash of a multi-GB checkpoint costs little wall
+    time beside the quantization instead of after it. `result()` joins and re-raises its error."""
+
+    def __init__(self, files: list[Path]) -> None:
+        import threading
+
+        self._files, self._out, self._error = list(files), {}, None
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="qtool-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for f in self._files:
+                self._out[f] = sha256_file(f, cancelled=self._cancel)
+        except BaseException as e:  # noqa: BLE001 - handed to result()
+            self._error = e
+
+    def result(self) -> dict[Path, str]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._out
+
+    def cancel(self) -> None:
+        self._cancel.set()

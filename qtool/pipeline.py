@@ -20,7 +20,7 @@ from qtool.engine.distributed import current as current_comm
 from qtool.errors import FormatError, Interrupted, NumericalError, UnsupportedError, UsageError
 from qtool.formats import FORMATS
 from qtool.formats.base import FormatWriter
-from qtool.io import atomic_output, check_output_free, sha256_file
+from qtool.io import BackgroundHashes, atomic_output, check_output_free, sha256_file
 from qtool.methods import METHODS
 from qtool.methods.base import LayerSpec
 from qtool.model.source import CheckpointSource, TensorMeta
@@ -100,14 +100,22 @@ def check_architecture(config: dict, where: str, trust_remote_code: bool = False
     family_of(config, where, trust_remote_code=trust_remote_code)
 
 
-def check_model(source: CheckpointSource, where: str, trust_remote_code: bool = False) -> None:
+def check_model(source: CheckpointSource, where: str, trust_remote_code: bool = False, *, headers_only: bool = False) -> None:
     """Before any weight is read: the architecture (from the config), its decoder-block structure
     (the model built on the meta device) and, for safetensors checkpoints, every tensor's name and
-    shape against what that architecture loads."""
+    shape against what that architecture loads. `headers_only`: the run needs no model object (a
+    GGUF output from a calibration-free method), so where the config is one of the plain decoders
+    qtool/model/header_check.py covers, the same check runs from the config and the tensor headers
+    without building the model; anything else is checked as above."""
     from qtool.model.safetensors_source import SafetensorsSource
 
-    check_architecture(source.config, where, trust_remote_code)
     source.trust_remote_code = trust_remote_code
+    if headers_only and isinstance(source, SafetensorsSource):
+        from qtool.model.header_check import check_from_headers
+
+        if check_from_headers(source.config, {t.name: t.shape for t in source.tensors()}, where):
+            return
+    check_architecture(source.config, where, trust_remote_code)
     structure = source.structure
     if isinstance(source, SafetensorsSource):
         check_tensors(structure, {t.name: t.shape for t in source.tensors()}, where)
@@ -211,24 +219,40 @@ def ordered_tensors(source: CheckpointSource) -> list[TensorMeta]:
     return sorted(metas, key=lambda m: order.get(source.block_of(m.name) or "", len(order)))
 
 
-def input_record(source: CheckpointSource, hash_inputs: bool = True) -> dict:
-    """The input files as provenance names them: file name -> bytes (and sha256)."""
-    return {f.name: {"bytes": f.stat().st_size, **({"sha256": sha256_file(f)} if hash_inputs else {})}
+def input_record(source: CheckpointSource, hash_inputs: bool = True, hashes: BackgroundHashes | None = None) -> dict:
+    """The input files as provenance names them: file name -> bytes (and sha256). `hashes`: the
+    digests a BackgroundHashes of source.input_files() computed while the run worked."""
+    done = hashes.result() if hashes is not None and hash_inputs else {}
+    return {f.name: {"bytes": f.stat().st_size, **({"sha256": done.get(f) or sha256_file(f)} if hash_inputs else {})}
             for f in source.input_files()}
 
 
 def provenance(source: CheckpointSource, model: str, recipe: QuantRecipe | None, hash_inputs: bool,
                inputs: dict | None = None) -> dict:
     """`inputs`: input_record() when the caller already has it (hashing a large model twice costs minutes)."""
-    import transformers
-
     inputs = inputs if inputs is not None else input_record(source, hash_inputs)
     return {
         "model": model,
         "recipe": recipe.to_dict() if recipe else None,
         "inputs": inputs,
-        "versions": {"qtool": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {"qtool": __version__, "torch": torch.__version__, "transformers": _transformers_version()},
     }
+
+
+def _transformers_version() -> str:
+    """transformers' version without importing it (a second of start-up where the run needed none)."""
+    import sys
+
+    if "transformers" in sys.modules:
+        return sys.modules["transformers"].__version__
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        import transformers
+
+        return transformers.__version__
 
 
 def _stream(
@@ -471,38 +495,46 @@ def run(
         comm.barrier(what="the end of the run")
         report.seconds = time.perf_counter() - t0
         return report
-    with atomic_output(out, overwrite=overwrite, is_dir=writer.output_is_dir) as tmp:
-        writer.begin(tmp, source, recipe)
-        try:
-            if blockwise:
-                _calibrated(source, writer, plan, report, on_event, method, input_ids, stats if calib is None else None, checkpoint)
-            elif comm.active:
-                dp.dist_stream(comm, source, writer, plan, report, on_event, method, stats)
-            else:
-                _stream(source, writer, plan, report, on_event, method, stats)
-            report.notes = report.notes_extra + _summarize_notes(report.layers)
-            on_event(Event("write", 0, 1, str(out)))
-            prov = provenance(source, model, recipe, hash_inputs, inputs if hash_inputs else None)
-            if report.calibration is not None:
-                prov["calibration"] = report.calibration
-            writer.finish(source.config, {**prov, "report": _brief(report)})
-            if evaluation is not None:
-                on_event(Event("evaluate", 0, 1, str(out)))
-                report.eval = {**evaluate_output(tmp, source, evaluation, on_event), "model": str(out)}
-            if writer.output_is_dir and recipe is not None:
-                _write_cards(tmp, out, writer, report, model)
-        except OSError as e:  # disk full, quota, a vanished folder: the user's problem to fix, said in one line
-            writer.abort()
-            raise FormatError(f"{out}: cannot write: {e.strerror or e}") from None
-        except KeyboardInterrupt:
-            writer.abort()
-            if checkpoint is None or not checkpoint.saved:
+    # the provenance's input hashes (model card, reproducibility) computed beside the work, not after it
+    hashes = BackgroundHashes(source.input_files()) if hash_inputs and inputs is None else None
+    try:
+        with atomic_output(out, overwrite=overwrite, is_dir=writer.output_is_dir) as tmp:
+            writer.begin(tmp, source, recipe)
+            try:
+                if blockwise:
+                    _calibrated(source, writer, plan, report, on_event, method, input_ids, stats if calib is None else None, checkpoint)
+                elif comm.active:
+                    dp.dist_stream(comm, source, writer, plan, report, on_event, method, stats)
+                else:
+                    _stream(source, writer, plan, report, on_event, method, stats)
+                report.notes = report.notes_extra + _summarize_notes(report.layers)
+                on_event(Event("write", 0, 1, str(out)))
+                if inputs is None and hashes is not None:
+                    inputs = input_record(source, hashes=hashes)
+                prov = provenance(source, model, recipe, hash_inputs, inputs if hash_inputs else None)
+                if report.calibration is not None:
+                    prov["calibration"] = report.calibration
+                writer.finish(source.config, {**prov, "report": _brief(report)})
+                if evaluation is not None:
+                    on_event(Event("evaluate", 0, 1, str(out)))
+                    report.eval = {**evaluate_output(tmp, source, evaluation, on_event), "model": str(out)}
+                if writer.output_is_dir and recipe is not None:
+                    _write_cards(tmp, out, writer, report, model)
+            except OSError as e:  # disk full, quota, a vanished folder: the user's problem to fix, said in one line
+                writer.abort()
+                raise FormatError(f"{out}: cannot write: {e.strerror or e}") from None
+            except KeyboardInterrupt:
+                writer.abort()
+                if checkpoint is None or not checkpoint.saved:
+                    raise
+                raise Interrupted(f"interrupted; nothing was written to {out}; {checkpoint.saved} block(s) are checkpointed in "
+                                  f"{checkpoint.folder}: rerun with --resume to continue") from None
+            except BaseException:
+                writer.abort()
                 raise
-            raise Interrupted(f"interrupted; nothing was written to {out}; {checkpoint.saved} block(s) are checkpointed in "
-                              f"{checkpoint.folder}: rerun with --resume to continue") from None
-        except BaseException:
-            writer.abort()
-            raise
+    finally:
+        if hashes is not None:
+            hashes.cancel()  # a failed run stops reading the input
     if checkpoint is not None:
         checkpoint.discard()
     comm.barrier(what="the end of the run")

@@ -483,3 +483,58 @@ def test_k_mixtures_round_trip(tiny, tmp_path, gguf_type, floor):
         worst = min(sqnr_db(src.get_tensor(m.name).float(), back.get_tensor(m.name)) for m in src.tensors())
     assert worst >= floor
     assert all(math.isfinite(r.sqnr_db) for r in report.layers)
+
+
+def test_bulk_array_packing_is_gguf_pys_bytes():
+    """The writer packs the vocabulary's arrays in bulk; the bytes are gguf-py's, item by item."""
+    from qtool.formats.gguf.writer import _KVWriter
+
+    VT = gguf.GGUFValueType
+    ours, theirs = _KVWriter(path=None, arch="llama"), gguf.GGUFWriter(path=None, arch="llama")
+    rng = np.random.default_rng(0)
+    cases = [
+        (["a", "ĠHello", "<|im_end|>", "日本", "", "\n"], None),
+        ([b"\xe2\x96\x81x", b"y", b""], None),
+        ([int(x) for x in rng.integers(0, 6, 1000)], VT.INT32),
+        ([TT.NORMAL, TT.CONTROL, TT.USER_DEFINED], None),
+        ([float(x) for x in rng.normal(size=300)] + [-1000.0, -10000.0, 1e-45], VT.FLOAT32),
+        ([1, 2, 3], VT.UINT32),
+        ([1.5, 2.25], None),
+        ([True, False], None),  # bools: gguf-py's own path
+        ([1, 2**40], VT.UINT64),
+    ]
+    for val, sub in cases:
+        for add in (True, False):
+            assert ours._pack_val(val, VT.ARRAY, add, sub) == theirs._pack_val(val, VT.ARRAY, add, sub), (val[:3], sub)
+    import struct
+
+    with pytest.raises(struct.error):  # out of range: gguf-py's own error, as before
+        ours._pack_val([1, -1], VT.ARRAY, True, VT.UINT32)
+
+
+def test_plain_tokenizer_reads_what_autotokenizer_reads(smollm2_dir, tmp_path, monkeypatch):
+    """bpe_vocab without transformers (tokenizers only) gives AutoTokenizer's tokens, types and
+    pre-tokenizer; a tokenizer_config that transformers acts on sends it back to AutoTokenizer."""
+    assert tk._PlainTokenizer.open(smollm2_dir) is not None
+    fast = tk.bpe_vocab(smollm2_dir, 49152)
+    monkeypatch.setattr(tk._PlainTokenizer, "open", classmethod(lambda cls, folder: None))
+    assert fast == tk.bpe_vocab(smollm2_dir, 49152)
+    monkeypatch.undo()
+    cfg = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer.json").write_text((smollm2_dir / "tokenizer.json").read_text())
+    for change in ({"add_bos_token": True}, {"tokenizer_class": "Qwen2Tokenizer"},
+                   {"added_tokens_decoder": {"0": {"content": "<|endoftext|>", "special": False, "normalized": False}}}):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, **change}))
+        assert tk._PlainTokenizer.open(tmp_path) is None, change
+
+
+def test_special_vocab_merges_are_gguf_pys(smollm2_dir, tmp_path):
+    """The bulk merges of tk.SpecialVocab equal gguf-py's, spaces inside a merge part included."""
+    ours, theirs = tk.SpecialVocab(smollm2_dir, load_merges=True), gguf.SpecialVocab(smollm2_dir, load_merges=True)
+    assert len(ours.merges) > 40000 and ours.merges == theirs.merges
+    assert (ours.special_token_ids, ours.add_special_token, ours.chat_template) == \
+        (theirs.special_token_ids, theirs.add_special_token, theirs.chat_template)
+    spec = json.loads((smollm2_dir / "tokenizer.json").read_text())
+    spec["model"]["merges"] = [["a b", "c"], ["Ġx", " "], *spec["model"]["merges"][:10]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    assert tk.SpecialVocab(tmp_path, load_merges=True).merges == gguf.SpecialVocab(tmp_path, load_merges=True).merges

@@ -147,16 +147,18 @@ def _quantize(
     resumes = resume_flags(resume, recipe, outs)
     from qtool.cli.launch import check_nproc, launched, run_launched, session
 
-    if nproc != 1 or launched():
-        from qtool.methods import METHODS
+    from qtool.methods import METHODS
 
+    if nproc != 1 or launched():
         calibrating = METHODS.get(recipe.method).needs_calibration and not recipe.stats
         check_nproc(nproc, recipe.samples if calibrating else None)
         if not launched():
             return run_launched(nproc)  # the same command under torchrun; rank 0 prints the summary
     reports = []
     with session(device) as comm, open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as source:
-        check_model(source, model, trust_remote_code)
+        # GGUF from a calibration-free method maps tensors by name: no model object is needed
+        headers_only = all(w.self_quantizing for w in writers) and not METHODS.get(recipe.method).needs_calibration
+        check_model(source, model, trust_remote_code, headers_only=headers_only)
         quiet = quiet or not comm.is_writer
         with ProgressDisplay(not (json_out or quiet)) as progress:
             for w, o in zip(writers, outs):  # one method run per writer group (formats/multi.py)

@@ -332,23 +332,12 @@ def discover(config: dict, tensors: dict[str, tuple[int, ...]] | None = None, *,
 
 def check_tensors(structure: Structure, tensors: dict[str, tuple[int, ...]], where: str) -> None:
     """The checkpoint's tensors against the architecture: missing, extra or mis-shaped, named in one line."""
+    from qtool.model.header_check import check_tensor_names
+
     ignore = [p for p in (getattr(structure.model, "_keys_to_ignore_on_load_unexpected", None) or [])]
-    exp = structure.expected
-    missing = [k for k in exp if k not in tensors and k not in structure.tied]
-    if missing:
-        raise FormatError(f"{where}: tensor {missing[0]} {list(exp[missing[0]])} is missing "
-                          f"({len(missing)} missing): the checkpoint does not match {structure.family.class_name}")
     # computed buffers some older checkpoints still carry (`...rotary_emb.inv_freq`): transformers ignores them
     buffers = {n.rsplit(".", 1)[-1] for n, _ in structure.model.named_buffers()}
-    extra = [k for k in tensors if k not in exp and not any(re.search(p, k) for p in ignore)
-             and k.rsplit(".", 1)[-1] not in buffers]
-    if extra:
-        raise FormatError(f"{where}: tensor {extra[0]} is not part of {structure.family.class_name} "
-                          f"({len(extra)} unexpected); the checkpoint does not match its config")
-    for k, shape in tensors.items():
-        if k in exp and tuple(shape) != tuple(exp[k]):
-            raise FormatError(f"{where}: tensor {k} has shape {list(shape)}, {structure.family.class_name} "
-                              f"with this config expects {list(exp[k])}")
+    check_tensor_names(structure.family.class_name, structure.expected, structure.tied, buffers, tensors, where, ignore)
 
 
 def is_router(module: str) -> bool:

@@ -33,6 +33,7 @@ class Measured:
     returncode: int
     wall_s: float
     peak_rss_bytes: int  # ru_maxrss of the child, from the kernel
+    cpu_s: float = 0.0  # user + system CPU of the child (and its reaped children), from the same wait4
     sampled_peaks_bytes: dict[str, int] = field(default_factory=dict)  # see STATUS_FIELDS
     stdout: str = ""
     stderr: str = ""
@@ -92,6 +93,7 @@ def measure_here(cmd: list[str]) -> Measured:
             returncode=proc.returncode,
             wall_s=wall,
             peak_rss_bytes=usage.ru_maxrss * 1024,  # Linux reports KiB
+            cpu_s=usage.ru_utime + usage.ru_stime,
             sampled_peaks_bytes={k: v * 1024 for k, v in peaks.items()},
             stdout=out.read(),
             stderr=err.read(),

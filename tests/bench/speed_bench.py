@@ -37,18 +37,17 @@ sys.path.insert(0, str(REPO))
 
 CACHE = Path(os.environ.get("QTOOL_CACHE", REPO / ".cache"))
 
+from measure import run_measured  # noqa: E402
+
 
 def timed(cmd: list[str], env: dict | None = None) -> dict:
-    """Run `cmd`; wall, CPU (user+sys) and peak RSS of that child alone (wait4)."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = p.stderr.read()
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({p.returncode}): {err.decode()[-2000:]}")
-    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "rss_mib": ru.ru_maxrss / 1024}
+    """Run `cmd`; wall, CPU (user+sys) and peak RSS of that child alone. Measured from a fresh small
+    helper process (measure.py): forked straight from this bench, whose RSS grows as it compares
+    GGUF files, a child's ru_maxrss would start from the bench's high-water mark."""
+    m = run_measured(cmd, env=env)
+    if m.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({m.returncode}): {m.stderr[-2000:]}")
+    return {"wall_s": m.wall_s, "cpu_s": m.cpu_s, "rss_mib": m.peak_rss_bytes / 2**20}
 
 
 def qtool_cmd(*args) -> list[str]:

@@ -107,8 +107,16 @@ def encode(x: torch.Tensor, qtype: T, importance: torch.Tensor | None = None) ->
     rows = x.reshape(-1, x.shape[-1])
     step = max(1, CHUNK_ELEMENTS // max(1, rows.shape[1]))
     parts, signal, noise = [], 0.0, 0.0
+    # the quantizers' float32 rows go through one buffer: a fresh 16 MB block per chunk costs more in
+    # page faults than the conversion itself (their outputs are new arrays; float outputs may be views)
+    buf = None if qtype in _TORCH_FLOATS or rows.dtype == torch.float32 else torch.empty(
+        (min(step, rows.shape[0]), rows.shape[1]), dtype=torch.float32)
     for i in range(0, rows.shape[0], step):
-        xf = rows[i : i + step].float()
+        if buf is None:
+            xf = rows[i : i + step].float()
+        else:
+            xf = buf[: min(step, rows.shape[0] - i)]
+            xf.copy_(rows[i : i + step])
         if qtype in _TORCH_FLOATS:
             data, recon = _encode_chunk(xf, qtype, importance)
             err = None if exact else (torch.linalg.vector_norm(xf).item() ** 2,
@@ -237,6 +245,122 @@ class _KVWriter(gguf.GGUFWriter):
     def add_key_value(self, key, val, vtype, sub_type=None) -> None:
         self.kv_data[0][key] = GGUFValue(value=val, type=vtype, sub_type=sub_type)
 
+    def _pack_val(self, val, vtype, add_vtype: bool, sub_type=None) -> bytes:
+        """gguf-py's packing, with the vocabulary's arrays (tokens, types, scores, merges: 10^5
+        items) packed in bulk instead of item by item; the same bytes (tests/test_gguf_writer.py)."""
+        if vtype == gguf.GGUFValueType.ARRAY and self.endianess == gguf.GGUFEndian.LITTLE:
+            packed = _pack_array(val, sub_type)
+            if packed is not None:
+                return (self._pack("I", vtype) if add_vtype else b"") + packed
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+
+_NUMPY_OF = {gguf.GGUFValueType.UINT8: "<u1", gguf.GGUFValueType.INT8: "<i1", gguf.GGUFValueType.UINT16: "<u2",
+             gguf.GGUFValueType.INT16: "<i2", gguf.GGUFValueType.UINT32: "<u4", gguf.GGUFValueType.INT32: "<i4",
+             gguf.GGUFValueType.FLOAT32: "<f4", gguf.GGUFValueType.UINT64: "<u8", gguf.GGUFValueType.INT64: "<i8",
+             gguf.GGUFValueType.FLOAT64: "<f8"}
+
+
+def _pack_array(val, sub_type) -> bytes | None:
+    """A GGUF array of strings or of one numeric type, little-endian, as gguf-py writes it item by
+    item (type, count, items); None for what it should pack itself (empty, mixed, nested, bool, a
+    value out of range: gguf-py raises its own error)."""
+    import operator
+    import struct
+
+    VT = gguf.GGUFValueType
+    if isinstance(val, (bytes, str)) or not isinstance(val, (list, tuple)) or not val:
+        return None
+    ltype = sub_type if sub_type is not None else VT.get_type(val[0])
+    if sub_type is None and not all(VT.get_type(i) is ltype for i in val):
+        return None
+    head = struct.pack("<IQ", ltype, len(val))
+    if ltype == VT.STRING:
+        enc = [v.encode("utf-8") if isinstance(v, str) else v for v in val]
+        if not all(isinstance(b, bytes) for b in enc):
+            return None
+        length = struct.Struct("<Q").pack
+        return head + b"".join(length(len(b)) + b for b in enc)
+    dt = _NUMPY_OF.get(ltype)
+    if dt is None:
+        return None
+    try:
+        if ltype in (VT.FLOAT32, VT.FLOAT64):
+            src = np.array([float(v) for v in val], dtype=np.float64)
+            arr = src.astype(dt)
+            if np.isinf(arr).sum() != np.isinf(src).sum():
+                return None  # too large for float32: gguf-py's struct.pack raises
+        else:
+            arr = np.array([operator.index(v) for v in val], dtype=dt)
+    except (TypeError, OverflowError, ValueError):
+        return None
+    return head + arr.tobytes()
+
+
+
+class _BackgroundWrites:
+    """Tensor data written by one thread in submission order, while the caller encodes the next
+    tensors (numpy's tofile releases the GIL): the disk's time overlaps the quantizers'. At most
+    `limit` bytes wait beyond the one being written; a write error is raised to the caller at the
+    next submit or at join()."""
+
+    def __init__(self, file: gguf.GGUFWriter, limit: int = 256 << 20) -> None:
+        import threading
+
+        self._file, self._limit = file, limit
+        self._queue: list[np.ndarray] = []
+        self._pending, self._error, self._closed = 0, None, False
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="qtool-gguf-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                array = self._queue[0]
+            try:
+                if self._error is None:
+                    self._writes.submit(array)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                self._error = e
+            with self._cv:
+                self._queue.pop(0)
+                self._pending -= array.nbytes
+                self._cv.notify_all()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+
+    def submit(self, array: np.ndarray) -> None:
+        with self._cv:
+            while self._pending and self._pending + array.nbytes > self._limit and self._error is None:
+                self._cv.wait()
+            self._raise()
+            self._queue.append(array)
+            self._pending += array.nbytes
+            self._cv.notify_all()
+
+    def join(self) -> None:
+        """Wait for every submitted write; stop the thread; raise its error, if any."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join()
+        self._raise()
+
+    def discard(self) -> None:
+        """After a failure: stop writing (what was queued is dropped) and stop the thread."""
+        with self._cv:
+            self._error = self._error or RuntimeError("discarded")
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join()
 
 def _folder(source: CheckpointSource) -> Path:
     return source.path if source.path.is_dir() else source.path.parent
@@ -430,6 +554,7 @@ class GGUFWriter(FormatWriter):
         self._provenance_at = w.fout[0].tell() - PROVENANCE_BYTES
         w.write_ti_data_to_file()
         self._file = w
+        self._writes = _BackgroundWrites(w)
         for e in self.entries:
             if e.const is not None:
                 e.data[0] = encode(e.const, e.qtype)[0]
@@ -606,6 +731,7 @@ class GGUFWriter(FormatWriter):
             provenance = {**provenance, "inputs": {"files": len(provenance.get("inputs", {}))}}
             record = json.dumps({"qtool_version": __version__, "gguf_type": self.mixture.name, **provenance},
                                 sort_keys=True, ensure_ascii=True)[:PROVENANCE_BYTES]
+        self._writes.join()
         f = self._file.fout[0]
         f.flush()
         f.seek(self._provenance_at)
@@ -615,5 +741,7 @@ class GGUFWriter(FormatWriter):
 
     def abort(self) -> None:
         if self._file is not None:
+            if getattr(self, "_writes", None) is not None:
+                self._writes.discard()
             self._file.close()
             self._file = None
