@@ -38,7 +38,8 @@ def random_layer(out_f: int, in_f: int, seed: int, tokens: int = 512):
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize(
     "params",
-    [GPTQParams(), GPTQParams(act_order=True), GPTQParams(act_order=True, static_groups=True), GPTQParams(block_size=16)],
+    [GPTQParams(), GPTQParams(act_order=True, group_aware=False),
+     GPTQParams(act_order=True, static_groups=True, group_aware=False), GPTQParams(block_size=16)],
     ids=["default", "act-order", "act-order-static", "block16"],
 )
 def test_gptq_output_error_beats_rtn_on_the_same_grid(group_size, symmetric, params):
@@ -54,12 +55,36 @@ def test_gptq_output_error_beats_rtn_on_the_same_grid(group_size, symmetric, par
     assert int(qw.codes.min()) >= INT4.qmin and int(qw.codes.max()) <= INT4.qmax
 
 
+def _rtn_on_mse_grid(W: torch.Tensor, group_size: int | None, symmetric: bool):
+    """Round to nearest on core/mse_grid's clipped ranges (what --mse measures per group), written out."""
+    from qtool.core.grouping import to_groups
+    from qtool.core.mse_grid import mse_qparams
+
+    Wf = W.float()
+    s, z = mse_qparams(to_groups(Wf, group_size or Wf.shape[1]), INT4, symmetric, W.dtype)  # [out, G]
+    k = group_size or Wf.shape[1]
+    sf = s.float().repeat_interleave(k, 1)[:, : Wf.shape[1]]
+    zf = torch.zeros_like(sf) if z is None else z.float().repeat_interleave(k, 1)[:, : Wf.shape[1]]
+    codes = (Wf / sf + zf).round().clamp(INT4.qmin, INT4.qmax).to(torch.int8)
+    return codes, s, z
+
+
+@pytest.mark.parametrize("mse", [False, True], ids=["minmax", "mse"])
 @pytest.mark.parametrize("group_size", [None, 32, 40], ids=["channel", "g32", "g40"])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_identity_hessian_gives_exactly_rtn(group_size, symmetric):
-    """H = I: Hinv is diagonal, no error propagates, so every column rounds as RTN does."""
+def test_identity_hessian_gives_exactly_rtn(group_size, symmetric, mse):
+    """H = I: Hinv is diagonal, no error propagates, so every column rounds as RTN does on the same
+    grid: min/max (core/affine) with --no-mse, the MSE-clipped ranges with --mse (the default)."""
     W = torch.randn(24, 80, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
-    qw, _ = gptq_quantize(W, torch.eye(80), INT4, group_size=group_size, symmetric=symmetric, params=GPTQParams(block_size=32))
+    qw, _ = gptq_quantize(W, torch.eye(80), INT4, group_size=group_size, symmetric=symmetric,
+                          params=GPTQParams(block_size=32, mse=mse))
+    if mse:
+        codes, scale, zero = _rtn_on_mse_grid(W, group_size, symmetric)
+        plain = quantize_int(W, INT4, strategy="group" if group_size else "channel", group_size=group_size, symmetric=symmetric)
+        assert not torch.equal(scale, plain.scale)  # the search clipped some ranges: the case is not min/max again
+        assert torch.equal(qw.codes, codes) and torch.equal(qw.scale, scale) and qw.scale.dtype == torch.bfloat16
+        assert (qw.zero_point is None) == symmetric and (symmetric or torch.equal(qw.zero_point, zero))
+        return
     rtn = quantize_int(W, INT4, strategy="group" if group_size else "channel", group_size=group_size, symmetric=symmetric)
     assert torch.equal(qw.codes, rtn.codes)
     assert torch.equal(qw.scale, rtn.scale) and qw.scale.dtype == torch.bfloat16
@@ -98,16 +123,23 @@ def test_inverse_hessian_cholesky_is_the_reference_factor(n):
 
 # the fast schedule (_loop_fast) against the column-by-column reference (_loop_reference): every
 # feature that changes the loop's control flow, on a layer with a dead input column
+# PLAIN: the algorithm before the bench-chosen defaults (damp 0.05, group-aware, mse), so that each case
+# isolates the feature that changes the loop's control flow; the "defaults-" cases run the defaults (on
+# bf16 scales these agree exactly too; for float64 scales see tests/test_gptq_group_aware.py).
+PLAIN = dict(damp=0.01, group_aware=False, mse=False)
 LOOP_CASES = {
-    "channel-sym": dict(group_size=None, symmetric=True, params=GPTQParams()),
-    "channel-asym-act-order": dict(group_size=None, symmetric=False, params=GPTQParams(act_order=True)),
-    "g32-sym": dict(group_size=32, symmetric=True, params=GPTQParams()),
-    "g40-asym-partial-last": dict(group_size=40, symmetric=False, params=GPTQParams()),
-    "g40-act-order-dynamic": dict(group_size=40, symmetric=True, params=GPTQParams(act_order=True)),
-    "g40-asym-act-order-static": dict(group_size=40, symmetric=False, params=GPTQParams(act_order=True, static_groups=True)),
-    "g24-block50": dict(group_size=24, symmetric=False, params=GPTQParams(block_size=50)),  # groups straddle blocks
-    "g40-block7": dict(group_size=40, symmetric=True, params=GPTQParams(block_size=7)),  # blocks < sub-blocks
-    "int3-g64-block1": dict(group_size=64, symmetric=True, params=GPTQParams(block_size=1), qtype=INT3),
+    "channel-sym": dict(group_size=None, symmetric=True, params=GPTQParams(**PLAIN)),
+    "channel-asym-act-order": dict(group_size=None, symmetric=False, params=GPTQParams(**PLAIN, act_order=True)),
+    "g32-sym": dict(group_size=32, symmetric=True, params=GPTQParams(**PLAIN)),
+    "g40-asym-partial-last": dict(group_size=40, symmetric=False, params=GPTQParams(**PLAIN)),
+    "g40-act-order-dynamic": dict(group_size=40, symmetric=True, params=GPTQParams(**PLAIN, act_order=True)),
+    "g40-asym-act-order-static": dict(group_size=40, symmetric=False, params=GPTQParams(**PLAIN, act_order=True, static_groups=True)),
+    "g24-block50": dict(group_size=24, symmetric=False, params=GPTQParams(**PLAIN, block_size=50)),  # groups straddle blocks
+    "g40-block7": dict(group_size=40, symmetric=True, params=GPTQParams(**PLAIN, block_size=7)),  # blocks < sub-blocks
+    "int3-g64-block1": dict(group_size=64, symmetric=True, params=GPTQParams(**PLAIN, block_size=1), qtype=INT3),
+    "defaults-g40-asym": dict(group_size=40, symmetric=False, params=GPTQParams()),
+    "defaults-g24-sym-block50": dict(group_size=24, symmetric=True, params=GPTQParams(block_size=50)),
+    "defaults-int3-g64-block7": dict(group_size=64, symmetric=False, params=GPTQParams(block_size=7), qtype=INT3),
 }
 
 
@@ -175,14 +207,14 @@ def test_method_factors_a_shared_hessian_once(monkeypatch):
     got = [m.quantize_with_stats(w, spec, h)[0] for w, h in ((W, H.clone()), (W2, H.clone()), (W, H2), (W, H2.clone()))]
     assert len(calls) == 2
     for (w, h), qw in zip(((W, H), (W2, H), (W, H2), (W, H2)), got):
-        want, _ = gptq_quantize(w, h, INT4, group_size=16, symmetric=False, params=GPTQParams(act_order=True))
+        want, _ = gptq_quantize(w, h, INT4, group_size=16, symmetric=False, params=GPTQParams(act_order=True, group_aware=False))
         assert torch.equal(qw.codes, want.codes) and torch.equal(qw.scale, want.scale) and torch.equal(qw.g_idx, want.g_idx)
 
 
 @pytest.mark.parametrize("group_size", [32, 40])
 def test_act_order_g_idx_maps_every_column_to_its_group(group_size):
     W, H = random_layer(16, 96, seed=4)
-    qw, _ = gptq_quantize(W, H, INT4, group_size=group_size, symmetric=True, params=GPTQParams(act_order=True))
+    qw, _ = gptq_quantize(W, H, INT4, group_size=group_size, symmetric=True, params=GPTQParams(act_order=True, group_aware=False))
     n_groups = -(-96 // group_size)
     assert qw.g_idx is not None and qw.g_idx.shape == (96,) and qw.g_idx.dtype == torch.int32
     counts = torch.bincount(qw.g_idx.long(), minlength=n_groups)
@@ -192,7 +224,7 @@ def test_act_order_g_idx_maps_every_column_to_its_group(group_size):
     assert torch.equal(qw.g_idx[perm].long(), torch.arange(96) // group_size)
     # dequantize() honours g_idx: the result is close to W
     assert torch.nn.functional.cosine_similarity(qw.dequantize(torch.float32).flatten(), W.flatten(), dim=0) > 0.95
-    static, _ = gptq_quantize(W, H, INT4, group_size=group_size, symmetric=True, params=GPTQParams(act_order=True, static_groups=True))
+    static, _ = gptq_quantize(W, H, INT4, group_size=group_size, symmetric=True, params=GPTQParams(act_order=True, static_groups=True, group_aware=False))
     assert static.g_idx is None  # static groups stay contiguous: no map needed
 
 
@@ -299,7 +331,7 @@ def test_transformers_loads_gptq_output_and_predicts_our_logits(run, runs, tiny_
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     actorder = {g["weights"]["actorder"] for g in qcfg["config_groups"].values()}
     assert actorder == ({"weight"} if run == "gptq-ao" else {None})
-    assert len(report["layers"]) == 14 and all(layer["gptq"]["damp"] == 0.01 for layer in report["layers"])
+    assert len(report["layers"]) == 14 and all(layer["gptq"]["damp"] == GPTQParams().damp for layer in report["layers"])
     shared = {layer["name"].rsplit(".", 2)[-2]: layer["gptq"]["shares_hessian_with"] for layer in report["layers"][:7]}
     assert shared["k_proj"] == shared["v_proj"] == "model.layers.0.self_attn.q_proj.weight"
     assert shared["up_proj"] == "model.layers.0.mlp.gate_proj.weight" and shared["o_proj"] is None

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from qtool.core.qweight import QuantizedWeight
 from qtool.errors import FormatError
 from qtool.formats.gguf.writer import GPTQ_GRIDS, GGUFWriter, pack_codes
+from qtool.methods.gptq import GPTQParams
 from qtool.model.gguf_source import GGUFSource
 
 T = gguf.GGMLQuantizationType
@@ -260,7 +261,7 @@ def test_q4_0_file_holds_exactly_our_gptq_weights(runs, reference):
     assert all(not torch.equal(rtn[n], got[n]) for n in BLOCK_LINEARS)
     layers = {r["name"]: r for r in report["layers"]}
     for name in BLOCK_LINEARS:
-        assert layers[name]["strategy"] == "Q4_0" and layers[name]["note"] is None and layers[name]["gptq"]["damp"] == 0.01
+        assert layers[name]["strategy"] == "Q4_0" and layers[name]["note"] is None and layers[name]["gptq"]["damp"] == GPTQParams().damp
     # outside the blocks: the writer's own quantization, reported with its type
     assert layers["model.embed_tokens.weight"]["strategy"] == "Q4_0" and layers["model.embed_tokens.weight"]["gptq"] is None
     assert layers["lm_head.weight"]["strategy"] == "Q8_0"  # Q6_K for the output, 96 columns -> Q8_0

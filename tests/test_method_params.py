@@ -11,6 +11,9 @@ import typer
 
 from conftest import invoke_cli
 
+# chosen by tests/bench/awq_bench.py (SmolLM2 int4 g128 rows; tests/bench/results/results.md)
+CHOSEN_GPTQ_DEFAULTS = {"damp": 0.05, "group_aware": True, "mse": True}
+
 
 @pytest.fixture()
 def recipe_of(monkeypatch, tmp_path):
@@ -37,9 +40,9 @@ def recipe_of(monkeypatch, tmp_path):
 def test_old_gptq_spellings_still_work(recipe_of):
     r = recipe_of("-m", "gptq", "--dataset", "x.txt", "--damp", "0.05", "--act-order", "--static-groups", "--block-size", "64")
     assert r.method_params == {"damp": 0.05, "act_order": True, "static_groups": True, "block_size": 64, "group_aware": False,
-                               "mse": False}
-    assert recipe_of("-m", "gptq", "--dataset", "x.txt").method_params == {"damp": 0.01, "act_order": False, "static_groups": False,
-                                                                         "block_size": 128, "group_aware": False, "mse": False}
+                               "mse": True}
+    assert recipe_of("-m", "gptq", "--dataset", "x.txt").method_params == {"damp": 0.05, "act_order": False, "static_groups": False,
+                                                                         "block_size": 128, "group_aware": True, "mse": True}
 
 
 def test_method_defaults_and_options(recipe_of):
@@ -100,3 +103,18 @@ def test_bad_recipe_files(recipe_of, tmp_path, text, words):
     r = recipe_of("--recipe", f)
     assert not hasattr(r, "method") and r.exit_code == 2, r
     assert all(w in r.output for w in words), r.output
+
+
+def test_gptq_defaults_as_the_model_card_records_them(recipe_of):
+    """The GPTQ defaults the bench chose (tests/bench/awq_bench.py) are what a plain `-m gptq` runs and
+    what its card's Recipe section records; --act-order alone turns the group-aware default off."""
+    from qtool.card import model_card
+    from qtool.methods.gptq import GPTQParams
+
+    chosen = {"damp": GPTQParams().damp, "group_aware": GPTQParams().group_aware, "mse": GPTQParams().mse}
+    assert chosen == CHOSEN_GPTQ_DEFAULTS
+    r = recipe_of("-m", "gptq", "-b", "4", "-g", "128", "--dataset", "c.txt", "-f", "gptq")
+    report = {"recipe": r.to_dict(), "output": "x", "format": "gptq", "params_quantized": 1, "params_total": 1, "bpw_quantized": 4.0}
+    block = model_card(report, "base").split("## Recipe", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    assert {k: json.loads(block)["method_params"][k] for k in chosen} == chosen
+    assert recipe_of("-m", "gptq", "--dataset", "c.txt", "--act-order").method_params["group_aware"] is False

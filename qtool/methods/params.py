@@ -77,6 +77,7 @@ def resolve(method: str, given: dict[str, object]) -> dict[str, object]:
         raise UsageError(f"{', '.join(flag_of(k) for k in foreign)}: not an option of --method {method} (its options: {mine})")
     if params_cls is None:
         return {}
+    given = with_yields(params_cls, given)
     for k, v in given.items():
         t = _field_type(params_cls, next(f for f in fields_of(params_cls) if f.name == k))
         if not _is(v, t):
@@ -86,6 +87,17 @@ def resolve(method: str, given: dict[str, object]) -> dict[str, object]:
     except TypeError as e:
         raise UsageError(f"--method {method}: {e}") from None
     return dataclasses.asdict(inst)
+
+
+def with_yields(params_cls, given: dict[str, object]) -> dict[str, object]:
+    """`given` plus the defaults that give way to another option given alone: a params class's
+    `yields_to = {trigger: (other, value)}` sets `other` to `value` when `trigger` is given True and
+    `other` is not given (gptq: --act-order turns the group-aware default off; both given stays the
+    dataclass's error)."""
+    for trigger, (other, value) in getattr(params_cls, "yields_to", {}).items():
+        if given.get(trigger) is True and other not in given:
+            given = {**given, other: value}
+    return given
 
 
 def _is(v: object, t: type) -> bool:
