@@ -15,8 +15,10 @@ Types (learned by saving a tiny model with torchao's own configs):
         Int4WeightOnlyConfig needs CUDA): qdata int8 codes [out, in] unpacked, scale [out, in/g]
         in the weight dtype, zero_point int8 [out, in/g]; int2 / int3 the same with their range
   fp8   Float8WeightOnlyConfig -> Float8Tensor: qdata float8_e4m3fn [out, in], scale float32 [out, 1]
-W = (qdata - zero_point) * scale, per block_size [1, in] or [1, g]. The grids are qtool's
-(compressed-tensors' symmetric max|w| / ((qmax - qmin) / 2)), which are torchao's own too.
+W = (qdata - zero_point) * scale, per block_size [1, in] or [1, g]. The grids are torchao's
+(symmetric max|w| / ((qmax - qmin) / 2), compressed-tensors' too); with -m rtn the codes and scales
+are computed with torchao's own arithmetic (core/peer_rtn.py), so they equal what torchao's
+quantize_ makes of the same bf16 weight.
 """
 
 from __future__ import annotations
@@ -137,8 +139,10 @@ class TorchAOWriter(HFQuantizedWriter):
             raise UnsupportedError(f"--activations int8: torchao's dynamic-activation config here is int8 x int8, not {qt.name} weights")
 
     def spec_options(self, recipe: QuantRecipe) -> dict:
-        # torchao keeps int8 / float8 row scales in float32, intx group scales in the weight dtype
-        return {"scale_dtype": torch.float32} if recipe.qtype in ("int8", "fp8_e4m3") else {}
+        # torchao keeps int8 / float8 row scales in float32, intx group scales in the weight dtype;
+        # RTN computes codes and scales with torchao's own arithmetic (core/peer_rtn.py)
+        extra = {"scale_dtype": torch.float32} if recipe.qtype in ("int8", "fp8_e4m3") else {}
+        return {**extra, "rounding": "torchao"}
 
     def begin(self, out: Path, source, recipe: QuantRecipe | None) -> None:
         super().begin(out, source, recipe)
