@@ -147,8 +147,11 @@ class TorchAOWriter(HFQuantizedWriter):
     def begin(self, out: Path, source, recipe: QuantRecipe | None) -> None:
         super().begin(out, source, recipe)
         self.meta: dict[str, str] = {}
+        self.groups: set[int] = set()  # the group sizes actually written (the request may have been lowered)
 
     def pack(self, prefix: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        if qw.strategy == "group":
+            self.groups.add(int(qw.group_size))  # type: ignore[arg-type]
         self.meta[f"{prefix}.weight"] = json.dumps(tensor_metadata(qw, self.dtype_name, self.dynamic))
         return {f"{prefix}._weight_{k}": v for k, v in pack_torchao(qw).items()}
 
@@ -164,7 +167,10 @@ class TorchAOWriter(HFQuantizedWriter):
         assert r is not None
         return {
             "quant_method": "torchao",
-            "quant_type": {"default": _config_type(r.qtype, r.group_size, r.symmetric, self.dynamic)},
+            # PerGroup(g) names the group the tensors hold: the model-wide size choose_groups settled on
+            # (e.g. 64 for -g 128 on 576-wide rows, said in the run's notes), not the request
+            "quant_type": {"default": _config_type(r.qtype, max(self.groups) if len(self.groups) == 1 else r.group_size,
+                                                   r.symmetric, self.dynamic)},
             "modules_to_not_convert": self.not_converted(),
             "include_input_output_embeddings": False,
             "untie_embedding_weights": False,
