@@ -85,7 +85,8 @@ def hqq_groups(groups: torch.Tensor, bits: int, optimize: bool = True) -> tuple[
 
 def hqq_quantize(w: torch.Tensor, bits: int, group_size: int | None, scale_dtype: torch.dtype | None = None,
                  optimize: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[out, in] -> signed codes int8 [out, in], scale and float zero [out, G] (qtool's convention).
+    """[out, in] -> signed codes int8 [out, in], scale [out, G] (scale_dtype, default the weight's)
+    and float32 zero [out, G] (qtool's convention).
 
     group_size None: one group per row. A partial last group is solved on its own (hqq itself
     needs groups that tile the rows)."""
@@ -104,9 +105,10 @@ def hqq_quantize(w: torch.Tensor, bits: int, group_size: int | None, scale_dtype
         zeros.append(zero.reshape(out, -1))
     offset = float(2 ** (bits - 1))
     sdtype = scale_dtype or w.dtype
-    zdtype = torch.float32 if sdtype == torch.float32 else torch.float16  # bf16 holds a zero near 8 to 1/32
+    # zero points stay float32 here: a format stores them at its own width (hqq: the scale's dtype, as
+    # hqq's own quantize + save does, so that a bf16 file holds hqq's very bf16 zeros)
     return ((torch.cat(codes, 1) - offset).to(torch.int8), torch.cat(scales, 1).to(sdtype),
-            (torch.cat(zeros, 1) - offset).to(zdtype))
+            torch.cat(zeros, 1) - offset)
 
 
 @METHODS.register("hqq", aliases=("half-quadratic",))
