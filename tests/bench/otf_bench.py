@@ -232,7 +232,8 @@ def markdown(sec: dict) -> str:
         for n in q.get("notes") or []:  # what qtool's run said (e.g. a group size lowered to fit the widths)
             notes.append(f"{r['case']}: qtool's run: {n}")
         if r.get("run"):  # a row kept from an earlier run (--otf-merge)
-            notes.append(f"{r['case']}: from the run of {r['run'].get('date_utc', '?')} at qtool {str(r['run'].get('commit', ''))[:8]}")
+            notes.append(f"{r['case']}: from the run of {r['run'].get('date_utc', '?')} at qtool {str(r['run'].get('commit', ''))[:8]}"
+                         + (" (its code changed during that run)" if r["run"].get("code_changed_during_run") else ""))
         if "time_ratio" in r:
             notes.append(f"{r['case']}: peer time = imports {p['import_s']:.1f} s + quantize {p['quantize_s']:.1f} s + save {p['save_s']:.1f} s; "
                          f"qtool's own quantize time (its report, imports excluded) {q.get('qtool_seconds') or 0:.1f} s; peak RSS qtool "
