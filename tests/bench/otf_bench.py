@@ -248,6 +248,7 @@ def markdown(sec: dict) -> str:
                  "quantize + save. Wall clock on a shared 2-core machine (other jobs' load differs between the two sides' runs). "
                  "quanto rows: both sides scored with quanto's own dequantized weights in dense Linears (its CPU int4 matmul is too slow); "
                  "file bpw = 8 × weight-file bytes / all parameters (embeddings included).")
+    notes += sec.get("extra_notes", [])  # e.g. a rerun cut short: what it measured before it stopped
     lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
