@@ -6,6 +6,9 @@ usage: python onthefly_consumer.py OUT.pt JOB...      (one process for all jobs:
   JOB = hqq:FOLDER | quanto:FOLDER | quark:FOLDER      -> {"logits", "ids", "modules", "weights", ...}
       | hqq-quantize:IN.pt   IN.pt = {"w": [out, in] float32, "cases": [(nbits, group_size), ...]}
                              -> {(nbits, group_size): {"W_q", "scale", "zero"}} from hqq's Quantizer
+                             with BaseQuantizeConfig(nbits, group_size)'s weight settings
+      | quanto-quantize:IN.pt  IN.pt = {"w": [out, in] (its dtype kept)}
+                             -> {"qint8" | "qfloat8_e4m3fn": {"data", "scale"}} from a quanto QLinear
 OUT.pt: {JOB: result}. Logits in float32 for the ids 3..26 (mod vocab)."""
 
 import os
@@ -60,19 +63,36 @@ def run_model(kind, folder):
 
 
 def hqq_quantize(path):
-    from hqq.core.quantize import Quantizer
+    from hqq.core.quantize import BaseQuantizeConfig, Quantizer
 
     job = torch.load(path)
     out = {}
     for nbits, g in job["cases"]:
-        W_q, meta = Quantizer.quantize(job["w"], nbits=nbits, group_size=g, optimize=True, axis=1, bitpack=False, device="cpu")
+        params = BaseQuantizeConfig(nbits=nbits, group_size=g)["weight_quant_params"]  # axis 1, round_zero at 4 bits
+        W_q, meta = Quantizer.quantize(job["w"], **params, bitpack=False, device="cpu")
         out[(nbits, g)] = {"W_q": W_q.float(), "scale": meta["scale"].float(), "zero": meta["zero"].float()}
+    return out
+
+
+def quanto_quantize(path):
+    import optimum.quanto as oq
+    from optimum.quanto.nn import QLinear
+
+    w = torch.load(path)["w"]
+    out = {}
+    for qname in ("qint8", "qfloat8_e4m3fn"):
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
+        lin.weight.data.copy_(w)
+        q = QLinear.from_module(lin, weights=getattr(oq, qname))
+        q.freeze()
+        out[qname] = {"data": q.weight._data.clone(), "scale": q.weight._scale.clone()}
     return out
 
 
 results = {}
 for job in sys.argv[2:]:
     kind, _, arg = job.partition(":")
-    results[job] = hqq_quantize(arg) if kind == "hqq-quantize" else run_model(kind, arg)
+    quantizers = {"hqq-quantize": hqq_quantize, "quanto-quantize": quanto_quantize}
+    results[job] = quantizers[kind](arg) if kind in quantizers else run_model(kind, arg)
     print(job, results[job].get("modules", ""), flush=True)
 torch.save(results, sys.argv[1])

@@ -81,20 +81,30 @@ def hqq_weight() -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def otf_consumed(otf_outputs, hqq_weight, tmp_path_factory) -> dict:
-    """{case name | "hqq-quantize": consumer result} from one consumer run."""
+    """{case name | "hqq-quantize" | "quanto-quantize": consumer result} from one consumer run."""
     if not CONSUMER_PY.exists():
         pytest.skip(f"{CONSUMER_PY} missing: `make hqq-quanto-quark-venv` installs hqq, optimum-quanto and amd-quark there")
     root = tmp_path_factory.mktemp("otf-consumer")
-    job = root / "hqq_job.pt"
+    job, qjob = root / "hqq_job.pt", root / "quanto_job.pt"
     torch.save({"w": hqq_weight, "cases": HQQ_CASES}, job)
+    torch.save({"w": quanto_weight()}, qjob)
     result = root / "consumer.pt"
-    jobs = [f"{CASES[n][2]}:{p}" for n, p in otf_outputs.items()] + [f"hqq-quantize:{job}"]
+    jobs = [f"{CASES[n][2]}:{p}" for n, p in otf_outputs.items()] + [f"hqq-quantize:{job}", f"quanto-quantize:{qjob}"]
     p = subprocess.run([str(CONSUMER_PY), str(ROOT / "tests" / "onthefly_consumer.py"), str(result), *jobs],
                        capture_output=True, text=True, timeout=1500, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     raw = torch.load(result, weights_only=False)
     by_job = {f"{CASES[n][2]}:{p}": n for n, p in otf_outputs.items()}
-    return {by_job.get(k, "hqq-quantize"): v for k, v in raw.items()}
+    return {by_job.get(k, k.partition(":")[0]): v for k, v in raw.items()}
+
+
+def quanto_weight() -> torch.Tensor:
+    """bf16, heavy-tailed, for quanto's own qint8 / qfloat8 quantizer (no all-zero row: quanto would
+    divide by its zero scale there, where qtool stores scale 1)."""
+    g = torch.Generator().manual_seed(12)
+    w = torch.randn(96, 320, generator=g) * 0.02
+    w += 0.2 * (torch.rand(96, 320, generator=g) < 0.005) * torch.randn(96, 320, generator=g)
+    return w.to(torch.bfloat16)
 
 
 def assert_runtime_matches(res: dict, folder: Path, reader, weight_atol, logits_atol: float) -> dict:

@@ -4,7 +4,7 @@ codes and scales equal to theirs.
 
 usage: python otf_reference.py OUT.pt FOLDER
 OUT.pt: {weight name: {"bnb:nf4" | "bnb:fp4" | "bnb:nf4-dq": {packed, absmax[, nested_absmax, offset]},
-                       "ao:int8" | "ao:int4-g32" | "ao:fp8": {qdata, scale[, zero_point]}}}"""
+                       "ao:int8" | "ao:int4-g32" | "ao:int4-g64-asym" | "ao:fp8": {qdata, scale[, zero_point]}}}"""
 
 import os
 import sys
@@ -16,8 +16,10 @@ import bitsandbytes.functional as F  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from torchao.quantization import (Float8WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig,  # noqa: E402
                                   PerGroup, quantize_)
+from torchao.quantization.quant_primitives import MappingType  # noqa: E402
 
 AO = {"ao:int8": Int8WeightOnlyConfig(), "ao:int4-g32": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)),
+      "ao:int4-g64-asym": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64), mapping_type=MappingType.ASYMMETRIC),
       "ao:fp8": Float8WeightOnlyConfig()}
 
 out = {}

@@ -65,10 +65,15 @@ def test_partial_last_group_is_solved_on_its_own(hqq_weight):
     assert torch.equal(codes[:, 64:], c2) and torch.equal(scale[:, 1:], s2) and torch.equal(zero[:, 1:], z2)
 
 
-def test_bf16_weights_get_fp16_zero_points():
+def test_bf16_weights_keep_float32_zero_points_stored_at_the_scale_width():
+    """The method keeps its zero points in float32; -f hqq stores them in the scale's dtype, as hqq
+    does (so a bf16 file holds hqq's own bf16 zeros), and the bit count says 16 bits per zero."""
     w = torch.randn(16, 64).to(torch.bfloat16)
     qw = HQQMethod().quantize(w, LayerSpec("w", get_qtype("int4"), "group", 32, False))
-    assert qw.scale.dtype == torch.bfloat16 and qw.zero_point.dtype == torch.float16
+    assert qw.scale.dtype == torch.bfloat16 and qw.zero_point.dtype == torch.float32
+    assert qw.storage_bits() == 16 * 64 * 4 + 16 * 2 * 16 * 2
+    t = hqq_format.pack_hqq(qw)
+    assert t["zero"].dtype == torch.bfloat16 and torch.equal(t["zero"].reshape(16, 2), (qw.zero_point + 8).to(torch.bfloat16))
 
 
 def test_hqq_refuses_what_it_cannot_do():
@@ -77,18 +82,26 @@ def test_hqq_refuses_what_it_cannot_do():
 
 
 def test_matches_hqq_quantizer(otf_consumed, hqq_weight):
-    """Our solver against hqq 0.2.8's Quantizer.quantize(optimize=True, axis=1) on the same float32
-    weight: codes equal except where a value sits within float rounding of a rounding boundary
-    (<= 0.1 % of them), zero points and scales within 1e-5 (relative)."""
+    """Our solver against hqq 0.2.8's Quantizer.quantize with BaseQuantizeConfig(nbits, group_size)'s
+    weight settings (axis 1, round_zero at 4 bits, the legacy proximal solver) on the same float32
+    weight: codes and scales bit for bit; zero points equal up to qtool's signed convention
+    (z - 2^(b-1) in float32 and back: one float32 rounding)."""
     ref = otf_consumed["hqq-quantize"]
     for bits, g in HQQ_CASES:
         codes, scale, zero = hqq_quantize(hqq_weight, bits, g, torch.float32)
         r = ref[(bits, g)]
         offset = 2 ** (bits - 1)
         ours_u = (codes.float() + offset).reshape(-1, g)
-        assert (ours_u != r["W_q"]).float().mean() <= 1e-3, (bits, g)
-        torch.testing.assert_close(scale.reshape(-1, 1), r["scale"], rtol=1e-5, atol=0)
-        torch.testing.assert_close(zero.reshape(-1, 1) + offset, r["zero"], rtol=1e-5, atol=1e-5)
+        assert torch.equal(ours_u, r["W_q"]), (bits, g)
+        assert torch.equal(scale.reshape(-1, 1), r["scale"]), (bits, g)
+        # z - 2^(b-1) and back: within one float32 rounding at the offset's magnitude
+        torch.testing.assert_close(zero.reshape(-1, 1) + offset, r["zero"], rtol=2.0**-22, atol=offset * 2.0**-22)
+    # round_zero matters: without it, 4-bit codes land elsewhere on this weight
+    from qtool.methods import hqq as H
+
+    inv, z0 = H.initial_grid(hqq_weight.reshape(-1, 64), 4, round_zero=False)
+    q = torch.round(hqq_weight.reshape(-1, 64) * inv + H.solve_zero(hqq_weight.reshape(-1, 64), inv, z0, 4)).clamp(0, 15)
+    assert not torch.equal(q, ref[(4, 64)]["W_q"])
 
 
 # -- the layout --------------------------------------------------------------------------------------

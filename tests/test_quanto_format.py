@@ -99,3 +99,23 @@ def test_stock_transformers_would_load_random_weights(otf_outputs):
 
     _, info = AutoModelForCausalLM.from_pretrained(otf_outputs["quanto-r8"], output_loading_info=True)
     assert any(k.endswith("q_proj.weight") for k in info["missing_keys"])
+
+
+def test_quanto_quantizer_gives_our_codes(otf_consumed):
+    """optimum-quanto's own qint8 / qfloat8 QLinear on a bf16 weight: -f quanto's RTN (rounding
+    "quanto": s = max|w| / 127 or / 448 and w / s in bf16) gives its data and scales bit for bit;
+    qtool's plain grid (max|w| / 127.5, float32) does not."""
+    from onthefly_fixtures import quanto_weight
+    from qtool.config import QuantRecipe
+    from qtool.methods.rtn import RTNMethod
+
+    w, ref = quanto_weight(), otf_consumed["quanto-quantize"]
+    for qname, qt in (("qint8", "int8"), ("qfloat8_e4m3fn", "fp8_e4m3")):
+        opts = Q.QuantoWriter().spec_options(QuantRecipe(qtype=qt, strategy="channel"))
+        assert opts == {"rounding": "quanto"}
+        qw = RTNMethod().quantize(w, LayerSpec("w", get_qtype(qt), "channel", None, True, **opts))
+        t, R = Q.pack_quanto(qw), ref[qname]
+        assert t["_scale"].dtype == R["scale"].dtype and torch.equal(t["_scale"], R["scale"].reshape(t["_scale"].shape)), qname
+        assert torch.equal(t["_data"].view(torch.uint8), R["data"].view(torch.uint8)), qname
+    plain = quantize_int(w, get_qtype("int8"), strategy="channel", symmetric=True)
+    assert not torch.equal(plain.codes, ref["qint8"]["data"])

@@ -11,7 +11,11 @@ absmax values themselves in 8 bits: their mean is subtracted, then each block of
 its own absmax and rounded to the nearest entry of the signed 8-bit "dynamic" map (Dettmers,
 "8-bit Approximations for Parallelism in Deep Learning", 2016: a sign, a run of zero bits giving a
 power of ten, then a linear fraction). The 4-bit codes are chosen against the unquantized absmax,
-as bitsandbytes does; dequantization uses the double-quantized one.
+as bitsandbytes does; dequantization uses the double-quantized one. bitsandbytes' CPU kernel
+(`cquantize_blockwise_cpu_fp32`, csrc/cpu_ops.cpp of 0.50) does not search the map: it reads the
+code from a table of 65536 bins over [-1, 1] (`bnb_cpu_nearest`), which for values near a
+midpoint between two map entries is one entry off the nearest. `double_quantize(rounding=
+"bitsandbytes")` uses that table, so that the nested codes are the ones bitsandbytes itself stores.
 """
 
 from __future__ import annotations
@@ -78,8 +82,26 @@ def dynamic_map(signed: bool = True, exponent_bits: int = 7, total_bits: int = 8
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
-def double_quantize(absmax: torch.Tensor, block: int = NESTED_BLOCK) -> NestedScale:
-    """absmax (any shape, float32) -> its 8-bit nested quantization, flattened row-major."""
+LUT_BINS = 65536  # bitsandbytes' CPU quantize_blockwise table
+
+
+def bnb_cpu_nearest(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' CPU blockwise rule for `x` in [-1, 1] against an ascending 256-entry `table`:
+    bin i of 65536 (value -1 + 2i / 65535) maps to the number of midpoints between neighbouring
+    entries that lie below it; a value goes to bin trunc((x + 1) * 0.5 * 65535 + 0.5), the last
+    multiply-add fused (the kernel is built with FMA), all in float32."""
+    mid = 0.5 * (table[:-1] + table[1:])
+    grid = -1.0 + (2.0 * torch.arange(LUT_BINS, dtype=torch.float32, device=x.device)) / float(LUT_BINS - 1)
+    lut = torch.searchsorted(mid.contiguous(), grid, side="left")  # count of midpoints < value
+    half = (x.to(torch.float32).clamp(-1.0, 1.0) + 1.0) * 0.5
+    idx = (half.to(torch.float64) * float(LUT_BINS - 1) + 0.5).to(torch.float32).to(torch.int64)  # one rounding: fma
+    return lut[idx].to(torch.uint8)
+
+
+def double_quantize(absmax: torch.Tensor, block: int = NESTED_BLOCK, rounding: str | None = None) -> NestedScale:
+    """absmax (any shape, float32) -> its 8-bit nested quantization, flattened row-major.
+    rounding "bitsandbytes": the codes of bitsandbytes' CPU kernel (`bnb_cpu_nearest`); None: the
+    exact nearest map entry."""
     flat = absmax.reshape(-1).to(torch.float32)
     offset = flat.mean()
     centred = flat - offset
@@ -89,13 +111,17 @@ def double_quantize(absmax: torch.Tensor, block: int = NESTED_BLOCK) -> NestedSc
     amax2 = blocks.abs().amax(-1)
     table = dynamic_map()
     x = (blocks * (1.0 / amax2.clamp(min=1e-38)).unsqueeze(-1)).clamp_(-1, 1)
-    codes = nearest_sorted(x, table).reshape(-1)[:n]
+    if rounding == "bitsandbytes":
+        codes = torch.where(amax2.unsqueeze(-1) == 0, 0, bnb_cpu_nearest(x, table).to(torch.int64)).to(torch.uint8)
+    else:
+        codes = nearest_sorted(x, table)
+    codes = codes.reshape(-1)[:n]
     return NestedScale(codes, amax2, table, float(offset), block)
 
 
-def with_double_quant(qw: QuantizedWeight, block: int = NESTED_BLOCK) -> QuantizedWeight:
+def with_double_quant(qw: QuantizedWeight, block: int = NESTED_BLOCK, rounding: str | None = None) -> QuantizedWeight:
     """The same codes with their absmax stored double-quantized (`scale` becomes what a loader
     computes from the nested codes)."""
-    nested = double_quantize(qw.scale, block)
+    nested = double_quantize(qw.scale, block, rounding)
     scale = nested.dequantize().reshape(qw.scale.shape)
     return QuantizedWeight(qw.qtype, qw.codes, scale, None, qw.strategy, qw.group_size, nested=nested)

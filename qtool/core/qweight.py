@@ -125,7 +125,8 @@ class QuantizedWeight:
         bits = self.codes.numel() * self.qtype.bits
         bits += self.nested.storage_bits() if self.nested is not None else self.scale.numel() * self.scale.element_size() * 8
         if self.zero_point is not None:
-            per = self.zero_point.element_size() * 8 if self.float_zeros else self.qtype.bits
+            # float zero points (HQQ's) are stored at the scale's width (hqq, quanto's float shift)
+            per = self.scale.element_size() * 8 if self.float_zeros else self.qtype.bits
             bits += self.zero_point.numel() * per
         return bits
 

@@ -124,7 +124,8 @@ class BitsAndBytesWriter(HFQuantizedWriter):
         return super().choose_groups(widths, recipe)
 
     def spec_options(self, recipe: QuantRecipe) -> dict:
-        return {"scale_dtype": torch.float32, "double_quant": self.double_quant}
+        # double quantization: the nested codes of bitsandbytes' own CPU kernel (core/lut.py)
+        return {"scale_dtype": torch.float32, "double_quant": self.double_quant, "rounding": "bitsandbytes"}
 
     def begin(self, out: Path, source, recipe: QuantRecipe | None) -> None:
         super().begin(out, source, recipe)

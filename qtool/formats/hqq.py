@@ -11,7 +11,7 @@ its safetensors-style encoding (every entry a tensor, `encoded_state_dict` = 1):
           row slices packed into one word, slice 0 in the HIGH bits (core/rowpack.py); 8/6/5-bit
           one code per byte, 3-bit ten per int32 with the rows padded to a multiple of 10
   scale   [rows, 1]   float, W = (W_q - zero) * scale
-  zero    [rows, 1]   float zero point (HQQ's are not integers)
+  zero    [rows, 1]   float zero point (HQQ's are not integers), in the scale's dtype (as hqq saves)
   nbits, group_size, axis (int32 scalars), shape (int64 [2]), packing and unpack_view_dtype
   (strings as uint8 codes), view_as_float, quant_scale, quant_zero, channel_wise, optimize,
   round_zero, offload_meta, stores_quant_config (uint8 flags), bias if any.
@@ -67,8 +67,10 @@ def pack_hqq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     if qw.zero_point is None:
         zero = torch.full_like(scale, float(offset))
     else:
-        zdtype = qw.zero_point.dtype if qw.float_zeros else scale.dtype  # integers < 256 are exact in bf16
-        zero = (qw.zero_point.cpu().to(torch.float32) + offset).to(zdtype).reshape(-1, 1)
+        # in the scale's dtype, as hqq's own HQQLinear keeps (and saves) both: a bf16 file holds the
+        # zeros hqq itself makes, and its loader casts them to the compute dtype anyway; integer
+        # zeros (< 256) are exact in bf16
+        zero = (qw.zero_point.cpu().to(torch.float32) + offset).to(scale.dtype).reshape(-1, 1)
     return {
         "W_q": w_q.contiguous(), "scale": scale.contiguous(), "zero": zero.contiguous(),
         "nbits": torch.tensor(bits, dtype=torch.int32), "group_size": torch.tensor(g, dtype=torch.int32),

@@ -118,10 +118,15 @@ class MultiWriter(FormatWriter):
         merged: dict = {}
         for w in self.writers:
             for k, v in w.spec_options(recipe).items():
+                if k == "rounding":  # a runtime's own arithmetic: only when every format asks for the same one
+                    continue
                 if k in merged and merged[k] != v:
                     raise UnsupportedError(f"--format {self.registry_name}: the formats store weights differently ({k}); "
                                            "write them in separate runs")
                 merged[k] = v
+        roundings = {w.spec_options(recipe).get("rounding") for w in self.writers}
+        if len(roundings) == 1 and None not in roundings:
+            merged["rounding"] = roundings.pop()
         return merged
 
     def check_plan(self, quantized: set[str], linears: list[str], recipe: QuantRecipe) -> None:

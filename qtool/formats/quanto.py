@@ -16,7 +16,7 @@
 quanto stores no group size: each QLinear derives it from its input width (128; else 96 or 64
 where they divide it; else, or for widths <= 128, one group per row), so the writer uses that
 rule for every layer (`-g 128`, the rule's first choice, is what it accepts). int8 and float8 are
-symmetric per output channel. Integer zero points go in as an int8 shift (exact); HQQ's float zero
+symmetric per output channel, on quanto's grid (max|w| / 127, / 448) with -m rtn. Integer zero points go in as an int8 shift (exact); HQQ's float zero
 points, and every int4 bf16 group-128 layer (quanto moves those to its TinyGemm kernel, which
 asserts a float shift), as the float shift z * scale in the scale's dtype.
 """
@@ -129,6 +129,11 @@ class QuantoWriter(FormatWriter):
             note = None if g == 128 else f"{'group ' + str(g) if g else 'per channel'}: quanto's group for width {w}"
             out[m] = GroupChoice("group", g, note) if g else GroupChoice("channel", None, note)
         return out
+
+    def spec_options(self, recipe: QuantRecipe) -> dict:
+        # qint8 / qfloat8: RTN with quanto's own arithmetic (s = max|w| / 127 or / 448 in the weight's
+        # dtype; core/peer_rtn.py), so the codes equal what quanto's quantize makes of the weight
+        return {"rounding": "quanto"} if get_qtype(recipe.qtype).bits == 8 else {}
 
     def begin(self, out: Path, source: CheckpointSource, recipe: QuantRecipe | None) -> None:
         self.out, self.source, self.recipe = out, source, recipe

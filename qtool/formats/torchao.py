@@ -15,8 +15,10 @@ Types (learned by saving a tiny model with torchao's own configs):
         Int4WeightOnlyConfig needs CUDA): qdata int8 codes [out, in] unpacked, scale [out, in/g]
         in the weight dtype, zero_point int8 [out, in/g]; int2 / int3 the same with their range
   fp8   Float8WeightOnlyConfig -> Float8Tensor: qdata float8_e4m3fn [out, in], scale float32 [out, 1]
-W = (qdata - zero_point) * scale, per block_size [1, in] or [1, g]. The grids are qtool's
-(compressed-tensors' symmetric max|w| / ((qmax - qmin) / 2)), which are torchao's own too.
+W = (qdata - zero_point) * scale, per block_size [1, in] or [1, g]. The grids are torchao's
+(symmetric max|w| / ((qmax - qmin) / 2), compressed-tensors' too); with -m rtn the codes and scales
+are computed with torchao's own arithmetic (core/peer_rtn.py), so they equal what torchao's
+quantize_ makes of the same bf16 weight.
 """
 
 from __future__ import annotations
@@ -137,14 +139,19 @@ class TorchAOWriter(HFQuantizedWriter):
             raise UnsupportedError(f"--activations int8: torchao's dynamic-activation config here is int8 x int8, not {qt.name} weights")
 
     def spec_options(self, recipe: QuantRecipe) -> dict:
-        # torchao keeps int8 / float8 row scales in float32, intx group scales in the weight dtype
-        return {"scale_dtype": torch.float32} if recipe.qtype in ("int8", "fp8_e4m3") else {}
+        # torchao keeps int8 / float8 row scales in float32, intx group scales in the weight dtype;
+        # RTN computes codes and scales with torchao's own arithmetic (core/peer_rtn.py)
+        extra = {"scale_dtype": torch.float32} if recipe.qtype in ("int8", "fp8_e4m3") else {}
+        return {**extra, "rounding": "torchao"}
 
     def begin(self, out: Path, source, recipe: QuantRecipe | None) -> None:
         super().begin(out, source, recipe)
         self.meta: dict[str, str] = {}
+        self.groups: set[int] = set()  # the group sizes actually written (the request may have been lowered)
 
     def pack(self, prefix: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        if qw.strategy == "group":
+            self.groups.add(int(qw.group_size))  # type: ignore[arg-type]
         self.meta[f"{prefix}.weight"] = json.dumps(tensor_metadata(qw, self.dtype_name, self.dynamic))
         return {f"{prefix}._weight_{k}": v for k, v in pack_torchao(qw).items()}
 
@@ -160,7 +167,10 @@ class TorchAOWriter(HFQuantizedWriter):
         assert r is not None
         return {
             "quant_method": "torchao",
-            "quant_type": {"default": _config_type(r.qtype, r.group_size, r.symmetric, self.dynamic)},
+            # PerGroup(g) names the group the tensors hold: the model-wide size choose_groups settled on
+            # (e.g. 64 for -g 128 on 576-wide rows, said in the run's notes), not the request
+            "quant_type": {"default": _config_type(r.qtype, max(self.groups) if len(self.groups) == 1 else r.group_size,
+                                                   r.symmetric, self.dynamic)},
             "modules_to_not_convert": self.not_converted(),
             "include_input_output_embeddings": False,
             "untie_embedding_weights": False,

@@ -25,6 +25,9 @@ class LayerSpec:
     scale_dtype: torch.dtype | None = None  # dtype the scales are stored in; None: the weight's own
     block: tuple[int, int] | None = None  # "block" strategy: rows x columns per scale (fine-grained FP8)
     double_quant: bool = False  # lookup-table types: store the block absmax values in 8 bits (bitsandbytes)
+    # RTN only: reproduce a consumer library's own arithmetic bit for bit ("torchao", "quanto":
+    # core/peer_rtn.py; "bitsandbytes": its CPU kernel's double-quantization codes, core/lut.py)
+    rounding: str | None = None
 
 
 class QuantMethod(ABC):

@@ -37,7 +37,6 @@ class Measured:
     sampled_peaks_bytes: dict[str, int] = field(default_factory=dict)  # see STATUS_FIELDS
     stdout: str = ""
     stderr: str = ""
-    cpu_s: float = 0.0  # user + system CPU seconds of the child (rusage), steadier than wall on a shared machine
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -97,7 +96,6 @@ def measure_here(cmd: list[str]) -> Measured:
             sampled_peaks_bytes={k: v * 1024 for k, v in peaks.items()},
             stdout=out.read(),
             stderr=err.read(),
-            cpu_s=usage.ru_utime + usage.ru_stime,
         )
 
 

@@ -98,7 +98,8 @@ def qtool_file(qtool: str, env: dict, model: Path, flags: list[str], out: Path) 
         return {"command": m.cmd, "error": f"qtool exited {m.returncode}: {lines[-1] if lines else ''}"[:400], "wall_s": round(m.wall_s, 2)}
     rep = json.loads(m.stdout)
     return {"command": m.cmd, "wall_s": round(m.wall_s, 2), "peak_rss_bytes": m.peak_rss_bytes, "qtool_seconds": rep.get("seconds"),
-            "bpw_quantized": rep.get("bpw_quantized"), "params_total": rep.get("params_total"), "size_bytes": weight_bytes(out)}
+            "bpw_quantized": rep.get("bpw_quantized"), "params_total": rep.get("params_total"), "size_bytes": weight_bytes(out),
+            "notes": rep.get("notes") or []}
 
 
 def run_case(case: str, model: Path, work: Path, windows: Path, qtool: str, env: dict, batch_size: int) -> dict:
@@ -161,6 +162,25 @@ def run_otf_section(model: Path, text: Path, work: Path, qtool: str, env: dict, 
     return sec
 
 
+def merge_sections(old: dict, new: dict) -> dict:
+    """`new` (a run of some cases) with the rows of `old` that it did not rerun kept, each tagged with
+    the date and qtool commit of the run it came from; rows in CASES order."""
+    done = {r["case"] for r in new.get("rows", [])}
+    kept = []
+    for r in old.get("rows", []):
+        if r.get("case") in done:
+            continue
+        r = dict(r)
+        r.setdefault("run", {"date_utc": old.get("date_utc"), "commit": old.get("qtool_code_at_start", {}).get("commit"),
+                             "code_changed_during_run": old.get("qtool_code_changed_during_run")})
+        kept.append(r)
+    order = {c: i for i, c in enumerate(CASES)}
+    out = dict(new)
+    out["rows"] = sorted(new.get("rows", []) + kept, key=lambda r: order.get(r.get("case"), len(order)))
+    out["kept_rows"] = len(kept)
+    return out
+
+
 # -- markdown --------------------------------------------------------------------------------------
 def _ppl(d: dict) -> str:
     return f"{d['perplexity']:.3f}" if d.get("perplexity") else "–"
@@ -180,7 +200,8 @@ def markdown(sec: dict) -> str:
     lines = ["## On-the-fly formats: qtool's files vs the peer libraries quantizing themselves (SmolLM2-135M-Instruct)", "",
              f"{sec.get('date_utc', '')}: one run, {sec.get('seconds', 0):.0f} s (load average at its start "
              f"{sec.get('load_average_at_start', [0])[0]:.2f}); qtool at {code.get('commit', '')[:8]}"
-             + (" (**its code changed during the run**)" if sec.get("qtool_code_changed_during_run") else "") + ". "
+             + (" (**its code changed during the run**)" if sec.get("qtool_code_changed_during_run") else "")
+             + (f"; {sec['kept_rows']} rows kept from earlier runs (dated in the notes)" if sec.get("kept_rows") else "") + ". "
              f"Perplexity: {cfg.get('windows')} × {cfg.get('seq_len')} held-out tokens (second half of WikiText-2 validation), "
              "qtool.evaluate.perplexity, bfloat16, run inside the consumer's isolated venv for both sides. "
              f"bf16 baseline: {_ppl(base)}.", "",
@@ -208,6 +229,11 @@ def markdown(sec: dict) -> str:
                 notes.append(f"{r['case']}: {side}: {d['error']}")
         if p.get("save_error"):
             notes.append(f"{r['case']}: the peer could not save its model ({p['save_error']}); no peer size")
+        for n in q.get("notes") or []:  # what qtool's run said (e.g. a group size lowered to fit the widths)
+            notes.append(f"{r['case']}: qtool's run: {n}")
+        if r.get("run"):  # a row kept from an earlier run (--otf-merge)
+            notes.append(f"{r['case']}: from the run of {r['run'].get('date_utc', '?')} at qtool {str(r['run'].get('commit', ''))[:8]}"
+                         + (" (its code changed during that run)" if r["run"].get("code_changed_during_run") else ""))
         if "time_ratio" in r:
             notes.append(f"{r['case']}: peer time = imports {p['import_s']:.1f} s + quantize {p['quantize_s']:.1f} s + save {p['save_s']:.1f} s; "
                          f"qtool's own quantize time (its report, imports excluded) {q.get('qtool_seconds') or 0:.1f} s; peak RSS qtool "
@@ -222,6 +248,7 @@ def markdown(sec: dict) -> str:
                  "quantize + save. Wall clock on a shared 2-core machine (other jobs' load differs between the two sides' runs). "
                  "quanto rows: both sides scored with quanto's own dequantized weights in dense Linears (its CPU int4 matmul is too slow); "
                  "file bpw = 8 × weight-file bytes / all parameters (embeddings included).")
+    notes += sec.get("extra_notes", [])  # e.g. a rerun cut short: what it measured before it stopped
     lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 

@@ -412,6 +412,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--otf-windows", type=int, default=otf_bench.DEFAULT_WINDOWS,
                     help=f"512-token held-out windows per on-the-fly row (default {otf_bench.DEFAULT_WINDOWS})")
     ap.add_argument("--otf-cases", default=None, help=f"comma-separated subset of {', '.join(otf_bench.CASES)}")
+    ap.add_argument("--otf-merge", action="store_true",
+                    help="with --otf-only --otf-cases: keep the other rows of --out/otf.json (tagged with their own run)")
     ap.add_argument("--aqlm", action="store_true", help="add the AQLM ~2-bit section (aqlm_bench.py; hours on a 2-core CPU)")
     ap.add_argument("--no-calibration", action="store_true", help="leave out the `qtool calibrate` rows (run alone: calib_bench.py)")
     ap.add_argument("--dist", action="store_true", help="add the 1-vs-2-processes section (optional; run alone: dist_bench.py)")
@@ -551,8 +553,12 @@ def run_otf(args: argparse.Namespace, model: Path, text: Path, work: Path, parti
 def otf_only(args: argparse.Namespace, model: Path, text: Path, work: Path, t0: float) -> int:
     """The on-the-fly section alone: --out/otf.json (rewritten after each method), then into results.json."""
     args.out.mkdir(parents=True, exist_ok=True)
-    section = run_otf(args, model, text, work, partial=args.out / "otf.json")
+    earlier = json.loads((args.out / "otf.json").read_text()) if args.otf_merge and (args.out / "otf.json").is_file() else None
+    section = run_otf(args, model, text, work, partial=args.out / ("otf.partial.json" if earlier else "otf.json"))
     section["run_seconds_with_setup"] = round(time.perf_counter() - t0, 1)
+    if earlier:
+        (args.out / "otf.partial.json").unlink(missing_ok=True)
+        section = otf_bench.merge_sections(earlier, section)
     (args.out / "otf.json").write_text(json.dumps(section, indent=2, default=str) + "\n")
     results, _ = earlier_results(args, model, text)
     results["otf"] = section
