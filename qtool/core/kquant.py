@@ -34,6 +34,7 @@ class KGrid:
     asym: bool
     smax: int  # asym: sub-block scale/min levels 0..smax; sym: |sc| bound of the quantized peak
     off: int = 0
+    block_bytes: int = 0  # bytes per super-block
 
     @property
     def nsub(self) -> int:
@@ -41,11 +42,11 @@ class KGrid:
 
 
 K_GRIDS = {
-    "Q2_K": KGrid("Q2_K", 16, 3, True, 15),
-    "Q3_K": KGrid("Q3_K", 16, 7, False, 32, 4),
-    "Q4_K": KGrid("Q4_K", 32, 15, True, 63),
-    "Q5_K": KGrid("Q5_K", 32, 31, True, 63),
-    "Q6_K": KGrid("Q6_K", 16, 63, False, 128, 32),
+    "Q2_K": KGrid("Q2_K", 16, 3, True, 15, 0, 84),
+    "Q3_K": KGrid("Q3_K", 16, 7, False, 32, 4, 110),
+    "Q4_K": KGrid("Q4_K", 32, 15, True, 63, 0, 144),
+    "Q5_K": KGrid("Q5_K", 32, 31, True, 63, 0, 176),
+    "Q6_K": KGrid("Q6_K", 16, 63, False, 128, 32, 210),
 }
 
 

@@ -182,7 +182,8 @@ def _on_cpu(qw):
     if qw.codes.device.type == "cpu":
         return qw
     cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
-    return replace(qw, codes=cpu(qw.codes), scale=cpu(qw.scale), zero_point=cpu(qw.zero_point), g_idx=cpu(qw.g_idx))
+    return replace(qw, codes=cpu(qw.codes), scale=cpu(qw.scale), zero_point=cpu(qw.zero_point), g_idx=cpu(qw.g_idx),
+                   kblock=None if qw.kblock is None else qw.kblock.to("cpu"))
 
 
 def _with_scale_dtype(spec: LayerSpec, dtype: torch.dtype) -> LayerSpec:

@@ -25,6 +25,7 @@ class LayerSpec:
     scale_dtype: torch.dtype | None = None  # dtype the scales are stored in; None: the weight's own
     block: tuple[int, int] | None = None  # "block" strategy: rows x columns per scale (fine-grained FP8)
     double_quant: bool = False  # lookup-table types: store the block absmax values in 8 bits (bitsandbytes)
+    kgrid: str | None = None  # GGUF K type of the tensor ("Q4_K"): a method that can tune on its grid does
 
 
 class QuantMethod(ABC):
