@@ -104,3 +104,48 @@ def test_llama_cpp_runs_our_learned_weights(runs, tiny, texts):
     assert np.abs(got - ours).max() <= 0.25
     assert np.abs(got - ours).max() < 0.3 * np.abs(got - base).max()
     assert (got.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
+
+
+# -- K types: tuned on the K grid itself (Q4_K_M on a model wide enough to keep them) -------------------
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory, smollm2_dir) -> Path:
+    return build_llama(tmp_path_factory.mktemp("ar-gguf-wide") / "wide", smollm2_dir, hidden_size=256, intermediate_size=512,
+                       head_dim=64, tie_word_embeddings=True)
+
+
+def _run(model: Path, out: Path, gguf_type: str, method: str = "autoround", texts=None) -> tuple[Path, dict]:
+    from conftest import invoke_cli
+
+    extra = ("--dataset", texts[0], "--samples", SAMPLES, "--seq-len", SEQ_LEN, "--iters", ITERS) if method == "autoround" else ()
+    res = invoke_cli("quantize", model, "-m", method, "-f", "gguf", "-t", gguf_type, *extra, "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    return out, json.loads(res.stdout)
+
+
+def test_q4_k_m_file_holds_exactly_our_learned_k_weights(wide, texts, tmp_path, monkeypatch):
+    """Every block linear of the Q4_K_M file (Q4_K, Q6_K) decodes bit for bit to the method's
+    result; llama.cpp runs it; held-out KL printed against llama.cpp's Q4_K_M and against the old
+    path (tuned on the nearest int grid, then re-quantized by the K quantizer)."""
+    path, report = _run(wide, tmp_path / "ar.gguf", "Q4_K_M", texts=texts)
+    want = _reference(wide, texts, "Q4_K_M")
+    got = stored(path)
+    kinds = {r["name"]: r["strategy"] for r in report["layers"]}
+    assert {kinds[n] for n in BLOCK_LINEARS} >= {"Q4_K", "Q6_K"}, kinds
+    for name in BLOCK_LINEARS:
+        assert torch.equal(got[name], want[name]), name
+    ids = held_out_ids(wide, texts[1], 256)
+    kl_k = kl_of_block_linears(wide, ids, path)
+    kl_rtn = kl_of_block_linears(wide, ids, _run(wide, tmp_path / "rtn.gguf", "Q4_K_M", "rtn")[0])
+    from qtool.methods import autoround_kgrid
+
+    monkeypatch.setattr(autoround_kgrid, "fits", lambda *a: False)
+    kl_old = kl_of_block_linears(wide, ids, _run(wide, tmp_path / "old.gguf", "Q4_K_M", texts=texts)[0])
+    print(f"KL Q4_K_M: autoround on the K grid {kl_k:.4g}, tuned-then-requantized {kl_old:.4g}, llama.cpp {kl_rtn:.4g}")
+    assert kl_k < kl_rtn, (kl_k, kl_rtn)
+    lct = pytest.importorskip("llama_cpp_tools")
+    pytest.importorskip("llama_cpp")
+    ids = held_out_ids(wide, texts[1])
+    out = lct.gguf_next_token_logits(path, ids)
+    ours = hf_logits(wide, ids, stored(path))
+    assert np.abs(out - ours).max() < 0.3 * np.abs(out - hf_logits(wide, ids)).max()
+    assert (out.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
