@@ -10,14 +10,14 @@ MODEL_DIR := $(CACHE)/SmolLM2-135M-Instruct-bf16
 DEMO_OUT := $(CACHE)/demo/SmolLM2-135M-Instruct-rtn-w4g64
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: setup model demo test bench clean llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv
+.PHONY: setup model demo test bench bench-speed clean llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv llmcompressor-venv aqlm-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 # torch first, pinned, so pip takes the local CPU build instead of downloading a CUDA one.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml setup.py qtool/kernels/_ggml_blocks.c | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
@@ -87,11 +87,39 @@ $(OTF2_VENV)/.installed:
 	$(OTF2_VENV)/bin/pip install -q -c $(CACHE)/hqq-quanto-quark-constraints.txt transformers==5.23.0 hqq==0.2.8 optimum-quanto==0.2.7 amd-quark==0.13
 	touch $@
 
-test: setup llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv
+# llm-compressor 0.14.0.1 (it pins transformers <= 5.17 and compressed-tensors 0.19), isolated from the
+# project venv: a peer of the AWQ bench only (tests/bench/peer_llmcompressor.py, `make bench`), not a
+# judge of any test, so `make test` does not build it.
+LLMC_VENV := $(CACHE)/llmcompressor-venv
+llmcompressor-venv: $(LLMC_VENV)/.installed
+$(LLMC_VENV)/.installed:
+	$(PY) -m venv $(LLMC_VENV)
+	$(LLMC_VENV)/bin/pip install -q torch==2.13.0
+	echo torch==2.13.0 > $(CACHE)/llmcompressor-constraints.txt
+	$(LLMC_VENV)/bin/pip install -q -c $(CACHE)/llmcompressor-constraints.txt llmcompressor==0.14.0.1 transformers==5.17.0
+	touch $@
+
+# transformers' AQLM route on CPU (aqlm[cpu] 1.1.7: numba 2x8 kernel, pure-torch 1x16), isolated from the
+# project venv: the judge of -f aqlm in tests/test_aqlm_format.py.
+AQLM_VENV := $(CACHE)/aqlm-venv
+aqlm-venv: $(AQLM_VENV)/.installed
+$(AQLM_VENV)/.installed:
+	$(PY) -m venv $(AQLM_VENV)
+	$(AQLM_VENV)/bin/pip install -q torch==2.13.0
+	echo torch==2.13.0 > $(CACHE)/aqlm-constraints.txt
+	$(AQLM_VENV)/bin/pip install -q -c $(CACHE)/aqlm-constraints.txt 'aqlm[cpu]==1.1.7' transformers==5.23.0 accelerate
+	touch $@
+
+test: setup llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv aqlm-venv
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q $(PYTEST_ARGS)
 
-bench: model
-	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/run_bench.py --out tests/bench/results
+bench: model otf-venv hqq-quanto-quark-venv
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/run_bench.py --otf --out tests/bench/results
+
+# HF folder -> GGUF (Q4_K_M, Q8_0, Q4_0) end to end vs llama.cpp's convert + quantize, `--help` and
+# `inspect` costs: tests/bench/results/speed.md (needs `make llama-cpp`).
+bench-speed: model llama-cpp
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/speed_bench.py --out tests/bench/results
 
 clean:
 	rm -rf $(CACHE)/demo

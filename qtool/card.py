@@ -21,6 +21,8 @@ LOADERS = {
     "hqq": ("hqq (`pip install hqq`, 0.2.8) — not stock transformers, which finds no weights file here", ""),
     "quanto": ("optimum-quanto (`pip install optimum-quanto`, 0.2.7) — stock transformers would load it with random weights", ""),
     "quark": ("transformers with `amd-quark` installed (0.13)", ""),
+    "aqlm": ("transformers with `aqlm` installed (`aqlm[cpu]==1.1.7` on CPU: load with `dtype=torch.float32`; 2x8 codebooks "
+             "run a numba kernel, set `NUMBA_NUM_THREADS=1` (it races on more threads); `aqlm[gpu]` on CUDA)", ""),
 }
 # Formats whose runtime is not transformers' from_pretrained: the lines that load them.
 USE_CODE = {
@@ -40,6 +42,9 @@ def _fmt(v: float | None, digits: int = 4) -> str:
 
 
 def _recipe_line(r: dict) -> str:
+    if r.get("method") == "aqlm":
+        p = r.get("method_params") or {}
+        return f"aqlm · {p.get('codebooks')}x{p.get('codebook_bits')} additive codebooks · {p.get('in_group')} input columns per code"
     g = f"group {r['group_size']}" if r.get("group_size") else f"per {r.get('strategy')}"
     return f"{r['method']} · {r['qtype']} · {g} · {'symmetric' if r.get('symmetric') else 'asymmetric'}"
 

@@ -49,5 +49,6 @@ EXIT_CODES = {
     3: "unsupported: this model, method or format cannot do what was asked",
     4: "numerical failure: NaN/Inf in a weight, a factorisation that failed",
     5: "I/O or format error: missing, corrupted or existing file",
+    6: "distributed: a rank of a run over several processes was killed or lost (--nproc, torchrun)",
     130: "interrupted",
 }

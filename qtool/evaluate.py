@@ -340,7 +340,8 @@ def _has_runtime(quant_method: str | None) -> bool:
 # transformers' quantizer layouts qtool writes: the package transformers needs to load each on a CPU
 # (None: no CPU runtime at all); without it `qtool eval` scores qtool's own dequantization, the math
 # tests/test_otf_formats.py holds equal to the runtime's weights.
-OTF_RUNTIMES = {"bitsandbytes": "bitsandbytes", "torchao": "torchao", "fp8": "accelerate", "fbgemm_fp8": None, "eetq": None}
+OTF_RUNTIMES = {"bitsandbytes": "bitsandbytes", "torchao": "torchao", "fp8": "accelerate", "fbgemm_fp8": None, "eetq": None,
+                "aqlm": "aqlm"}
 
 
 def _otf_without_runtime(config: dict) -> bool:

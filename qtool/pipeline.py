@@ -16,6 +16,7 @@ import torch
 from qtool import __version__
 from qtool.config import QuantRecipe
 from qtool.core.metrics import sqnr_db
+from qtool.engine.distributed import current as current_comm
 from qtool.errors import FormatError, Interrupted, NumericalError, UnsupportedError, UsageError
 from qtool.formats import FORMATS
 from qtool.formats.base import FormatWriter
@@ -72,6 +73,7 @@ class RunReport:
     calibration: dict | None = None  # provenance of the calibration windows (calibration methods)
     eval: dict | None = None  # `--eval`: qtool eval's figures for the output against the input model
     published: dict | None = None  # `--push-to-hub`: repo, url, commit, files uploaded
+    distributed: dict | None = None  # several processes: world size, backend, bytes all-reduced (rank 0's share)
     notes_extra: list[str] = field(default_factory=list, repr=False)  # run-level notes, ahead of per-layer ones
 
     @property
@@ -291,6 +293,8 @@ def _write_quantized(
         err = rounded
     outcome = writer.add_quantized(name, qw)  # writers move to CPU as they serialise
     strategy, group, bits = spec.strategy, spec.group_size, qw.storage_bits()
+    if getattr(qw, "scheme", None):  # codebook weights (AQLM): "codebook 2x8", group = input columns per code
+        strategy, group = f"codebook {qw.scheme}", qw.group_size
     if outcome is not None:  # a self-quantizing writer (GGUF) says which type holds it and what that changed
         strategy, group, note, bits = outcome.qtype, None, outcome.note, outcome.storage_bits
     report.layers.append(LayerResult(name, tuple(w.shape), strategy, group, err, note, stats))
@@ -446,13 +450,34 @@ def run(
         report.calibration = {"spec": calib.spec, "tokens": calib.tokens_used, **calib.source}
     report.input_bytes = sum(f.stat().st_size for f in source.input_files() if f.suffix in (".safetensors", ".gguf", ".bin", ".pt"))
     inputs = input_record(source) if blockwise else None  # the checkpoint's fingerprint and the provenance share it
-    checkpoint = _checkpoint_for(out, source, recipe, writer, plan, report, calib, inputs, resume) if blockwise else None
+    comm, input_ids = current_comm(), calib.input_ids if calib else None
+    if comm.active:  # several processes (engine/dist_pipeline.py): the same run on every rank, checked before any work
+        from qtool.engine import dist_pipeline as dp
+
+        if calib is not None:
+            dp.check_windows(comm, input_ids.shape[0])
+        elif blockwise:
+            raise UsageError(f"--stats with --method {recipe.method}: the statistics come from the file, the blocks see one probe "
+                             "sample; nothing to share across processes: run it with one process")
+        comm.agree(dp.run_record(source, recipe, writer, plan, report.calibration, input_ids, inputs), "run (inputs, recipe, data)")
+        input_ids = dp.shard_ids(comm, input_ids)
+    checkpoint = None
+    if blockwise:
+        make = lambda: _checkpoint_for(out, source, recipe, writer, plan, report, calib, inputs, resume)  # noqa: E731
+        checkpoint = make() if not comm.active else dp.DistCheckpoint(comm, make, _checkpoint_dir(out), calib.samples if calib else 1)
+    if comm.active and not comm.is_writer:  # rank 0 alone writes; the others compute their share and wait for it
+        dp.follow(comm, source, writer, recipe, plan, report, on_event, method, input_ids, stats if calib is None else None,
+                  checkpoint, blockwise)
+        comm.barrier(what="the end of the run")
+        report.seconds = time.perf_counter() - t0
+        return report
     with atomic_output(out, overwrite=overwrite, is_dir=writer.output_is_dir) as tmp:
         writer.begin(tmp, source, recipe)
         try:
             if blockwise:
-                _calibrated(source, writer, plan, report, on_event, method, calib.input_ids if calib else None,
-                            stats if calib is None else None, checkpoint)
+                _calibrated(source, writer, plan, report, on_event, method, input_ids, stats if calib is None else None, checkpoint)
+            elif comm.active:
+                dp.dist_stream(comm, source, writer, plan, report, on_event, method, stats)
             else:
                 _stream(source, writer, plan, report, on_event, method, stats)
             report.notes = report.notes_extra + _summarize_notes(report.layers)
@@ -480,9 +505,17 @@ def run(
             raise
     if checkpoint is not None:
         checkpoint.discard()
+    comm.barrier(what="the end of the run")
+    report.distributed = comm.summary() if comm.active else None
     report.output_bytes = _size(out)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _checkpoint_dir(out: Path) -> Path:
+    from qtool.engine.checkpoint import checkpoint_dir
+
+    return checkpoint_dir(out)
 
 
 def _checkpoint_for(out: Path, source: CheckpointSource, recipe: QuantRecipe, writer: FormatWriter, plan: LayerPlan,
@@ -591,6 +624,10 @@ def validate_early(recipe: QuantRecipe | None, fmt: str, **writer_options: objec
         if recipe.weight_type.kind not in method.supported_kinds and not writer.self_quantizing:
             raise UnsupportedError(f"--method {recipe.method} cannot produce {recipe.qtype} weights")
         check_calibration_flags(recipe, method)
+        only = getattr(method, "formats", None)  # methods whose weights only some formats hold (AQLM's codebooks)
+        if only and fmt not in only:
+            raise UnsupportedError(f"--method {recipe.method} produces weights only --format {', '.join(only)} holds, "
+                                   f"not --format {fmt}")
         if method.always_asymmetric:
             recipe.symmetric = False  # HQQ optimizes zero points: its grid is asymmetric by construction
         if method.needs_calibration and writer.self_quantizing and not hasattr(writer, "calibration_specs"):
@@ -647,6 +684,7 @@ class CalibrationReport:
     hessians: bool = True
     calibration: dict | None = None
     imatrix: str | None = None  # llama.cpp importance-matrix file written beside the stats, if asked
+    distributed: dict | None = None  # several processes: world size, backend, bytes all-reduced (rank 0's share)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -683,10 +721,23 @@ def calibrate(
     modules: dict[str, dict] = {}
     importance: dict[str, tuple[torch.Tensor, int]] = {}
     progress = lambda stage, done, total, item: on_event(Event(stage, done, total, item))  # noqa: E731
+    comm, input_ids = current_comm(), calib.input_ids
+    if comm.active:  # several processes: windows sharded, statistics all-reduced per block, rank 0 writes
+        from qtool.engine import dist_pipeline as dp
+
+        dp.check_windows(comm, input_ids.shape[0])
+        comm.agree(dp.calibrate_record(source, recipe, wanted, hessians, report.calibration, input_ids, imatrix_out), "run (inputs, recipe, data)")
+        input_ids = dp.shard_ids(comm, input_ids)
+        if not comm.is_writer:
+            for _ in collect_stats(source, wanted, input_ids, hessians=hessians, progress=progress):
+                pass
+            comm.barrier(what="the end of the run")
+            report.seconds = time.perf_counter() - t0
+            return report
     with atomic_output(out, overwrite=overwrite, is_dir=False) as tmp:
         writer = StreamingSafetensorsWriter(tmp)
         try:
-            for bs in collect_stats(source, wanted, calib.input_ids, hessians=hessians, progress=progress):
+            for bs in collect_stats(source, wanted, input_ids, hessians=hessians, progress=progress):
                 entries, tensors = block_tensors(bs)
                 modules.update(entries)
                 for k, t in tensors.items():
@@ -708,6 +759,8 @@ def calibrate(
         write_imatrix(imatrix_out, importance, config=source.config, datasets=[calib.spec], chunks=calib.samples,
                       chunk_size=calib.seq_len, overwrite=overwrite)
         report.imatrix = str(imatrix_out)
+    comm.barrier(what="the end of the run")
+    report.distributed = comm.summary() if comm.active else None
     report.modules = len(modules)
     report.distinct_inputs = len({e["owner"] for e in modules.values()})
     report.output_bytes = _size(out)

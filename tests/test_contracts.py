@@ -32,6 +32,13 @@ def test_method_returns_unpacked_weight_that_dequantizes_to_the_input_shape(name
     spec = LayerSpec("x.weight", qt, strategy, g, True)
     if method.needs_calibration and not hasattr(method, "quantize_with_stats"):
         pytest.skip(f"{name} works on whole blocks only: test_block_method_contract")
+    if getattr(method, "weight_kind", None) == "codebook":  # additive codebooks (AQLM): their own unpacked object
+        from qtool.core.codebook import CodebookWeight
+
+        qw, _ = method.quantize_with_stats(w, spec, torch.eye(64))
+        assert isinstance(qw, CodebookWeight) and qw.shape == w.shape and qw.dequantize().shape == w.shape
+        assert int(qw.codes.min()) >= 0 and int(qw.codes.max()) < 2**qw.bits
+        return
     if method.needs_calibration:  # calibration methods take the layer's input statistics too
         qw, _ = method.quantize_with_stats(w, spec, torch.eye(64))
     else:
@@ -157,6 +164,9 @@ def test_block_method_contract(name):
     result = method.quantize_block(block, inputs, specs, float_out if cls.wants_targets else None, lambda *a: None)
     assert isinstance(result, BlockResult) and set(result.quantized) == set(linears)
     for m, qw in result.quantized.items():
+        if getattr(cls, "weight_kind", None) == "codebook":  # AQLM: codebook scheme and fp16 storage of its own
+            assert qw.shape == shapes[m] and qw.scale.dtype == torch.float16 and int(qw.codes.max()) < 2**qw.bits
+            continue
         assert isinstance(qw, QuantizedWeight) and qw.shape == shapes[m] and qw.scale.dtype == torch.bfloat16
         assert qw.symmetric == sym and qw.group_size == 32
         assert int(qw.codes.min()) >= -8 and int(qw.codes.max()) <= 7

@@ -43,19 +43,29 @@ def handle_errors(fn: Callable) -> Callable:
         except QtoolError as e:
             if debug_enabled():
                 raise
-            err.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {_ranked(e.exit_code, str(e))}", markup=True, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            err.print("interrupted; nothing was written")
+            err.print(_ranked(130, "interrupted; nothing was written"))
             raise typer.Exit(130) from None
         except Exception as e:  # a bug: say so in one line, traceback with --debug
             if debug_enabled():
                 raise
             first = str(e).splitlines()[0] if str(e) else ""
-            err.print(f"[bold red]internal error:[/] {type(e).__name__}: {first} (rerun with --debug for the traceback)", soft_wrap=True)
+            msg = _ranked(1, f"internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)")
+            err.print(f"[bold red]{msg}[/]" if not msg.startswith("rank") else msg, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _ranked(code: int, message: str) -> str:
+    """Under torchrun, the rank's error line names the rank (and is kept for the launcher: cli/launch.py)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return message
+    from qtool.cli.launch import record_failure
+
+    return record_failure(code, message)
 
 
 def print_json(obj: Any) -> None:

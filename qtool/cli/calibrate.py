@@ -35,6 +35,7 @@ def calibrate(
     allow_pickle: opt.AllowPickle = False,
     trust_remote_code: opt.TrustRemoteCode = False,
     overwrite: opt.Overwrite = False,
+    nproc: Annotated[int, typer.Option("--nproc", help="Processes on this machine (torchrun, gloo): the calibration windows sharded across them, the statistics all-reduced; rank 0 writes. The same as `torchrun --nproc-per-node N -m qtool calibrate ...`.")] = 1,
     json_out: opt.Json = False,
     quiet: opt.Quiet = False,
 ) -> None:
@@ -59,11 +60,19 @@ def calibrate(
     dest = out_path or Path(f"{Path(model.rstrip('/')).name}.stats.safetensors")
     if dest.suffix != ".safetensors":
         raise UsageError(f"--out {dest}: statistics are written as .safetensors")
-    with open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as source:
+    from qtool.cli.launch import check_nproc, launched, run_launched, session
+
+    if nproc != 1 or launched():
+        check_nproc(nproc, samples)
+        if not launched():
+            return run_launched(nproc)  # the same command under torchrun; rank 0 prints the summary
+    with session("cpu") as comm, open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as source:
         check_model(source, model, trust_remote_code)
-        with ProgressDisplay(not (json_out or quiet)) as progress:
+        with ProgressDisplay(not (json_out or quiet or not comm.is_writer)) as progress:
             report = run_calibration(model, source, dest, recipe, hessians=not no_hessian, imatrix_out=imatrix,
                                      overwrite=overwrite, on_event=progress)
+    if not comm.is_writer:
+        return
     if json_out:
         print_json(report.to_dict())
     else:

@@ -73,6 +73,7 @@ def _quantize(
     push_to_hub: opt.PushToHub = None,
     private: opt.Private = False,
     push_branch: opt.PushBranch = None,
+    nproc: Annotated[int, typer.Option("--nproc", help="Processes on this machine (torchrun, gloo on the CPU, nccl with --device cuda): calibration windows sharded across them, statistics all-reduced; calibration-free runs split the tensors. Rank 0 writes. The same as `torchrun --nproc-per-node N -m qtool quantize ...`.")] = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only, from headers (a Hub id: config, tokenizer and safetensors headers; no weights): what is quantized and how, size and bits per weight per format, peak memory and time estimates, and every refusal the run would hit (its exit code). Nothing is written.")] = False,
     json_out: opt.Json = False,
     quiet: opt.Quiet = False,
@@ -144,9 +145,19 @@ def _quantize(
                                  ("resume", lambda: resume_flags(resume, recipe, outs))])
     publish = check_push_flags(push_to_hub, token, private, push_branch, overwrite)  # before any weight is read
     resumes = resume_flags(resume, recipe, outs)
+    from qtool.cli.launch import check_nproc, launched, run_launched, session
+
+    if nproc != 1 or launched():
+        from qtool.methods import METHODS
+
+        calibrating = METHODS.get(recipe.method).needs_calibration and not recipe.stats
+        check_nproc(nproc, recipe.samples if calibrating else None)
+        if not launched():
+            return run_launched(nproc)  # the same command under torchrun; rank 0 prints the summary
     reports = []
-    with open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as source:
+    with session(device) as comm, open_source(model, revision=revision, token=token, allow_pickle=allow_pickle) as source:
         check_model(source, model, trust_remote_code)
+        quiet = quiet or not comm.is_writer
         with ProgressDisplay(not (json_out or quiet)) as progress:
             for w, o in zip(writers, outs):  # one method run per writer group (formats/multi.py)
                 r = run(model, source, o, w, replace(recipe, format=w.registry_name) if many else recipe,
@@ -156,6 +167,8 @@ def _quantize(
                 if many and w.self_quantizing and recipe.method != "rtn":
                     r.notes.append(f"--method {recipe.method} ran again for {w.registry_name}: it quantizes on each tensor's own grid")
                 reports.append(r)
+    if not comm.is_writer:
+        return
     published = None
     if publish is not None:
         from qtool.publish import push
@@ -244,7 +257,11 @@ def print_summary(r: RunReport) -> None:
         rules = "chosen for the target" if r.format_type.startswith("target-") else "chosen by the format's rules"
         t.add_row("recipe", f"{r.format_type} ({how}per-tensor types {rules})")
     else:
-        t.add_row("recipe", f"{r.recipe['method']} {r.recipe['qtype']} " + (f"g{r.recipe['group_size']}" if r.recipe["group_size"] else f"per-{r.recipe['strategy']}") + (" sym" if r.recipe["symmetric"] else " asym"))
+        mp = r.recipe.get("method_params") or {}
+        if r.recipe["method"] == "aqlm":  # its scheme, not the (unused) integer type
+            t.add_row("recipe", f"aqlm {mp.get('codebooks')}x{mp.get('codebook_bits')}, {mp.get('in_group')} input columns per code")
+        else:
+            t.add_row("recipe", f"{r.recipe['method']} {r.recipe['qtype']} " + (f"g{r.recipe['group_size']}" if r.recipe["group_size"] else f"per-{r.recipe['strategy']}") + (" sym" if r.recipe["symmetric"] else " asym"))
     t.add_row("format", r.format)
     t.add_row("time", f"{r.seconds:.1f} s")
     t.add_row("size", f"{human_bytes(r.input_bytes)} → {human_bytes(r.output_bytes)}")

@@ -206,6 +206,7 @@ class HessianCollector:
         self.tokens: dict[str, int] = {}
         self.owner: dict[str, str] = {}
         self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+        self._final = False
         self._handles = [lin.register_forward_pre_hook(self._hook(n)) for n, lin in linears.items()]
 
     def new_pass(self) -> None:
@@ -230,12 +231,16 @@ class HessianCollector:
         return hook
 
     def _accumulate(self, name: str, X: torch.Tensor) -> None:
+        # each sample's sums in float32, added up over the samples in float64 (rounded to float32 in
+        # remove()): the result then hardly depends on how the samples were split into partial sums,
+        # which is what lets ranks that each sum their own windows agree with one process
         if self.hessians:
+            xtx = (X.T @ X).double()
             acc = self.sum.get(name)
-            self.sum[name] = X.T @ X if acc is None else acc.addmm_(X.T, X)
+            self.sum[name] = xtx if acc is None else acc.add_(xtx)
         if self.vectors:
             a = X.abs()
-            for store, v in ((self.sum_x2, (X * X).sum(0)), (self.sum_abs, a.sum(0))):
+            for store, v in ((self.sum_x2, (X * X).sum(0).double()), (self.sum_abs, a.sum(0).double())):
                 store[name] = v if name not in store else store[name].add_(v)
             m = a.amax(0)
             self.max_abs[name] = m if name not in self.max_abs else torch.maximum(self.max_abs[name], m)
@@ -246,9 +251,24 @@ class HessianCollector:
         return self.sum[o] * (2.0 / self.tokens[o])
 
     def remove(self) -> None:
+        """Hooks off; the sums final: summed over every rank's windows in a run over several
+        processes (engine/distributed.py), then rounded to float32. Skipped while an exception
+        is propagating (the rank leaves; the others learn it from their collective)."""
+        import sys
+
         for h in self._handles:
             h.remove()
+        self._handles = []
         self._seen = {}
+        if self._final or sys.exc_info()[1] is not None:
+            return
+        self._final = True
+        from qtool.engine.distributed import reduce_collector
+
+        reduce_collector(self)
+        for d in (self.sum, self.sum_x2, self.sum_abs):
+            for k, v in d.items():
+                d[k] = v.float()
 
 
 class BlockRunner:
@@ -320,6 +340,20 @@ class BlockRunner:
 
     def advance(self, outputs: list[torch.Tensor]) -> None:
         self.hidden = outputs
+
+
+def group_hessians(block: torch.nn.Module, inputs, group: list[str], stop_after: str | None) -> "HessianCollector":
+    """One pass of `inputs` through `block` collecting the Hessians of the linears in `group` (cut short
+    after `stop_after`); a linear the forward never called is an UnsupportedError naming it."""
+    collector = HessianCollector({m: block.get_submodule(m) for m in group}, stop_after=stop_after)
+    try:
+        inputs.run(block, before_each=collector.new_pass)
+    finally:
+        collector.remove()
+    for m in group:
+        if m not in collector.owner:
+            raise UnsupportedError(f"{inputs.prefix}.{m}.weight: the model's forward never called this layer on the calibration data")
+    return collector
 
 
 def groups_from_probe(block: torch.nn.Module, modules: list[str], run_probe) -> tuple[list[list[str]], dict[str, str]]:

@@ -39,6 +39,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from qtool.core.codebook import CodebookWeight
 from qtool.core.kquant import K_GRIDS, KScales
 from qtool.core.qweight import NestedScale, QuantizedWeight
 from qtool.errors import FormatError, UsageError
@@ -274,6 +275,9 @@ _DTYPES = {str(d): d for d in (torch.int8, torch.uint8, torch.int16, torch.int32
 
 
 def _qw_meta(qw: QuantizedWeight, tensors: dict, i: int) -> dict:
+    if isinstance(qw, CodebookWeight):
+        tensors.update({f"{i}.codes": qw.codes, f"{i}.codebooks": qw.codebooks, f"{i}.scale": qw.scales})
+        return {"codebook": {"in_group": qw.in_group, "bits": qw.bits}}
     q = qw.qtype
     meta = {"qtype": {"name": q.name, "kind": q.kind, "bits": q.bits, "qmin": q.qmin, "qmax": q.qmax,
                       "torch_dtype": str(q.torch_dtype), "signed_scale": q.signed_scale,
@@ -296,6 +300,9 @@ def _qw_meta(qw: QuantizedWeight, tensors: dict, i: int) -> dict:
 
 
 def _qw_from(meta: dict, stored: dict, i: int) -> QuantizedWeight:
+    if "codebook" in meta:
+        c = meta["codebook"]
+        return CodebookWeight(stored[f"{i}.codes"], stored[f"{i}.codebooks"], stored[f"{i}.scale"], c["in_group"], c["bits"])
     q = meta["qtype"]
     qtype = QType(q["name"], q["kind"], q["bits"], q["qmin"], q["qmax"], _DTYPES[q["torch_dtype"]], q["signed_scale"],
                   tuple(q["levels"]) if q["levels"] is not None else None, q["default_group"])

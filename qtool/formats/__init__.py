@@ -12,3 +12,4 @@ from qtool.formats import bitsandbytes, torchao, fp8, eetq  # noqa: E402,F401
 from qtool.formats import hqq  # noqa: E402,F401
 from qtool.formats import quanto  # noqa: E402,F401
 from qtool.formats import quark  # noqa: E402,F401
+from qtool.formats import aqlm  # noqa: E402,F401

@@ -184,9 +184,16 @@ class CompressedTensorsWriter(FormatWriter):
 # -- reading back (for tests, `inspect` and `export`) ----------------------------------------------
 def scheme_for(module: str, qconfig: dict) -> dict | None:
     """The `weights` args of the config group whose targets match `module` (None if unquantized)."""
+    def named(t: str) -> bool:
+        return (t.startswith("re:") and re.match(t[3:], module) is not None) or t == module
+
     for group in qconfig.get("config_groups", {}).values():
         for t in group.get("targets", []):
-            if (t.startswith("re:") and re.match(t[3:], module)) or t == module:
+            if named(t):
+                return group["weights"]
+            # a class-name target (llm-compressor writes `targets: [Linear]`): every quantized module
+            # is a linear, so it matches unless the config's `ignore` names the module
+            if t == "Linear" and not any(named(i) for i in qconfig.get("ignore") or []):
                 return group["weights"]
     return None
 

@@ -1,7 +1,7 @@
 """`qtool inspect` rows for transformers' quantizer layouts (bitsandbytes, torchao, fine-grained
 FP8, FBGEMM FP8, EETQ), from headers (plus the few bytes of a bitsandbytes quant_state, where data
 may be read): one row per quantized module with its logical [out, in] shape, type and stored bytes.
-The layouts are described in qtool/formats/{bitsandbytes,torchao,fp8,eetq}.py."""
+The layouts are described in qtool/formats/{bitsandbytes,torchao,fp8,eetq,aqlm}.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Callable
 
 from qtool.inspect.report import TensorReport, layer_kind
 
-METHODS = ("bitsandbytes", "torchao", "fp8", "fbgemm_fp8", "eetq")
+METHODS = ("bitsandbytes", "torchao", "fp8", "fbgemm_fp8", "eetq", "aqlm")
 BNB_STATE = "weight.quant_state.bitsandbytes__"
 # per quant_method: suffixes of one quantized module's stored weight, then bookkeeping beside it
 PARTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -21,9 +21,10 @@ PARTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "fp8": (("weight", "weight_scale_inv"), ()),
     "fbgemm_fp8": (("weight", "weight_scale"), ()),
     "eetq": (("weight", "weight_scales"), ()),
+    "aqlm": (("codes", "codebooks", "scales"), ()),  # codebooks counted in the weight's bits
 }
 MARKERS = {"bitsandbytes": ("SCB", BNB_STATE + "nf4", BNB_STATE + "fp4"), "torchao": ("_weight_qdata",),
-           "fp8": ("weight_scale_inv",), "fbgemm_fp8": ("weight_scale",), "eetq": ("weight_scales",)}
+           "fp8": ("weight_scale_inv",), "fbgemm_fp8": ("weight_scale",), "eetq": ("weight_scales",), "aqlm": ("codes",)}
 
 
 def otf_rows(tensors: list, method: str, qconfig: dict, metadata: dict[str, str], read_ints: Callable | None) -> list[TensorReport]:
@@ -94,6 +95,11 @@ def _describe(method: str, prefix: str, parts: dict, qconfig: dict, metadata: di
     if method == "fp8":
         bs = qconfig.get("weight_block_size") or [128, 128]
         return f"fp8 {bs[0]}x{bs[1]} blocks", tuple(w.shape)
+    if method == "aqlm":  # codes [out, in / in_group, M], codebooks [M, 2^B, 1, in_group]
+        codes, books = parts["codes"], parts.get("codebooks")
+        g = books.shape[-1] if books is not None and len(books.shape) == 4 else qconfig.get("in_group_size", 8)
+        m, k = (books.shape[0], books.shape[1]) if books is not None and len(books.shape) == 4 else (codes.shape[-1], 0)
+        return f"aqlm {m}x{max(k, 1).bit_length() - 1} g{g}", (codes.shape[0], codes.shape[1] * g)
     if method == "fbgemm_fp8":
         return "fp8 channel", tuple(w.shape)
     return "int8 channel", tuple(reversed(w.shape))  # eetq: [in, out]

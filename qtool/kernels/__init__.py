@@ -4,8 +4,11 @@ Ops (name -> reference):
   qlinear          y = x @ dequantize(QuantizedWeight).T + b          (reference.py)
   int4_dequantize  packed W4 (`Int4Weight`) -> dense [out, in]        (int4.py)
   int4_linear      y = x @ dequantize(Int4Weight).T + b, no dense copy kept (int4.py)
+  gguf_quantize    float rows -> llama.cpp's GGUF block bytes (gguf_blocks.py -> formats/gguf/quants.py)
+  gguf_dequantize  GGUF block bytes -> float32 rows (gguf_blocks.py -> gguf-py)
+  gguf_quantize_error  gguf_quantize + (|x|^2, |x - dequantized|^2), the writer's error figure
 
-Backends (cpu.py: ATen's W4 kernel; cuda.py: Triton) register per (op, device type) with a
+Backends (cpu.py: ATen's W4 kernel; ggml_cpu.py: the GGUF block ops in C; cuda.py: Triton) register per (op, device type) with a
 `supports(x, w)` test; `get(op, device_type)` gives the backend when one is available, else the
 reference, and `QTOOL_KERNELS=reference` forces the references everywhere (to bisect a
 difference). `call(op, x, w, ...)` picks per call, so a shape a backend declines still runs.
@@ -19,6 +22,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import reference  # relative: importable as qtool.kernels
+from .gguf_blocks import dequantize_reference as gguf_dequantize_reference
+from .gguf_blocks import quantize_error_reference as gguf_quantize_error_reference
+from .gguf_blocks import quantize_reference as gguf_quantize_reference
 from .int4 import Int4Weight, dequantize_reference, linear_reference
 
 
@@ -34,6 +40,9 @@ _DEFAULTS: dict[str, Callable] = {
     "qlinear": reference.qlinear,
     "int4_dequantize": dequantize_reference,
     "int4_linear": linear_reference,
+    "gguf_quantize": gguf_quantize_reference,
+    "gguf_dequantize": gguf_dequantize_reference,
+    "gguf_quantize_error": gguf_quantize_error_reference,
 }
 _BACKENDS: dict[tuple[str, str], Backend] = {}
 
@@ -76,18 +85,23 @@ def reference_of(op: str) -> Callable:
 
 def call(op: str, *args, **kwargs):
     """Run `op`: the backend of its first argument's device if it takes these inputs, else the reference."""
-    b = backend_for(op, args[0].device.type)
+    dev = getattr(args[0], "device", "cpu")  # numpy arrays: "cpu" (numpy 2) or no attribute
+    b = backend_for(op, dev if isinstance(dev, str) else dev.type)
     if b is not None and b.supports(*args, **kwargs):
         return b.fn(*args, **kwargs)
     return _DEFAULTS[op](*args, **kwargs)
 
 
 def _register_builtin() -> None:
-    from . import cpu, cuda
+    from . import cpu, cuda, ggml_cpu
 
     register("int4_linear", "cpu", Backend("aten-int4pack", cpu.linear, cpu.available, cpu.supports))
     register("int4_linear", "cuda", Backend("triton", cuda.linear, cuda.available, cuda.supports))
     register("int4_dequantize", "cuda", Backend("triton", cuda.dequantize, cuda.available, cuda.supports_weight))
+    register("gguf_quantize", "cpu", Backend("c", ggml_cpu.quantize, ggml_cpu.available, ggml_cpu.supports_quantize))
+    register("gguf_quantize_error", "cpu",
+             Backend("c", ggml_cpu.quantize_with_error, ggml_cpu.available, ggml_cpu.supports_quantize))
+    register("gguf_dequantize", "cpu", Backend("c", ggml_cpu.dequantize, ggml_cpu.available, ggml_cpu.supports_dequantize))
 
 
 _register_builtin()

@@ -314,11 +314,16 @@ def tune_block(
     weights: the checkpoint's weights per name (their dtype sets the scale dtype); default the
     module's own. The block's parameters are left unchanged. A linear no calibration token reaches
     (an MoE expert never routed to) gets no gradient and stays round-to-nearest (`stats.unreached`)."""
+    from qtool.engine.distributed import current
+
     t0 = time.perf_counter()
     device = next(block.parameters()).device
     xs, ys = _Samples(hidden, device), _Samples(targets, device)
-    n = len(xs)  # fewer samples than a batch (a short calibration set): every step takes them all
-    batch = min(params.batch_size, n)
+    comm, lo, n = current(), 0, len(xs)
+    if comm.active:  # data parallel: this rank holds windows lo..lo+len(xs)-1 of n; batches are drawn over all n
+        sizes = comm.all_gather_object(len(xs), what="the learned-rounding window count")
+        lo, n = sum(sizes[:comm.rank]), sum(sizes)
+    batch = min(params.batch_size, n)  # fewer samples than a batch (a short calibration set): every step takes them all
     names = list(specs)
     grids = {m: make_grid(weights[m] if weights else block.get_submodule(m).weight, specs[m]) for m in names}
     trainable = [p for g in grids.values() for p in g.params()]
@@ -335,13 +340,17 @@ def tune_block(
             for t in range(params.iters):
                 idx = sampler.next()
                 sw.weights = {m: g.qdq() for m, g in grids.items()}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=params.amp):
-                    out = _forward(block, xs.batch(idx), call)
-                loss = torch.nn.functional.mse_loss(out.float(), ys.batch(idx))
-                value = float(loss.detach())
+                if comm.active:
+                    loss, value = _shard_loss(comm, block, call, xs, ys, idx, lo, batch, params.amp, trainable)
+                else:
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=params.amp):
+                        out = _forward(block, xs.batch(idx), call)
+                    loss = torch.nn.functional.mse_loss(out.float(), ys.batch(idx))
+                    value = float(loss.detach())
                 st.losses.append(value)
                 if t == 0:
-                    st.init_loss, st.unreached = value, sorted(set(names) - sw.called)
+                    called = set().union(*comm.all_gather_object(sw.called, what="the learned-rounding reach")) if comm.active else sw.called
+                    st.init_loss, st.unreached = value, sorted(set(names) - called)
                 if not math.isfinite(value):
                     if best is None:
                         raise NumericalError(f"{block_name}: the block's output loss is {value} at the first "
@@ -370,14 +379,39 @@ def tune_block(
 
 
 def _sign_step(loss: torch.Tensor, params: list[torch.Tensor], lr: float) -> None:
-    """p ← p − lr · sign(∂loss/∂p) (signed gradient descent, §3)."""
+    """p ← p − lr · sign(∂loss/∂p) (signed gradient descent, §3). Over several processes each
+    rank's gradient (of its share of the batch's loss) is summed over the ranks first, so every
+    rank takes the same step."""
+    from qtool.engine.distributed import current
+
+    comm = current()
     for p in params:
         p.grad = None
-    loss.backward()
+    if loss.requires_grad:
+        loss.backward()
     with torch.no_grad():
         for p in params:
-            if p.grad is not None:
+            if comm.active:
+                g = p.grad if p.grad is not None else torch.zeros_like(p)
+                comm.all_reduce(g, what="the learned-rounding gradient all-reduce")
+                p.sub_(g.sign(), alpha=lr)
+            elif p.grad is not None:
                 p.sub_(p.grad.sign(), alpha=lr)
+
+
+def _shard_loss(comm, block, call, xs: "_Samples", ys: "_Samples", idx: torch.Tensor, lo: int, batch: int, amp: bool,
+                trainable: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """This rank's part of the batch's mean squared error (its windows of `idx`, global indices;
+    the sum of squares over the whole batch's element count) and the batch's loss over all ranks."""
+    mine = idx[(idx >= lo) & (idx < lo + len(xs))] - lo
+    if len(mine):
+        with torch.autocast(xs.device.type, dtype=torch.bfloat16, enabled=amp):
+            out = _forward(block, xs.batch(mine), call)
+        loss = torch.nn.functional.mse_loss(out.float(), ys.batch(mine), reduction="sum") / (batch * out[0].numel())
+    else:  # none of this batch is ours: a zero that still takes part in the gradient all-reduce
+        loss = sum(p.sum() * 0 for p in trainable)
+    total = comm.all_reduce(loss.detach().double().reshape(1).clone(), what="the learned-rounding loss all-reduce")
+    return loss, float(total)
 
 
 class _BatchSampler:
@@ -439,6 +473,7 @@ class ImportanceCollector:
     """Forward-pre-hooks summing x² per input channel of each named linear (for `importance_rtn`)."""
 
     def __init__(self, block: torch.nn.Module, names: list[str]) -> None:
+        self.names = list(names)
         self.sum_x2: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
         self._handles = [block.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in names]
@@ -446,7 +481,7 @@ class ImportanceCollector:
     def _hook(self, name: str):
         def hook(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
-            s = x.square().sum(0)
+            s = x.square().sum(0).double()  # per sample in float32, over samples in float64 (as HessianCollector)
             self.sum_x2[name] = s if name not in self.sum_x2 else self.sum_x2[name].add_(s)
             self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
 
@@ -456,8 +491,29 @@ class ImportanceCollector:
         return self.sum_x2[name] / self.tokens[name] if name in self.sum_x2 else None
 
     def remove(self) -> None:
+        """Hooks off; the sums summed over the ranks (several processes), then float32."""
+        import sys
+
         for h in self._handles:
             h.remove()
+        self._handles = []
+        if sys.exc_info()[1] is not None:
+            return
+        from qtool.engine.distributed import current
+
+        comm = current()
+        if comm.active:
+            seen = comm.all_gather_object({n: (self.tokens[n], self.sum_x2[n].shape[0]) for n in self.sum_x2},
+                                          what="the importance exchange")
+            for n in self.names:
+                width = next((d[n][1] for d in seen if n in d), None)
+                if width is None:
+                    continue
+                t = self.sum_x2.get(n, torch.zeros(width, dtype=torch.float64))
+                self.sum_x2[n] = comm.all_reduce(t, what="the importance all-reduce")
+                self.tokens[n] = sum(d[n][0] for d in seen if n in d)
+        for n, v in self.sum_x2.items():
+            self.sum_x2[n] = v.float()
 
 
 def rtn_block(block: torch.nn.Module, specs: dict[str, LayerSpec], inputs: BlockInputs, params: AutoRoundParams = AutoRoundParams(),

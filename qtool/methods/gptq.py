@@ -405,7 +405,7 @@ class GPTQMethod(BlockMethod):
         """One block, true-sequential (engine/blockwise.py's docstring): per input group, the
         Hessians from a pass in which the groups before it hold their quantized weights."""
         from qtool.engine.block_engine import input_groups
-        from qtool.engine.blockwise import HessianCollector
+        from qtool.engine.blockwise import group_hessians
         from qtool.errors import UnsupportedError
 
         groups, _ = input_groups(block, inputs, list(specs)) if self.true_sequential else ([list(specs)], {})
@@ -413,14 +413,8 @@ class GPTQMethod(BlockMethod):
         for gi, group in enumerate(groups):
             progress(gi, len(groups), group[0])
             last = group[-1] if self.true_sequential and len(groups) > 1 else None
-            collector = HessianCollector({m: block.get_submodule(m) for m in group}, stop_after=last)
-            try:
-                inputs.run(block, before_each=collector.new_pass)
-            finally:
-                collector.remove()
+            collector = group_hessians(block, inputs, group, last)
             for m in group:
-                if m not in collector.owner:
-                    raise UnsupportedError(f"{inputs.prefix}.{m}.weight: the model's forward never called this layer on the calibration data")
                 lin = block.get_submodule(m)
                 # float32 copy of the checkpoint's values (exact); the engine's spec carries the scale dtype
                 qw, st = self.quantize_with_stats(lin.weight.detach(), specs[m], collector.hessian(m))

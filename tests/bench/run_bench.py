@@ -17,6 +17,10 @@ GGUF section (gguf_bench.py; skip with --no-gguf, run alone with --gguf-only): q
 against llama.cpp's convert_hf_to_gguf.py + llama-quantize: end-to-end time and peak RSS, 1.1 B
 peak RSS, and llama-perplexity of each mixture (Q8_0 ... Q2_K, Q4_0) for both tools' files.
 
+Distributed section (dist_bench.py; optional, --dist, or run alone with dist_bench.py): 1 vs 2
+processes (`--nproc 2`) on SmolLM2: wall time, peak RSS per rank, bytes all-reduced per block,
+identical bytes; the 8B / 70B on 8 GPUs estimate from those figures.
+
 Calibration section (calib_bench.py; skip with --no-calibration, run alone with calib_bench.py): time,
 peak RSS and file size of `qtool calibrate` (32 x 512 tokens) on SmolLM2 and on the random 1.1 B
 Llama, against the 3 GiB budget.
@@ -24,6 +28,14 @@ Llama, against the 3 GiB budget.
 GPTQ section (gptq_bench.py; skip with --no-gptq, run alone with --gptq-only): qtool's RTN/GPTQ
 (-f gptq) against GPTQModel on the same calibration windows: time, peak RSS, size, bpw,
 perplexity, KLD and top-1 agreement vs bf16, every output scored by the same code.
+
+Architectures section (arch_bench.py; skip with --no-arch, run alone with --arch-only): random ~1 B
+qwen3_moe and gemma3_text (random_arch.py), qtool RTN -> compressed-tensors and -> GGUF Q4_K_M (time,
+peak RSS against the 1.5 GiB budget) beside llama.cpp's converter + quantizer.
+
+On-the-fly section (otf_bench.py; run alone with --otf-only, left out of the full run unless --otf):
+qtool's bitsandbytes / torchao / FP8 / hqq / quanto files loaded by their consumers against those
+libraries quantizing SmolLM2 themselves, in the same isolated venvs, same windows, same scoring code.
 
 Writes results.json (everything, with machine info) and results.md (the table) to --out, and
 prints the markdown.
@@ -47,8 +59,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gguf_bench  # noqa: E402
+import arch_bench  # noqa: E402
+import otf_bench  # noqa: E402
 import calib_bench  # noqa: E402
+import dist_bench  # noqa: E402
 import gptq_bench  # noqa: E402
+import awq_bench  # noqa: E402
 from measure import Measured, run_measured  # noqa: E402
 from random_llama import build as build_random_llama  # noqa: E402
 
@@ -327,8 +343,16 @@ def markdown(results: dict) -> str:
         lines += ["", gguf_bench.markdown(results["gguf"]).rstrip("\n")]
     if results.get("gptq"):
         lines += ["", gptq_bench.markdown(results["gptq"]).rstrip("\n")]
+    if results.get("awq"):
+        lines += ["", awq_bench.markdown(results["awq"]).rstrip("\n")]
     if results.get("calibration"):
         lines += ["", calib_bench.markdown(results["calibration"]).rstrip("\n")]
+    if results.get("arch"):
+        lines += ["", arch_bench.markdown(results["arch"]).rstrip("\n")]
+    if results.get("otf"):
+        lines += ["", otf_bench.markdown(results["otf"]).rstrip("\n")]
+    if results.get("distributed"):
+        lines += ["", dist_bench.markdown(results["distributed"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -379,7 +403,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-gptq", action="store_true", help="leave out the GPTQ vs GPTQModel section")
     ap.add_argument("--gptq-only", action="store_true",
                     help="run only the GPTQ section; merge it into --out/results.json of an earlier run if there is one")
+    ap.add_argument("--no-arch", action="store_true", help="leave out the random qwen3_moe / gemma3_text section")
+    ap.add_argument("--arch-only", action="store_true",
+                    help="run only the architectures section (kept in --out/arch.json, merged into results.json)")
+    ap.add_argument("--otf", action="store_true", help="also run the on-the-fly formats section (long: ~26 venv processes)")
+    ap.add_argument("--otf-only", action="store_true",
+                    help="run only the on-the-fly section (kept in --out/otf.json, merged into results.json)")
+    ap.add_argument("--otf-windows", type=int, default=otf_bench.DEFAULT_WINDOWS,
+                    help=f"512-token held-out windows per on-the-fly row (default {otf_bench.DEFAULT_WINDOWS})")
+    ap.add_argument("--otf-cases", default=None, help=f"comma-separated subset of {', '.join(otf_bench.CASES)}")
+    ap.add_argument("--aqlm", action="store_true", help="add the AQLM ~2-bit section (aqlm_bench.py; hours on a 2-core CPU)")
     ap.add_argument("--no-calibration", action="store_true", help="leave out the `qtool calibrate` rows (run alone: calib_bench.py)")
+    ap.add_argument("--dist", action="store_true", help="add the 1-vs-2-processes section (optional; run alone: dist_bench.py)")
     ap.add_argument("--gptq-samples", type=int, default=gptq_bench.DEFAULT_SAMPLES,
                     help=f"GPTQ calibration windows (default {gptq_bench.DEFAULT_SAMPLES})")
     ap.add_argument("--gptq-seq-len", type=int, default=gptq_bench.DEFAULT_SEQ_LEN,
@@ -388,6 +423,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"512-token evaluation windows per GPTQ row (default {gptq_bench.DEFAULT_WINDOWS})")
     ap.add_argument("--gptq-peers", choices=gptq_bench.PEER_CHOICES, default="all",
                     help="GPTQModel runs: all (every recipe + its defaults at int4 g128), matched, w4g128 or none")
+    ap.add_argument("--no-awq", action="store_true", help="leave out the AWQ / GPTQ-defaults section")
+    ap.add_argument("--awq-only", action="store_true",
+                    help="run only the AWQ / GPTQ-defaults section; merge it into --out/results.json of an earlier run")
+    ap.add_argument("--awq-samples", type=int, default=awq_bench.DEFAULT_SAMPLES,
+                    help=f"AWQ-section calibration windows, every tool (default {awq_bench.DEFAULT_SAMPLES})")
+    ap.add_argument("--awq-seq-len", type=int, default=awq_bench.DEFAULT_SEQ_LEN, help="tokens per AWQ-section calibration window")
+    ap.add_argument("--awq-windows", type=int, default=awq_bench.DEFAULT_WINDOWS, help="512-token evaluation windows per AWQ-section row")
+    ap.add_argument("--awq-rows", default=None,
+                    help="comma-separated setting:row to run, in that order (e.g. w4g128:gptq-d01,w4g64:llmcompressor-awq); default all")
+    ap.add_argument("--awq-no-peers", action="store_true", help="AWQ section without GPTQModel and llm-compressor")
+    ap.add_argument("--awq-reuse-peers", action="store_true",
+                    help="re-score llm-compressor's folder of an earlier run on the same calibration ids instead of re-running it")
     return ap.parse_args(argv)
 
 
@@ -409,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
         return gguf_only(args, model, text, work, t0)
     if args.gptq_only:
         return gptq_only(args, model, text, work, t0)
+    if args.arch_only:
+        return arch_only(args, model, text, work, t0)
+    if args.otf_only:
+        return otf_only(args, model, text, work, t0)
+    if args.awq_only:
+        return awq_only(args, model, text, work, t0)
     torch.manual_seed(0)
     results: dict = {
         "machine": machine_info(),
@@ -432,8 +485,20 @@ def main(argv: list[str] | None = None) -> int:
         results["gguf"] = run_gguf(args, model, text, work)
     if not args.no_gptq:
         results["gptq"] = run_gptq(args, model, text, work)
+    if not args.no_arch:
+        results["arch"] = arch_bench.run_arch_section(model, work, qtool_exe(), child_env())
+    if args.otf:
+        results["otf"] = run_otf(args, model, text, work)
+    if not args.no_awq:
+        results["awq"] = run_awq(args, model, text, work)
     if not args.no_calibration:
         results["calibration"] = calib_bench.run_calibration_section(model, text, work, qtool_exe(), child_env(), skip_1b=args.skip_1b)
+    if args.aqlm:
+        import aqlm_bench
+
+        results["aqlm"] = aqlm_bench.run_section(model, text, work / "aqlm", samples=32, seq_len=512, windows=args.windows)
+    if args.dist:
+        results["distributed"] = dist_bench.run_dist_section(model, text, work / "dist", qtool_exe(), child_env())
     results["bench_seconds"] = time.perf_counter() - t0
     return write_results(args.out, results)
 
@@ -458,6 +523,58 @@ def gptq_only(args: argparse.Namespace, model: Path, text: Path, work: Path, t0:
     (args.out / "gptq.json").write_text(json.dumps(section, indent=2, default=str) + "\n")
     results, _ = earlier_results(args, model, text)
     results["gptq"] = section
+    return write_results(args.out, results)
+
+
+def arch_only(args: argparse.Namespace, model: Path, text: Path, work: Path, t0: float) -> int:
+    """The architectures section alone: kept in --out/arch.json, then put into results.json."""
+    section = arch_bench.run_arch_section(model, work, qtool_exe(), child_env())
+    section["run_seconds_with_setup"] = round(time.perf_counter() - t0, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "arch.json").write_text(json.dumps(section, indent=2, default=str) + "\n")
+    results, _ = earlier_results(args, model, text)
+    results["arch"] = section
+    return write_results(args.out, results)
+
+
+def run_otf(args: argparse.Namespace, model: Path, text: Path, work: Path, partial: Path | None = None) -> dict:
+    cases = args.otf_cases.split(",") if args.otf_cases else None
+    return otf_bench.run_otf_section(model, text, work, qtool_exe(), child_env(), windows=args.otf_windows,
+                                     batch_size=args.batch_size, cases=cases, partial=partial)
+
+
+def otf_only(args: argparse.Namespace, model: Path, text: Path, work: Path, t0: float) -> int:
+    """The on-the-fly section alone: --out/otf.json (rewritten after each method), then into results.json."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    section = run_otf(args, model, text, work, partial=args.out / "otf.json")
+    section["run_seconds_with_setup"] = round(time.perf_counter() - t0, 1)
+    (args.out / "otf.json").write_text(json.dumps(section, indent=2, default=str) + "\n")
+    results, _ = earlier_results(args, model, text)
+    results["otf"] = section
+    return write_results(args.out, results)
+
+
+def run_awq(args: argparse.Namespace, model: Path, text: Path, work: Path, save=None) -> dict:
+    gc.collect()
+    return awq_bench.run_awq_section(model, text, work, qtool_exe(), child_env(), samples=args.awq_samples,
+                                     seq_len=args.awq_seq_len, windows=args.awq_windows, peers=not args.awq_no_peers,
+                                     reuse_peers=args.awq_reuse_peers, save=save,
+                                     only=args.awq_rows.split(",") if args.awq_rows else None)
+
+
+def awq_only(args: argparse.Namespace, model: Path, text: Path, work: Path, t0: float) -> int:
+    """The AWQ section alone: kept in --out/awq.json (rewritten after every row, so a cut-off run keeps
+    what it did), then put into results.json with its other sections as they are."""
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save(sec: dict) -> None:
+        (args.out / "awq.json").write_text(json.dumps(sec, indent=2, default=str) + "\n")
+
+    section = run_awq(args, model, text, work, save=save)
+    section["run_seconds_with_setup"] = round(time.perf_counter() - t0, 1)
+    save(section)
+    results, _ = earlier_results(args, model, text)
+    results["awq"] = section
     return write_results(args.out, results)
 
 

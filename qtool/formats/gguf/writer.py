@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from gguf.gguf_writer import GGUFValue
 
-from qtool import __version__
+from qtool import __version__, kernels
 from qtool.config import QuantRecipe
 from qtool.core.qweight import QuantizedWeight
 from qtool.errors import FormatError, UnsupportedError, UsageError
@@ -75,9 +75,10 @@ _TORCH_FLOATS = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloa
 
 
 def _quantize_rows(rows: torch.Tensor, qtype: T, importance: torch.Tensor | None = None) -> np.ndarray:
-    """[rows, cols] float32 -> uint8 [rows, bytes_per_row], llama.cpp's block bytes."""
+    """[rows, cols] float32 -> uint8 [rows, bytes_per_row], llama.cpp's block bytes (the kernels'
+    `gguf_quantize`: the C backend where built and applicable, else quants.quantize_tensor)."""
     if qtype in quants.SUPPORTED:
-        return np.ascontiguousarray(quants.quantize_tensor(rows, qtype, imatrix=importance))
+        return np.ascontiguousarray(kernels.call("gguf_quantize", rows, qtype, importance))
     raise UnsupportedError(f"--format gguf: no quantizer for {qtype.name} is available")
 
 
@@ -87,7 +88,7 @@ def _encode_chunk(xf: torch.Tensor, qtype: T, importance: torch.Tensor | None = 
         h = xf.to(_TORCH_FLOATS[qtype])
         return (h if qtype == T.F32 else h.view(torch.int16)).numpy(), h.float()
     data = _quantize_rows(xf, qtype, importance)
-    return data, torch.from_numpy(gguf.quants.dequantize(data, qtype)).reshape(xf.shape)
+    return data, torch.from_numpy(kernels.call("gguf_dequantize", data, qtype)).reshape(xf.shape)
 
 
 def encode(x: torch.Tensor, qtype: T, importance: torch.Tensor | None = None) -> tuple[np.ndarray, tuple[float, float] | None]:
@@ -109,11 +110,18 @@ def encode(x: torch.Tensor, qtype: T, importance: torch.Tensor | None = None) ->
     parts, signal, noise = [], 0.0, 0.0
     for i in range(0, rows.shape[0], step):
         xf = rows[i : i + step].float()
-        data, recon = _encode_chunk(xf, qtype, importance)
+        if qtype in _TORCH_FLOATS:
+            data, recon = _encode_chunk(xf, qtype, importance)
+            err = None if exact else (torch.linalg.vector_norm(xf).item() ** 2,
+                                      torch.linalg.vector_norm(xf - recon).item() ** 2)
+        elif qtype in quants.SUPPORTED:  # the C kernel where built (errors summed in float64), else torch
+            data, err = kernels.call("gguf_quantize_error", xf, qtype, importance)
+        else:
+            raise UnsupportedError(f"--format gguf: no quantizer for {qtype.name} is available")
         parts.append(np.ascontiguousarray(data))
-        if not exact:
-            signal += torch.linalg.vector_norm(xf).item() ** 2
-            noise += torch.linalg.vector_norm(xf - recon).item() ** 2
+        if err is not None:
+            signal += err[0]
+            noise += err[1]
     data = np.concatenate(parts) if len(parts) > 1 else parts[0]
     return data.reshape(*x.shape[:-1], -1), None if exact else (signal, noise)
 
@@ -414,12 +422,7 @@ class GGUFWriter(FormatWriter):
         if recipe is not None:
             self.check_recipe(recipe)
         self.out = Path(out)
-        self.entries = self.plan(source, recipe)
-        self._routes: dict[str, list[tuple[Entry, int]]] = {}
-        for e in self.entries:
-            for i, s in enumerate(e.sources):
-                self._routes.setdefault(s, []).append((e, i))
-        self._next = 0
+        self.prepare(source, recipe)
         w = _KVWriter(path=None, arch=self.spec.name)
         self._metadata(w, source)
         for e in self.entries:
@@ -433,6 +436,17 @@ class GGUFWriter(FormatWriter):
             if e.const is not None:
                 e.data[0] = encode(e.const, e.qtype)[0]
         self._flush()
+
+    def prepare(self, source: CheckpointSource, recipe: QuantRecipe | None) -> None:
+        """The plan and each source tensor's routes, without a file: what begin() starts from, and
+        all that the other ranks of a run over several processes need to encode their share of
+        the tensors (encode_tensor) for rank 0 to write (put_encoded)."""
+        self.entries = self.plan(source, recipe)
+        self._routes: dict[str, list[tuple[Entry, int]]] = {}
+        for e in self.entries:
+            for i, s in enumerate(e.sources):
+                self._routes.setdefault(s, []).append((e, i))
+        self._next = 0
 
     def _metadata(self, w: gguf.GGUFWriter, source: CheckpointSource) -> None:
         shared = sum(math.prod(e.shape) for e in self.entries if "_exps." not in e.name)
@@ -509,16 +523,32 @@ class GGUFWriter(FormatWriter):
                        kblock=None if qw.kblock is None else qw.kblock.rows(rows))
 
     def add_tensor(self, name: str, t: torch.Tensor) -> TensorOutcome | None:
-        routes = self._routes.pop(name, None)
+        return self.put_encoded(name, self.encode_tensor(name, t))
+
+    def takes(self, name: str) -> bool:
+        """Does the plan encode the source tensor `name` (still to come)?"""
+        return name in self._routes
+
+    def encode_tensor(self, name: str, t: torch.Tensor) -> list | None:
+        """The encoded blocks of every entry part the source tensor `name` feeds, in route order
+        (None: a tensor the plan skips); the writer's state is unchanged."""
+        routes = self._routes.get(name)
         if routes is None:
             if name in self.skipped:
                 return None
             raise FormatError(f"--format gguf: tensor {name} was not in the plan (or came twice)")
+        return [encode(entry.apply(t), entry.qtype, self._importance(entry, part)) for entry, part in routes]
+
+    def put_encoded(self, name: str, encoded: list | None) -> TensorOutcome | None:
+        """encode_tensor's result for `name` into the file order (written as soon as it is next)."""
+        if encoded is None:
+            return None
+        routes = self._routes.pop(name, None)
+        if routes is None:
+            raise FormatError(f"--format gguf: tensor {name} was not in the plan (or came twice)")
         signal = noise = 0.0
         bits, kinds, notes, counted = 0, [], [], False
-        for entry, part in routes:
-            y = entry.apply(t)
-            data, err = encode(y, entry.qtype, self._importance(entry, part))
+        for (entry, part), (data, err) in zip(routes, encoded):
             entry.data[part] = data
             if mx.allows_quantization(entry.name, entry.ne):
                 counted = True

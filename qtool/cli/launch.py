@@ -1,0 +1,170 @@
+"""Runs over several processes from the CLI's side.
+
+`qtool quantize|calibrate --nproc N` (N > 1, not already under torchrun) starts torchrun on this
+machine with the same command minus `--nproc` (`python -m torch.distributed.run --standalone
+--nproc-per-node N -m qtool ...`), waits, and turns a failure into one line naming the rank and
+the cause. Under torchrun (started by us or by the user: `torchrun --nproc-per-node N -m qtool
+quantize ...`) each rank joins the process group (`session`); ranks other than 0 print nothing
+on success, and every rank's error line is prefixed with its rank and also recorded for the
+launcher (QTOOL_DIST_ERRORS, a folder the launcher made).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from qtool.errors import QtoolError, UsageError
+
+ERRORS_ENV = "QTOOL_DIST_ERRORS"
+ENTRY_ENV = "QTOOL_DIST_ENTRY"  # a script each rank runs instead of `-m qtool` (tests: tests/dist_kill.py)
+
+
+class LaunchFailed(QtoolError):
+    """A run over several processes failed; the message is the failing rank's line, the exit code its."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = code
+
+
+def run_launched(nproc: int) -> None:
+    """`--nproc N` outside torchrun: the whole command again under torchrun; raises LaunchFailed."""
+    code, line = launch(nproc)
+    if code:
+        raise LaunchFailed(code, line or "the distributed run failed")
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def launched() -> bool:
+    from qtool.engine.distributed import launched as under_torchrun
+
+    return under_torchrun()
+
+
+@contextmanager
+def session(device: str | None) -> Iterator[object]:
+    """The run's Comm for the duration of one command (world size 1 outside torchrun)."""
+    from qtool.engine.distributed import activate, init_from_env
+
+    if launched():
+        signal.signal(signal.SIGTERM, _terminated)  # torchrun stops the other ranks with SIGTERM: clean up as for Ctrl-C
+    comm = init_from_env(device or "cpu")
+    try:
+        with activate(comm):
+            yield comm
+    finally:
+        comm.close()
+
+
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def record_failure(code: int, message: str) -> str:
+    """Under torchrun: the error line prefixed with the rank, and saved for the launcher."""
+    if not launched():
+        return message
+    r = rank()
+    folder = os.environ.get(ERRORS_ENV)
+    if folder:
+        try:
+            Path(folder, f"rank-{r}.json").write_text(json.dumps({"rank": r, "code": code, "message": message}))
+        except OSError:
+            pass
+    return message if message.startswith(f"rank {r}:") else f"rank {r}: {message}"
+
+
+def check_nproc(nproc: int, windows: int | None) -> None:
+    """From the flags: --nproc at least 1, and no more ranks than calibration windows to share."""
+    if nproc < 1:
+        raise UsageError(f"--nproc {nproc}: need at least 1 process")
+    if windows is not None and nproc > windows:
+        raise UsageError(f"--nproc {nproc}: only {windows} calibration window(s) (--samples {windows}) to share; at most --nproc {windows}")
+    if launched() and nproc not in (1, int(os.environ["WORLD_SIZE"])):
+        raise UsageError(f"--nproc {nproc}: already running under torchrun with {os.environ['WORLD_SIZE']} processes")
+
+
+def strip_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        out.append(a)
+    return out
+
+
+def launch(nproc: int, argv: list[str] | None = None) -> tuple[int, str | None]:
+    """Start `nproc` ranks of this command under torchrun; -> (exit code, the one error line or None).
+    The ranks' stdout passes through (rank 0's summary or JSON); their stderr is kept and, on a
+    failure, boiled down to the line of the rank that failed first (a rank killed by a signal, or
+    one whose error is its own rather than a lost peer)."""
+    args = strip_nproc(list(sys.argv[1:] if argv is None else argv))
+    if not any(a in ("quantize", "calibrate") for a in args):
+        raise UsageError("--nproc: run qtool as a command (`qtool quantize ... --nproc N`)")
+    entry = os.environ.get(ENTRY_ENV)
+    target = [entry] if entry else ["-m", "qtool"]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    with tempfile.TemporaryDirectory(prefix="qtool-dist-") as errors:
+        env[ERRORS_ENV] = errors
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *target, *args]
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
+        try:
+            _, stderr = proc.communicate()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate()
+            return 130, "interrupted; every rank was stopped"
+        if proc.returncode == 0:
+            return 0, None
+        records = {}
+        for f in Path(errors).glob("rank-*.json"):
+            try:
+                d = json.loads(f.read_text())
+                records[int(d["rank"])] = d
+            except (OSError, ValueError, KeyError):
+                pass
+    if os.environ.get("QTOOL_DEBUG", "") not in ("", "0"):
+        sys.stderr.write(stderr)
+    return summarize(records, stderr, nproc)
+
+
+_SECONDARY = ("lost the other ranks", "interrupted")
+
+
+def summarize(records: dict[int, dict], stderr: str, nproc: int) -> tuple[int, str]:
+    """The one line for a failed run: a rank that died by a signal (torchrun's failure report),
+    else the first rank whose own error caused it, else the first error seen."""
+    exits = {int(r): int(c) for r, c in re.findall(r"rank\s*:\s*(\d+)\s*\(local_rank[^)]*\)\s*\n\s*exitcode\s*:\s*(-?\d+)", stderr)}
+    for r, c in sorted(exits.items()):
+        if c < 0 and r not in records:
+            try:
+                name = signal.Signals(-c).name
+            except ValueError:
+                name = f"signal {-c}"
+            return 6, f"rank {r} of {nproc} was killed ({name}) mid-run; every rank stopped, nothing was written (with a calibration method, rerun with --resume to continue from the last complete block)"
+    own = [d for r, d in sorted(records.items()) if not any(s in d["message"] for s in _SECONDARY)]
+    if own or records:
+        d = (own or [records[min(records)]])[0]
+        msg = d["message"]
+        return int(d["code"]), msg if msg.startswith(f"rank {d['rank']}:") else f"rank {d['rank']}: {msg}"
+    last = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    return 1, f"the distributed run failed without an error from qtool: {last[-1][:200] if last else 'no output'}"
