@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from qtool.core.grouping import column_groups
+from qtool.core.kquant import KScales
 from qtool.qtypes import QType
 
 
@@ -56,6 +57,9 @@ class QuantizedWeight:
     g_idx: torch.Tensor | None = None  # [in] group of each input column when not j // group_size (act-order)
     block: tuple[int, int] | None = None  # "block" strategy: (rows, cols) per scale; scale [ceil(out/r), ceil(in/c)]
     nested: NestedScale | None = None  # how `scale` is stored when it is itself quantized
+    # a GGUF K type's decomposition (learned rounding on the K grid): codes are L + qmin, `scale` the
+    # sub-block scales d·sc, zero_point None, and dequantize() is the K decoders' arithmetic
+    kblock: KScales | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -102,6 +106,8 @@ class QuantizedWeight:
         """Reference dequantization, computed in float32: W = (q - z) * s (lookup-table types:
         q = levels[code])."""
         out, cols = self.shape
+        if self.kblock is not None:
+            return self.kblock.dequantize(self.codes.to(torch.int32) - self.qtype.qmin).to(dtype or torch.float32)
         q = self.values()
         if self.strategy == "block":
             r, c = self.block  # type: ignore[misc]
@@ -122,6 +128,8 @@ class QuantizedWeight:
 
     def storage_bits(self) -> int:
         """Bits this weight needs when stored densely: codes + scales + zero points."""
+        if self.kblock is not None:
+            return self.codes.numel() // 256 * self.kblock.grid.block_bytes * 8
         bits = self.codes.numel() * self.qtype.bits
         bits += self.nested.storage_bits() if self.nested is not None else self.scale.numel() * self.scale.element_size() * 8
         if self.zero_point is not None:

@@ -198,7 +198,8 @@ def _on_cpu(qw):
     if hasattr(qw, "cpu"):  # not an integer-grid weight (core/codebook.py): it knows its own parts
         return qw.cpu()
     cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
-    return replace(qw, codes=cpu(qw.codes), scale=cpu(qw.scale), zero_point=cpu(qw.zero_point), g_idx=cpu(qw.g_idx))
+    return replace(qw, codes=cpu(qw.codes), scale=cpu(qw.scale), zero_point=cpu(qw.zero_point), g_idx=cpu(qw.g_idx),
+                   kblock=None if qw.kblock is None else qw.kblock.to("cpu"))
 
 
 def _with_scale_dtype(spec: LayerSpec, dtype: torch.dtype) -> LayerSpec:

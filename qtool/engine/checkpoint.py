@@ -40,6 +40,7 @@ from typing import Callable, Iterable
 import torch
 
 from qtool.core.codebook import CodebookWeight
+from qtool.core.kquant import K_GRIDS, KScales
 from qtool.core.qweight import NestedScale, QuantizedWeight
 from qtool.errors import FormatError, UsageError
 from qtool.qtypes import QType
@@ -291,6 +292,10 @@ def _qw_meta(qw: QuantizedWeight, tensors: dict, i: int) -> dict:
         n = qw.nested
         meta["nested"] = {"offset": n.offset, "block": n.block}
         tensors.update({f"{i}.nested.codes": n.codes, f"{i}.nested.absmax": n.absmax, f"{i}.nested.table": n.table})
+    if qw.kblock is not None:
+        k = qw.kblock
+        meta["kblock"] = k.grid.name
+        tensors.update({f"{i}.kblock.{p}": t for p, t in (("d", k.d), ("sc", k.sc), ("dmin", k.dmin), ("m", k.m)) if t is not None})
     return meta
 
 
@@ -305,6 +310,10 @@ def _qw_from(meta: dict, stored: dict, i: int) -> QuantizedWeight:
     if meta["nested"] is not None:
         nested = NestedScale(stored[f"{i}.nested.codes"], stored[f"{i}.nested.absmax"], stored[f"{i}.nested.table"],
                              meta["nested"]["offset"], meta["nested"]["block"])
+    kblock = None
+    if meta.get("kblock"):
+        kblock = KScales(K_GRIDS[meta["kblock"]], stored[f"{i}.kblock.d"], stored[f"{i}.kblock.sc"],
+                         stored.get(f"{i}.kblock.dmin"), stored.get(f"{i}.kblock.m"))
     return QuantizedWeight(qtype, stored[f"{i}.codes"], stored[f"{i}.scale"], stored.get(f"{i}.zero_point"),
                            meta["strategy"], meta["group_size"], stored.get(f"{i}.g_idx"),
-                           tuple(meta["block"]) if meta["block"] else None, nested)
+                           tuple(meta["block"]) if meta["block"] else None, nested, kblock)

@@ -174,6 +174,14 @@ class LinearGrid:
                                spec.group_size if spec.strategy == "group" else None)
 
 
+def make_grid(w: torch.Tensor, spec: LayerSpec):
+    """The tuning grid of one linear: a GGUF K type's own (autoround_kgrid) where the spec names one
+    and the rows are whole super-blocks, else the integer grid of `spec`."""
+    from qtool.methods import autoround_kgrid
+
+    return autoround_kgrid.KLinearGrid(w, spec) if autoround_kgrid.fits(spec, tuple(w.shape)) else LinearGrid(w, spec)
+
+
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
     """round(x) forward, identity backward."""
     return x + (torch.round(x) - x).detach()
@@ -317,7 +325,7 @@ def tune_block(
         lo, n = sum(sizes[:comm.rank]), sum(sizes)
     batch = min(params.batch_size, n)  # fewer samples than a batch (a short calibration set): every step takes them all
     names = list(specs)
-    grids = {m: LinearGrid(weights[m] if weights else block.get_submodule(m).weight, specs[m]) for m in names}
+    grids = {m: make_grid(weights[m] if weights else block.get_submodule(m).weight, specs[m]) for m in names}
     trainable = [p for g in grids.values() for p in g.params()]
     frozen = [p for p in block.parameters() if p.requires_grad]
     sampler = _BatchSampler(n, batch, params.batch_seed)

@@ -28,6 +28,7 @@ class LayerSpec:
     # RTN only: reproduce a consumer library's own arithmetic bit for bit ("torchao", "quanto":
     # core/peer_rtn.py; "bitsandbytes": its CPU kernel's double-quantization codes, core/lut.py)
     rounding: str | None = None
+    kgrid: str | None = None  # GGUF K type of the tensor ("Q4_K"): a method that can tune on its grid does
 
 
 class QuantMethod(ABC):

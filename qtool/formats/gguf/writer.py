@@ -49,6 +49,7 @@ from qtool.formats.gguf import imatrix as imx
 from qtool.formats.gguf import metadata as md
 from qtool.formats.gguf import mixtures as mx
 from qtool.formats.gguf import quants
+from qtool.formats.gguf.kpack import pack_k
 from qtool.formats.gguf import tokenizer as tk
 from qtool.formats.gguf.plan import Entry, _arrival_order, _Planner, auto_type, permute_qk_rows  # noqa: F401
 from qtool.methods import METHODS
@@ -456,7 +457,8 @@ class GGUFWriter(FormatWriter):
                 continue
             for s in e.sources:
                 if s in linears and s not in reshaped:
-                    specs[s] = LayerSpec(s, grid.qtype, "group", grid.group_size, grid.symmetric, scale_dtype=torch.float16)
+                    specs[s] = LayerSpec(s, grid.qtype, "group", grid.group_size, grid.symmetric, scale_dtype=torch.float16,
+                                         kgrid=None if grid.reusable else e.qtype.name)
         return specs
 
     def describe(self) -> str | None:
@@ -610,7 +612,9 @@ class GGUFWriter(FormatWriter):
             if grid is None or not entry.takes_codes:
                 raise FormatError(f"--format gguf: {entry.name} ({entry.qtype.name}) cannot take quantized weights")
             q = self._route_rows(entry, qw)
-            if grid.reusable:
+            if q.kblock is not None and q.kblock.grid.name == entry.qtype.name:  # tuned on this K grid: exact
+                data, err = pack_k(q.kblock, q.codes.to(torch.int32) - q.qtype.qmin), None
+            elif grid.reusable:
                 data, err = pack_codes(q, entry.qtype)
                 if err is not None:
                     notes.append(f"{entry.qtype.name}: GPTQ codes kept, offsets rounded to fp16 "
@@ -640,7 +644,8 @@ class GGUFWriter(FormatWriter):
                 t = t[entry.rows[0]:entry.rows[1]]
             return permute_qk_rows(t, entry.transform[1]) if entry.transform is not None else t
 
-        return replace(qw, codes=rows(qw.codes), scale=rows(qw.scale), zero_point=rows(qw.zero_point))
+        return replace(qw, codes=rows(qw.codes), scale=rows(qw.scale), zero_point=rows(qw.zero_point),
+                       kblock=None if qw.kblock is None else qw.kblock.rows(rows))
 
     def add_tensor(self, name: str, t: torch.Tensor) -> TensorOutcome | None:
         return self.put_encoded(name, self.encode_tensor(name, t))
