@@ -70,7 +70,7 @@ def _block_memory(source: CheckpointSource, recipe: QuantRecipe, method_cls, pla
                             quantized=sum(m.numel for m in quantized), embed_params=embed.numel if embed else 0,
                             embed_bytes=embed.numel * embed.dtype.itemsize if embed else 0,
                             activations=0 if on_disk else samples * math.prod(shape) * 4, stores=stores,
-                            hessians=max((m.shape[1] ** 2 * 4 for m in quantized), default=0))
+                            hessians=max((m.shape[1] ** 2 * (8 + 4) for m in quantized), default=0))
     return {k: v for k, v in terms.items() if v}
 
 

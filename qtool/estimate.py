@@ -224,11 +224,12 @@ def block_terms(*, block_params: int, block_bytes: int, quantized: int, embed_pa
     """Peak working set of a block-level calibration run (engine/block_engine.py), the larger of its
     two phases, plus the activation stores in RAM (alive in both): capturing block 0's inputs (the
     embedding as read, its mapped file pages and its float32 copy) or quantizing the largest block
-    (float32, its checkpoint tensors as read and mapped, the codes, the largest Hessian)."""
+    (float32, its checkpoint tensors as read and mapped, the codes, the largest Hessian while it is
+    summed: a float64 sum plus each window's float32 XᵀX, engine/blockwise.HessianCollector)."""
     capture = {"capture phase: the embedding as read and mapped, and in float32": 2 * embed_bytes + 4 * embed_params}
     block = {"the largest block in float32": 4 * block_params,
              "its checkpoint tensors as read and mapped, and its codes": 2 * block_bytes + 2 * quantized,
-             "the largest Hessian (float32)": hessians}
+             "the largest Hessian while summed (float64 sum + float32 product)": hessians}
     phase = capture if sum(capture.values()) > sum(block.values()) else block
     return {f"activations in RAM ({stores} stores of samples x seq_len x hidden, float32)": activations * stores, **phase}
 

@@ -68,8 +68,9 @@ def test_calibration_plan_names_its_memory_and_time_terms(tiny_byte_llama, wiki_
                      "--seq-len", "64", "-o", tmp_path / "q")
     assert code == 0, plan["refusals"]
     terms = plan["memory_terms"]
-    assert any(k.startswith("activations") for k in terms) and "the largest Hessian (float32)" in terms
-    assert terms["the largest Hessian (float32)"] == 160 ** 2 * 4  # down_proj's input width, float32
+    assert any(k.startswith("activations") for k in terms) and "the largest Hessian while summed (float64 sum + float32 product)" in terms
+    # down_proj's input width: the float64 sum and one window's float32 XᵀX alive together
+    assert terms["the largest Hessian while summed (float64 sum + float32 product)"] == 160 ** 2 * (8 + 4)
     assert "gptq:" in plan["time_how"] and "TFLOP" in plan["time_how"]
 
 

@@ -87,7 +87,22 @@ class BlockTuneStats:
 
 
 # -- the grid -----------------------------------------------------------------------------------------
-class LinearGrid:
+class Tunable:
+    """What the tuning loop needs of a grid besides `params()`: keeping and restoring the best iteration."""
+
+    def params(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params()]
+
+    def restore(self, snap: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, s in zip(self.params(), snap):
+                p.copy_(s)
+
+
+class LinearGrid(Tunable):
     """One linear's fixed data (weight groups, their ranges) and its trainable V, f_min, f_max."""
 
     def __init__(self, w: torch.Tensor, spec: LayerSpec) -> None:
@@ -110,14 +125,6 @@ class LinearGrid:
 
     def params(self) -> list[torch.Tensor]:
         return [self.V, self.fmin, self.fmax]
-
-    def snapshot(self) -> list[torch.Tensor]:
-        return [p.detach().clone() for p in self.params()]
-
-    def restore(self, snap: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for p, s in zip(self.params(), snap):
-                p.copy_(s)
 
     def clamp_(self) -> None:
         with torch.no_grad():

@@ -27,6 +27,7 @@ import torch
 
 from qtool.core.kquant import K_GRIDS, QK_K, KScales, from_ggml, quantize_scales
 from qtool.core.qweight import QuantizedWeight
+from qtool.methods.autoround import Tunable
 from qtool.methods.base import LayerSpec
 from qtool.qtypes import QType
 
@@ -50,9 +51,9 @@ def fits(spec: LayerSpec, shape: tuple[int, ...]) -> bool:
     return spec.kgrid in K_GRIDS and len(shape) == 2 and shape[1] % QK_K == 0
 
 
-class KLinearGrid:
-    """One linear on a K grid: the interface of autoround.LinearGrid (params, snapshot, restore,
-    clamp_, qdq, result)."""
+class KLinearGrid(Tunable):
+    """One linear on a K grid: the interface of autoround.LinearGrid (params, clamp_, qdq, result;
+    snapshot and restore from Tunable)."""
 
     def __init__(self, w: torch.Tensor, spec: LayerSpec) -> None:
         from qtool.formats.gguf.quants import T, quantize_tensor
@@ -75,14 +76,6 @@ class KLinearGrid:
 
     def params(self) -> list[torch.Tensor]:
         return [self.V, self.a] + ([] if self.b is None else [self.b])
-
-    def snapshot(self) -> list[torch.Tensor]:
-        return [p.detach().clone() for p in self.params()]
-
-    def restore(self, snap: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for p, s in zip(self.params(), snap):
-                p.copy_(s)
 
     def clamp_(self) -> None:
         with torch.no_grad():
