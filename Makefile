@@ -111,7 +111,7 @@ $(AQLM_VENV)/.installed:
 	touch $@
 
 test: setup llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv aqlm-venv
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -q $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -rs $(PYTEST_ARGS)
 
 bench: model otf-venv hqq-quanto-quark-venv
 	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/run_bench.py --otf --out tests/bench/results
