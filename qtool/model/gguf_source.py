@@ -177,12 +177,15 @@ def _check_convertible(reader: gguf.GGUFReader, arch: str, path: Path) -> None:
 
 
 def _hf_config(path: Path, arch: str):
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, UnicodeDecodeError) as e:  # transformers' reading of a damaged metadata section
         raise FormatError(f"{path}: corrupted GGUF metadata: {_one_line(e)}") from None
+    except (ArithmeticError, StrictDataclassError) as e:  # a head count of 0, heads not dividing the width (fuzzed)
+        raise FormatError(f"{path}: GGUF metadata that makes no model: {_one_line(e)}") from None
     except (ValueError, KeyError, NotImplementedError) as e:
         raise UnsupportedError(f"{path}: transformers cannot convert GGUF architecture {arch!r}: "
                                f"{_one_line(e)}") from e
