@@ -36,7 +36,6 @@ the peer's own run recorded and no peak RSS unless that run measured one.
 from __future__ import annotations
 
 import datetime as dt
-import gc
 import json
 import os
 import sys
@@ -108,25 +107,9 @@ class FolderScoring(Scoring):
         self.base = _CachedBase(self.base)
 
     def score_folder(self, folder: Path) -> dict:
-        from transformers import AutoModelForCausalLM
-
-        from qtool.evaluate import TorchScorer, compare
         from qtool.model.quantized_source import read_dequantized
 
-        t0 = time.perf_counter()
-        m = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
-        state = read_dequantized(folder, dtype=torch.float32)
-        res = m.load_state_dict(state, strict=False)
-        missing = [k for k in res.missing_keys if not k.endswith("lm_head.weight")]
-        if res.unexpected_keys or missing:
-            raise RuntimeError(f"{folder}: dequantized state does not fit the model "
-                               f"(unexpected {res.unexpected_keys[:3]}, missing {missing[:3]})")
-        m.tie_weights()
-        out = compare(TorchScorer(m.eval(), "transformers (dequantized by qtool's reader)"), self.windows, self.base)
-        out["score_s"] = round(time.perf_counter() - t0, 1)
-        del m, state
-        gc.collect()
-        return out
+        return self.score_state(folder, read_dequantized, "transformers (dequantized by qtool's reader)")
 
 
 def qtool_row(v: Variant, bits: int, group: int, qtool: str, env: dict, model: Path, text: Path, work: Path,

@@ -154,10 +154,15 @@ class Scoring:
         self.base_ppl: float | None = None
 
     def score_gptq_folder(self, folder: Path) -> dict:
+        from qtool.formats.gptq import read_dequantized
+
+        return self.score_state(folder, read_dequantized, "transformers (dequantized by qtool.formats.gptq)")
+
+    def score_state(self, folder: Path, read_dequantized, label: str) -> dict:
+        """`folder` dequantized by `read_dequantized(folder, dtype=)` into the float32 transformers model, scored."""
         from transformers import AutoModelForCausalLM
 
         from qtool.evaluate import TorchScorer, compare
-        from qtool.formats.gptq import read_dequantized
 
         t0 = time.perf_counter()
         m = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
@@ -168,7 +173,7 @@ class Scoring:
             raise RuntimeError(f"{folder}: dequantized state does not fit the model "
                                f"(unexpected {res.unexpected_keys[:3]}, missing {missing[:3]})")
         m.tie_weights()
-        scorer = TorchScorer(m.eval(), "transformers (dequantized by qtool.formats.gptq)")
+        scorer = TorchScorer(m.eval(), label)
         out = compare(scorer, self.windows, self.base)
         self.base_ppl = out["base_perplexity"]
         out["score_s"] = round(time.perf_counter() - t0, 1)
