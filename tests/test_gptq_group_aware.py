@@ -88,3 +88,30 @@ def test_mse_ranges_never_round_worse_and_gptq_mse_fast_equals_reference():
     a, _ = gptq_quantize(W, H, get_qtype("int4"), group_size=32, symmetric=False, params=p, dtype=torch.float64)
     b, _ = gptq_quantize(W, H, get_qtype("int4"), group_size=32, symmetric=False, params=p, dtype=torch.float64, reference=True)
     assert torch.equal(a.codes, b.codes) and torch.equal(a.zero_point, b.zero_point)
+
+
+@pytest.mark.parametrize("qtype", ["int2", "int3", "int4", "int8"])
+@pytest.mark.parametrize("chunk", ["one-op", "7-candidates"])
+def test_mse_search_batched_equals_the_clip_and_measure_reference(qtype, chunk, monkeypatch):
+    """core/mse_grid: the batched search (candidates' qparams from the clipped end points, several
+    candidates per op, first least error) picks the very scale and zero of the reference loop that
+    clips each group to every candidate range; all-zero and one-signed groups, partial shapes and
+    every scale dtype the writers use, in float32 and float64; all candidates in one op, or 7 per op."""
+    from qtool.core import mse_grid
+    from qtool.core.mse_grid import mse_qparams, mse_qparams_reference
+
+    torch.manual_seed(11)
+    qt = get_qtype(qtype)
+    for dtype in (torch.float32, torch.float64):
+        for scale_dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for shape in ((48, 1, 128), (9, 5, 32), (3, 2, 7)):
+                g = (torch.distributions.StudentT(3.0).sample(shape) * torch.rand(shape[0], 1, 1)).to(dtype)
+                g[0, 0] = 0
+                g[1, 0] = g[1, 0].abs()
+                g[2, -1] = -g[2, -1].abs()
+                if chunk != "one-op":
+                    monkeypatch.setattr(mse_grid, "CHUNK_BYTES", 7 * g.numel() * 4)
+                for sym in (True, False):
+                    a, b = mse_qparams(g, qt, sym, scale_dtype), mse_qparams_reference(g, qt, sym, scale_dtype)
+                    assert torch.equal(a[0], b[0]), (dtype, scale_dtype, shape, sym)
+                    assert (a[1] is None) == (b[1] is None) and (a[1] is None or torch.equal(a[1], b[1]))
