@@ -10,20 +10,20 @@ On x86-64 upstream compiles ggml-quants.c without `-march` flags (those only go 
 FMA instructions anyway; the flag just keeps the oracle identical on machines (aarch64) where GCC would
 otherwise fuse `a*b + c` into FMAs and round differently.
 
-The sdist is looked up in `$QTOOL_LLAMA_CPP_SDIST`, `$QTOOL_CACHE/`, `/tmp/lcp/`, and otherwise
-downloaded from PyPI (sha256-checked against PyPI's JSON API).
+The sdist is looked up in `$QTOOL_LLAMA_CPP_SDIST`, `$QTOOL_CACHE/llama.cpp/` (where `make llama-cpp`,
+tests/llama_cpp_tools.py, keeps it), `$QTOOL_CACHE/`, `/tmp/lcp/`, and otherwise downloaded the same way as
+llama_cpp_tools does, `pip download` through the package index pip is configured with (the one registry a
+CI machine reaches; pypi.org's JSON API may not be).
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
-import json
 import os
 import shutil
 import subprocess
 import tarfile
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -108,24 +108,18 @@ def _cache_dir() -> Path:
 
 
 def find_sdist(download: bool = True) -> Path:
-    cands = [os.environ.get("QTOOL_LLAMA_CPP_SDIST"), _cache_dir() / SDIST_NAME, Path("/tmp/lcp") / SDIST_NAME]
+    cache = _cache_dir()
+    cands = [os.environ.get("QTOOL_LLAMA_CPP_SDIST"), cache / "llama.cpp" / SDIST_NAME, cache / SDIST_NAME,
+             Path("/tmp/lcp") / SDIST_NAME]
     for c in cands:
         if c and Path(c).is_file():
             return Path(c)
     if not download:
         raise FileNotFoundError(SDIST_NAME)
-    meta = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/llama-cpp-python/{SDIST_VERSION}/json", timeout=60))
-    (entry,) = [u for u in meta["urls"] if u["packagetype"] == "sdist"]
-    dest = _cache_dir() / SDIST_NAME
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".part")
-    with urllib.request.urlopen(entry["url"], timeout=600) as r, open(tmp, "wb") as f:
-        shutil.copyfileobj(r, f)
-    if hashlib.sha256(tmp.read_bytes()).hexdigest() != entry["digests"]["sha256"]:
-        tmp.unlink()
-        raise RuntimeError(f"sha256 mismatch for {entry['url']}")
-    tmp.rename(dest)
-    return dest
+    import llama_cpp_tools
+
+    assert llama_cpp_tools.SDIST_NAME == SDIST_NAME, (llama_cpp_tools.SDIST_NAME, SDIST_NAME)
+    return llama_cpp_tools._ensure_sdist(cache)
 
 
 def build(cache: Path | None = None) -> Path:
