@@ -201,20 +201,20 @@ def run_awq_section(model: Path, text: Path, work: Path, qtool: str, env: dict, 
     scoring = FolderScoring(model, ev)
 
     def stage(fn):
-        t = time.perf_counter()
         try:
             return fn()
         except Exception as e:  # noqa: BLE001 - one failing row must not lose the others
             traceback.print_exc()
             return {"error": _err(e)}
-        finally:
-            sec["seconds"] = round(time.perf_counter() - t0, 1)
-            if save:
-                save(sec)
-            del t
+
+    def add(row: dict) -> None:  # saved with the row in it, so a run cut off later keeps every finished row
+        sec["rows"].append(row)
+        sec["seconds"] = round(time.perf_counter() - t0, 1)
+        if save:
+            save(sec)
 
     base = stage(scoring.score_base)
-    sec["rows"].append({"setting": "bf16", "key": "bf16", "label": "bf16 (scored in float32)", "tool": "–",
+    add({"setting": "bf16", "key": "bf16", "label": "bf16 (scored in float32)", "tool": "–",
                         "size_bytes": folder_bytes(model), "bpw": 16.0, "eval": base})
     try:
         gptqmodel_py = ensure_gptq_venv() if peers else None
@@ -234,17 +234,17 @@ def run_awq_section(model: Path, text: Path, work: Path, qtool: str, env: dict, 
         if key in by_key:
             v = by_key[key]
             row = stage(lambda v=v: qtool_row(v, bits, group, qtool, env, model, text, work, samples, seq_len, scoring))
-            sec["rows"].append({"setting": name, "key": v.key, "label": v.label, "gptq_params": v.gptq,
+            add({"setting": name, "key": v.key, "label": v.label, "gptq_params": v.gptq,
                                 "recipe": " ".join(v.flags) + f" -b {bits} -g {group} -f gptq", **row})
         elif key == "gptqmodel-defaults":
             if gptqmodel_py is None:
                 row = {"error": f"GPTQModel unavailable: {sec.get('gptqmodel_error')}"}
             else:
                 row = stage(lambda: gptqmodel_row(bits, group, gptqmodel_py, env, model, calib_json, work, scoring))
-            sec["rows"].append({"setting": name, "key": key, "label": "GPTQModel defaults (damp 0.05, act_group_aware)", **row})
+            add({"setting": name, "key": key, "label": "GPTQModel defaults (damp 0.05, act_group_aware)", **row})
         else:
             row = stage(lambda: llmc_row(bits, group, env, model, calib_json, work, scoring, reuse_peers, samples, seq_len))
-            sec["rows"].append({"setting": name, "key": key, "label": "llm-compressor AWQ (duo_scaling, 20-point grid)", **row})
+            add({"setting": name, "key": key, "label": "llm-compressor AWQ (duo_scaling, 20-point grid)", **row})
     sec["seconds"] = round(time.perf_counter() - t0, 1)
     sec["qtool_code_at_end"] = qtool_state()
     sec["qtool_code_changed_during_run"] = sec["qtool_code_at_end"] != sec["qtool_code_at_start"]
