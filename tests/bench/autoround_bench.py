@@ -155,7 +155,7 @@ def markdown(sec: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from run_bench import TEXT_FILE, cache_dir, child_env, qtool_exe
+    from run_bench import TEXT_FILE, cache_dir, child_env, machine_info, qtool_exe
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=32)
@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     sec = run_autoround_section(model, args.datasets / TEXT_FILE, cache_dir() / "bench", qtool_exe(), child_env(),
                                 samples=args.samples, seq_len=args.seq_len, iters=args.iters, windows=args.windows,
                                 settings=tuple(args.settings.split(",")), peers=not args.no_peer)
+    sec["machine"] = machine_info()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "autoround-" + args.settings.replace(",", "-")
     (args.out / f"{stem}.json").write_text(json.dumps(sec, indent=2, default=str) + "\n")

@@ -316,6 +316,14 @@ def markdown(sec: dict) -> str:
         f"{sec.get('date_utc', '')}: one run, {sec.get('seconds', 0):.0f} s for the section (load average at its start "
         f"{sec.get('load_average_at_start', [0])[0]:.2f}; a machine shared with other jobs, so wall times carry noise).",
         "",
+    ]
+    m = sec.get("machine")
+    if m:
+        lines += [f"CPU: {m.get('cpu_model')} (family/model {m.get('cpu_family_model')}; {', '.join(m.get('cpu_simd') or []) or 'no'} "
+                  f"SIMD flags of interest; torch {m.get('torch_cpu_capability')}), {m.get('cpus_usable')} usable cores. "
+                  "Time ratios hold for this CPU only: GPTQModel runs its forwards in bf16, fast only where the CPU has bf16 "
+                  "instructions (AVX512_BF16/AMX); qtool in float32.", ""]
+    lines += [
         f"SmolLM2-135M-Instruct (bf16). Calibration, the same token windows for every run of every tool: {cal.get('samples')} × "
         f"{cal.get('seq_len')} tokens from the first half of WikiText-2 validation (token ids sha256 {str(cal.get('ids_sha256'))[:12]}). "
         f"Scored on {ev.get('windows')} × {ev.get('seq_len')} tokens of the second half, every output folder dequantized by qtool's "

@@ -89,17 +89,34 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu_info() -> dict:
+    """The CPU as /proc/cpuinfo names it, with family/model (one "AMD EPYC" name covers Zen 3, without
+    AVX-512, and Zen 4, with AVX512_BF16: a peer computing in bf16, as GPTQModel does on the CPU, runs
+    several times faster on the second) and the SIMD flags that decide such speeds."""
+    fields: dict[str, str] = {}
+    try:
+        for line in open("/proc/cpuinfo"):
+            k, _, v = line.partition(":")
+            k = k.strip()
+            if k in ("model name", "cpu family", "model", "flags") and k not in fields:
+                fields[k] = v.strip()
+    except OSError:
+        pass
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_model": fields.get("model name", ""), "cpu_family_model": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
+            "cpu_simd": [f for f in SIMD_FLAGS if f in flags], "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def machine_info() -> dict:
     import compressed_tensors
     import transformers
 
     import qtool
 
-    cpu_model = ""
-    try:
-        cpu_model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_info()
     try:
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
         dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True).stdout.strip())
@@ -110,7 +127,7 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)),
         "torch_threads": torch.get_num_threads(),
-        "cpu_model": cpu_model,
+        **cpu,
         "memory_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -582,6 +599,7 @@ def awq_only(args: argparse.Namespace, model: Path, text: Path, work: Path, t0: 
         (args.out / "awq.json").write_text(json.dumps(sec, indent=2, default=str) + "\n")
 
     section = run_awq(args, model, text, work, save=save)
+    section["machine"] = machine_info()
     section["run_seconds_with_setup"] = round(time.perf_counter() - t0, 1)
     save(section)
     results, _ = earlier_results(args, model, text)
