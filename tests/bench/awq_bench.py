@@ -352,7 +352,7 @@ def markdown(sec: dict) -> str:
         done = {f"{r.get('setting')}:{r.get('key')}" for r in sec["rows"]}
         missing = [o for o in sec["rows_asked"] if o not in done]
         lines += ["", f"Rows asked (`--awq-rows`, in this order): {', '.join(sec['rows_asked'])}. "
-                  + (f"**Not run** (the run was stopped at the deadline; the shared machine ran at load 12-14): {', '.join(missing)}. "
+                  + (f"**Not run** ({sec.get('stopped_because') or 'the run ended before them'}): {', '.join(missing)}. "
                      if missing else "") + "Settings × rows of the module's plan not asked were not run either."]
     if sec.get("note"):
         lines += ["", sec["note"]]
