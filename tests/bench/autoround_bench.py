@@ -1,7 +1,7 @@
 """Learned-rounding section of the qtool bench: qtool's `-m autoround` against AutoRound 0.16.1.
 
     python tests/bench/autoround_bench.py [--samples 32 --seq-len 512 --iters 50 --settings w4g128,w3g128]
-    python tests/bench/run_bench.py --autoround-only [...]   (the same, merged into results.json)
+    (writes tests/bench/results/autoround-SETTINGS.{json,md}; run_bench.py has no autoround option: a run takes hours here)
 
 Protocol (the same for every row and both tools; reduced from the issue's 128 × 512 / 200 iterations
 because the machine is a shared 2-core box, the settings are printed with the table):
