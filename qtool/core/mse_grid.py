@@ -9,7 +9,7 @@ from the two clipped end points alone (the min and max of the clipped group are 
 r·max, so core/affine gives the same scale and zero), measures several candidates per tensor op,
 and picks the first least error, as the sequential strict `<` does. Same results bit for bit
 (tests/test_gptq_group_aware.py). On GPTQ's grids the search was half of a run's CPU time
-(SmolLM2, 8 x 512 calibration, torch's `pow` alone 36 %); this cuts it about 3 times.
+(SmolLM2, 8 x 512 calibration, torch's `pow` alone 36 %); this and exp(log) for the power cut it about 2.4 times.
 """
 
 from __future__ import annotations
