@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-SDIST_VERSION = "0.3.36"
-SDIST_NAME = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
+from llama_cpp_tools import LLAMA_CPP_PYTHON_VERSION as SDIST_VERSION  # one llama.cpp version for both oracles
+from llama_cpp_tools import SDIST_NAME, _ensure_sdist
+
 _VENDOR = f"llama_cpp_python-{SDIST_VERSION}/vendor/llama.cpp/ggml/"
 _NEEDED = (
     "src/ggml-quants.c",
@@ -116,10 +117,7 @@ def find_sdist(download: bool = True) -> Path:
             return Path(c)
     if not download:
         raise FileNotFoundError(SDIST_NAME)
-    import llama_cpp_tools
-
-    assert llama_cpp_tools.SDIST_NAME == SDIST_NAME, (llama_cpp_tools.SDIST_NAME, SDIST_NAME)
-    return llama_cpp_tools._ensure_sdist(cache)
+    return _ensure_sdist(cache)
 
 
 def build(cache: Path | None = None) -> Path:
