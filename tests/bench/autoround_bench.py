@@ -132,9 +132,7 @@ def markdown(sec: dict) -> str:
              f"windows, ids sha256 {str(cfg.get('calib_ids_sha256'))[:12]}, the same ids for AutoRound), {cfg.get('iters')} iterations "
              f"for both tools, batch 8, lr 1/iters; symmetric. Scored on {cfg.get('eval_windows')} × {cfg.get('eval_seq_len')} "
              "tokens of the second half by one code (GPTQ folder → qtool's reader → float32 transformers).", "",
-             *([f"CPU: {m.get('cpu_model')} (family/model {m.get('cpu_family_model')}; {', '.join(m.get('cpu_simd') or []) or 'no'} "
-                f"SIMD flags of interest; torch {m.get('torch_cpu_capability')}), {m.get('cpus_usable')} usable cores; AutoRound tunes in "
-                "bf16 autocast only where the CPU has AVX512_BF16, else in float32 like qtool.", ""] if (m := sec.get("machine")) else []),
+             *([f"{gb.cpu_line(m)}; AutoRound tunes in bf16 autocast only where the CPU has AVX512_BF16, else in float32 like qtool.", ""] if (m := sec.get("machine")) else []),
              "| recipe | tool | quantize wall | peak RSS | bpw | perplexity | ppl / bf16 | KLD | top-1 | time / AutoRound | ppl / AutoRound |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     peers = {r["key"].removeprefix("peer-"): r for r in rows if r.get("tool") == "AutoRound" or str(r.get("key", "")).startswith("peer-")}

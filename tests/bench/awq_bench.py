@@ -48,7 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fmt  # noqa: E402
-from gptq_bench import (OMP_POLICY, Scoring, _err, _measured, calibration_windows, ensure_gptq_venv,  # noqa: E402
+from gptq_bench import (OMP_POLICY, Scoring, _err, _measured, calibration_windows, cpu_line, ensure_gptq_venv,  # noqa: E402
                         folder_bytes, gptq_bpw, ids_sha256)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -319,9 +319,7 @@ def markdown(sec: dict) -> str:
     ]
     m = sec.get("machine")
     if m:
-        lines += [f"CPU: {m.get('cpu_model')} (family/model {m.get('cpu_family_model')}; {', '.join(m.get('cpu_simd') or []) or 'no'} "
-                  f"SIMD flags of interest; torch {m.get('torch_cpu_capability')}), {m.get('cpus_usable')} usable cores. "
-                  "Time ratios hold for this CPU only: GPTQModel runs its forwards in bf16, fast only where the CPU has bf16 "
+        lines += [f"{cpu_line(m)}. Time ratios hold for this CPU only: GPTQModel runs its forwards in bf16, fast only where the CPU has bf16 "
                   "instructions (AVX512_BF16/AMX); qtool in float32.", ""]
     lines += [
         f"SmolLM2-135M-Instruct (bf16). Calibration, the same token windows for every run of every tool: {cal.get('samples')} × "

@@ -138,6 +138,12 @@ def calibration_windows(model: Path, text: Path, samples: int, seq_len: int):
     return load_calibration(str(text), load_tokenizer(model), samples=samples, seq_len=seq_len, seed=0)
 
 
+def cpu_line(m: dict) -> str:
+    """A section's machine record (run_bench.machine_info) as one sentence, for tables whose time ratios hold for one CPU."""
+    return (f"CPU: {m.get('cpu_model')} (family/model {m.get('cpu_family_model')}; {', '.join(m.get('cpu_simd') or []) or 'no'} "
+            f"SIMD flags of interest; torch {m.get('torch_cpu_capability')}), {m.get('cpus_usable')} usable cores")
+
+
 def ids_sha256(ids) -> str:
     return hashlib.sha256(json.dumps(ids.tolist()).encode()).hexdigest()
 
