@@ -51,7 +51,7 @@ def _blocks(source: CheckpointSource) -> dict[str, list]:
 
 
 def _block_memory(source: CheckpointSource, recipe: QuantRecipe, method_cls, planned) -> dict[str, int]:
-    from qtool.engine.activations import choose_storage
+    from qtool.engine.activations import choose_storage, stores_alive
     from qtool.engine.block_engine import PROBE_TOKENS
 
     specs = planned[0].specs
@@ -62,7 +62,7 @@ def _block_memory(source: CheckpointSource, recipe: QuantRecipe, method_cls, pla
     quantized = [m for m in metas if m.name in specs]
     samples, seq = (1, PROBE_TOKENS) if recipe.stats else (recipe.samples, recipe.seq_len)
     shape = (1, seq, _hidden_size(source))
-    stores = 3 if getattr(method_cls, "wants_targets", False) else 2
+    stores = stores_alive(method_cls)
     on_disk = choose_storage(samples, shape, stores) == "disk"
     embed = max((m for m in source.tensors() if source.block_of(m.name) is None and len(m.shape) == 2),
                 key=lambda m: m.numel, default=None)

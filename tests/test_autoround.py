@@ -14,7 +14,7 @@ import torch
 
 from qtool.core.affine import quantize_int
 from qtool.errors import NumericalError, UsageError
-from qtool.methods.autoround import (AutoRoundParams, ImportanceCollector, LinearGrid, block_outputs, importance_rtn,
+from qtool.methods.autoround import (AutoRoundParams, full_range_spec, ImportanceCollector, LinearGrid, block_outputs, importance_rtn,
                                      rtn_block, tune_block)
 from qtool.methods.base import BlockInputs, LayerSpec
 from qtool.qtypes import QType, get_qtype
@@ -152,7 +152,7 @@ def test_learned_rounding_beats_rtn(blk, sym):
     qws, st = tune_block(layer, specs, hidden, call, targets, AutoRoundParams(iters=30, batch_size=N), weights=weights)
     assert all(torch.equal(before[m], layer.get_submodule(m).weight) for m in names)  # the block is left unchanged
     assert all(p.grad is None and p.requires_grad for p in layer.parameters())  # and untrained
-    rtn = _block_mse(blk, _rtn(blk, specs))
+    rtn = _block_mse(blk, _rtn(blk, {m: full_range_spec(s) for m, s in specs.items()}))  # --full-range (default)
     got = _block_mse(blk, qws)
     assert st.init_loss == pytest.approx(rtn, rel=1e-5)
     assert got == pytest.approx(st.best_loss, rel=1e-5)
@@ -163,6 +163,20 @@ def test_learned_rounding_beats_rtn(blk, sym):
         assert q.codes.dtype == torch.int8 and q.codes.shape == weights[m].shape and q.scale.dtype == torch.bfloat16
         assert int(q.codes.min()) >= -4 and int(q.codes.max()) <= 3
         assert (q.zero_point is None) == sym
+
+
+@pytest.mark.parametrize("full_range", [True, False])
+def test_iteration_zero_is_rtn_on_the_chosen_symmetric_grid(blk, full_range):
+    """Iteration 0 is round-to-nearest on the full-range grid (scale = signed peak / qmin, all 2^b
+    codes) by default, on compressed-tensors' max|w| / ((2^b - 1) / 2) with --no-full-range."""
+    layer, hidden, call, targets, names, weights = blk
+    specs = _specs(names, sym=True)
+    _, st = tune_block(layer, specs, hidden, call, targets, AutoRoundParams(iters=1, batch_size=N, full_range=full_range),
+                       weights=weights)
+    full = _block_mse(blk, _rtn(blk, {m: full_range_spec(s) for m, s in specs.items()}))
+    plain = _block_mse(blk, _rtn(blk, specs))
+    assert full != pytest.approx(plain, rel=1e-3)
+    assert st.init_loss == pytest.approx(full if full_range else plain, rel=1e-5)
 
 
 def test_minibatches_and_determinism(blk):
@@ -188,7 +202,8 @@ def test_a_linear_no_token_reaches_stays_round_to_nearest(blk):
         w = {**weights, "idle": layer.idle.weight.detach().to(torch.bfloat16)}
         qws, st = tune_block(layer, specs, hidden, call, targets, AutoRoundParams(iters=4, lr=0.01, batch_size=N), weights=w)
         assert st.unreached == ["idle"]
-        assert torch.equal(qws["idle"].codes, quantize_int(w["idle"], specs["idle"].qtype, strategy="group", group_size=32).codes)
+        rtn = quantize_int(w["idle"], full_range_spec(specs["idle"]).qtype, strategy="group", group_size=32)
+        assert torch.equal(qws["idle"].codes, rtn.codes)
         assert st.best_loss < st.init_loss
     finally:
         del layer.idle

@@ -99,3 +99,51 @@ def test_storage_choice_follows_available_memory(monkeypatch):
     monkeypatch.setattr(activations, "available_memory", lambda: 1 << 30)
     assert activations.choose_storage(128, (1, 512, 576)) == "ram"  # 3 x 151 MB <= 512 MB
     assert activations.choose_storage(128, (1, 512, 2048)) == "disk"  # 3 x 537 MB > 512 MB
+
+
+class _TargetSpy:
+    """A block method (RTN weights) that records, per block, the targets the engine hands it."""
+
+    def __new__(cls, stream: str):
+        from qtool.core.affine import quantize_int
+        from qtool.methods.base import BlockMethod, BlockResult
+
+        class Spy(BlockMethod):
+            registry_name = "target-spy"
+            wants_targets = True
+            target_stream = stream
+            seen: list = []
+
+            def quantize_block(self, block, inputs, specs, targets, progress):
+                self.seen.append(torch.cat([targets[i] for i in range(len(targets))]))
+                return BlockResult({m: quantize_int(block.get_submodule(m).weight, s.qtype, strategy=s.strategy,
+                                                    group_size=s.group_size, symmetric=s.symmetric)
+                                    for m, s in specs.items()})
+
+        return Spy()
+
+
+def test_model_stream_targets_are_the_float_models_hidden_states(tiny_byte_llama, ids):
+    """`target_stream = "model"`: block b's targets are the unquantized model's hidden states after
+    block b (transformers' own forward, output_hidden_states), not the float block on the quantized
+    inputs; the two agree on block 0 (same inputs) and part from block 1 on (int2: large errors)."""
+    from transformers import AutoModelForCausalLM
+
+    from qtool.engine.block_engine import run_block_method
+    from qtool.model.resolve import open_source
+
+    seen = {}
+    for stream in ("model", "block"):
+        spy = _TargetSpy(stream)
+        with open_source(str(tiny_byte_llama)) as src:
+            list(run_block_method(src, _specs(src, qtype="int2"), spy, ids))
+        seen[stream] = spy.seen
+    model = AutoModelForCausalLM.from_pretrained(tiny_byte_llama, dtype=torch.float32)
+    with torch.no_grad():
+        hs = model(ids, output_hidden_states=True).hidden_states  # embeddings, then after each block (the last normed)
+    n = len(seen["model"])
+    assert n == model.config.num_hidden_layers >= 2
+    for b in range(n - 1):
+        torch.testing.assert_close(seen["model"][b], hs[b + 1], rtol=1e-4, atol=1e-4)
+    assert torch.equal(seen["model"][0], seen["block"][0])
+    assert not torch.allclose(seen["model"][1], seen["block"][1], rtol=1e-3, atol=1e-3)

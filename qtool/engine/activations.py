@@ -18,6 +18,14 @@ import torch
 from qtool.errors import UsageError
 
 STORES_ALIVE = 3  # a block's inputs, its outputs (the next inputs) and the float targets
+
+
+def stores_alive(method) -> int:
+    """Stores of activations alive at once for a block method (class or instance): inputs and
+    outputs; the float targets where it wants them; and the float model's own stream (its inputs;
+    the targets are its outputs) where its targets come from it."""
+    targets = bool(getattr(method, "wants_targets", False))
+    return 2 + targets + (targets and getattr(method, "target_stream", "block") == "model")
 RAM_FRACTION = 0.5  # at most this share of the available memory goes to activations
 
 

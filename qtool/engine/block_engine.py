@@ -9,7 +9,8 @@ The engine owns, and methods never repeat:
     memory-mapped on disk when they would not fit (engine/activations.py, chosen automatically);
   * the float targets for methods with `wants_targets`: the unquantized block's outputs on the
     inputs the already-quantized blocks before it produce (computed once per block, before the
-    method touches the block);
+    method touches the block); with `target_stream = "model"`, the unquantized model's own hidden
+    states after the block instead (a second, float stream of activations carried through the blocks);
   * the hand-over: the method's float replacements (rescaled norms...) rounded to the checkpoint
     dtype and loaded, its QuantizedWeights dequantized into the block, then one forward of that
     block gives the next block's inputs (sequential); NaN/Inf there stops the run (NumericalError
@@ -30,7 +31,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from qtool.engine.activations import ActivationStore, choose_storage
+from qtool.engine.activations import ActivationStore, choose_storage, stores_alive
 from qtool.engine.blockwise import BlockRunner, PassThrough, Progress, QuantizedLinear, groups_from_probe
 from qtool.engine.memo import LinearMemo, memo_budget
 from qtool.errors import NumericalError, UnsupportedError
@@ -116,7 +117,10 @@ def run_block_method(
     if stats is not None:
         input_ids = torch.arange(PROBE_TOKENS).unsqueeze(0) % int(source.config.get("vocab_size") or PROBE_TOKENS)
     runner = BlockRunner(source, input_ids, progress)
-    store = ActivationStore.from_tensors(runner.hidden, choose_storage(len(runner.hidden), tuple(runner.hidden[0].shape)))
+    where = choose_storage(len(runner.hidden), tuple(runner.hidden[0].shape), stores_alive(method))
+    store = ActivationStore.from_tensors(runner.hidden, where)
+    model_stream = stats is None and method.wants_targets and method.target_stream == "model"
+    fstore = ActivationStore.from_tensors(runner.hidden, where) if model_stream else None  # the float model's stream
     runner.hidden = []
     n = len(runner.prefixes)
     start = checkpoint.completed if checkpoint is not None else 0
@@ -124,39 +128,45 @@ def run_block_method(
         progress("quantize", b, n, f"{runner.prefixes[b]} (from checkpoint)")
         yield from checkpoint.replay(b, source.get_tensor)
     if start:
-        store = ActivationStore.from_tensors(list(checkpoint.inputs()), store.where)
+        store = ActivationStore.from_tensors(list(checkpoint.inputs()), where)
+        if model_stream:
+            fstore = ActivationStore.from_tensors(list(checkpoint.inputs("float")), where)
     for b, prefix, block in runner.blocks(start):
         progress("quantize", b, n, prefix)
-        items, store, kept = _one_block(source, specs, method, runner, b, prefix, block, store, device, stats, progress)
+        items, store, fstore, kept = _one_block(source, specs, method, runner, b, prefix, block, store, fstore, device,
+                                                stats, progress)
         if checkpoint is not None:
-            checkpoint.save(b, items, store.stacked(), kept)
+            checkpoint.save(b, items, store.stacked(), kept, None if fstore is None else fstore.stacked())
         yield from items
     progress("quantize", n, n, "")
 
 
 def _one_block(source: CheckpointSource, specs: dict[str, LayerSpec], method: BlockMethod, runner: BlockRunner, b: int,
-               prefix: str, block: torch.nn.Module, store: ActivationStore, device: torch.device, stats,
-               progress: Progress) -> tuple[list, ActivationStore, set[str]]:
+               prefix: str, block: torch.nn.Module, store: ActivationStore, fstore: ActivationStore | None,
+               device: torch.device, stats, progress: Progress) -> tuple[list, ActivationStore, ActivationStore | None, set[str]]:
     """One decoder block through the method -> (its items in yield order, the next block's inputs,
-    the tensor names whose items carry values other than the checkpoint's)."""
+    the float model's stream after it (None unless `fstore`, its stream before it, is given), the
+    tensor names whose items carry values other than the checkpoint's)."""
     memo = LinearMemo(memo_budget())  # outputs of the linears the method froze, for its later passes and ours
     try:
-        return _one_block_in(source, specs, method, runner, b, prefix, block, store, device, stats, progress, memo)
+        return _one_block_in(source, specs, method, runner, b, prefix, block, store, fstore, device, stats, progress, memo)
     finally:
         memo.close()
 
 
 def _one_block_in(source: CheckpointSource, specs: dict[str, LayerSpec], method: BlockMethod, runner: BlockRunner, b: int,
-                  prefix: str, block: torch.nn.Module, store: ActivationStore, device: torch.device, stats,
-                  progress: Progress, memo: LinearMemo) -> tuple[list, ActivationStore, set[str]]:
+                  prefix: str, block: torch.nn.Module, store: ActivationStore, fstore: ActivationStore | None,
+                  device: torch.device, stats, progress: Progress,
+                  memo: LinearMemo) -> tuple[list, ActivationStore, ActivationStore | None, set[str]]:
     metas = {m.name: m for m in source.tensors()}
     names = runner.linears(prefix, block, specs)  # module inside the block -> tensor name
     block.to(device)
-    inputs = BlockInputs(prefix, store, to_device(runner.calls[b], device), device, stats, memo)
+    call = to_device(runner.calls[b], device)
+    inputs = BlockInputs(prefix, store, call, device, stats, memo)
     targets = None
     if method.wants_targets:
         targets = ActivationStore.like(store)
-        forward_into(block, inputs, targets, "float")
+        forward_into(block, inputs if fstore is None else BlockInputs(prefix, fstore, call, device), targets, "float")
     block_specs = {m: _with_scale_dtype(specs[t], metas[t].dtype) for m, t in names.items()}
 
     def iterate(done: int, total: int, item: str) -> None:
@@ -185,10 +195,11 @@ def _one_block_in(source: CheckpointSource, specs: dict[str, LayerSpec], method:
             if k in replaced:
                 kept.add(f"{prefix}.{k}")
             items.append(PassThrough(f"{prefix}.{k}", replaced[k] if k in replaced else source.get_tensor(f"{prefix}.{k}")))
-    del targets
+    if fstore is None:
+        del targets
     nxt = ActivationStore.like(store)  # sequential: the next block's inputs come from this quantized block
     forward_into(block, inputs, nxt, "quantized")
-    return items, nxt, kept
+    return items, nxt, None if fstore is None else targets, kept
 
 
 def _on_cpu(qw):

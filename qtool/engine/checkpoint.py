@@ -156,14 +156,15 @@ class BlockCheckpoint:
         self.completed = self.saved  # a block file whose next inputs were never written is redone
 
     # -- what the engine calls ---------------------------------------------------------------------
-    def inputs(self) -> torch.Tensor:
-        """The hidden states block `completed` starts from: float32 [samples, *sample shape]."""
+    def inputs(self, stream: str = "hidden") -> torch.Tensor:
+        """The hidden states block `completed` starts from: float32 [samples, *sample shape];
+        `stream="float"`: the float model's own (saved where the method's targets come from it)."""
         from safetensors import safe_open
 
         path = self.folder / _inputs_name(self.completed)
         try:
             with safe_open(str(path), framework="pt") as h:
-                return h.get_tensor("hidden")
+                return h.get_tensor(stream)
         except Exception as e:  # safetensors raises its own error types
             raise FormatError(f"{path}: damaged checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                               "run without --resume") from None
@@ -194,9 +195,11 @@ class BlockCheckpoint:
                 out.append(QuantizedLinear(it["name"], w, _qw_from(it["qw"], stored, i), it["stats"], it["shares"]))
         return out
 
-    def save(self, b: int, items: Iterable, next_inputs: torch.Tensor, replaced: set[str]) -> None:
+    def save(self, b: int, items: Iterable, next_inputs: torch.Tensor, replaced: set[str],
+             next_float: torch.Tensor | None = None) -> None:
         """Record block `b` (its items in yield order; `replaced`: the tensor names whose values
-        are not the checkpoint's, stored in full) and the inputs of block b + 1."""
+        are not the checkpoint's, stored in full) and the inputs of block b + 1 (and the float
+        model's stream there, `next_float`, where the method's targets come from it)."""
         from safetensors.torch import save_file
 
         from qtool.engine.block_engine import BlockNote
@@ -220,7 +223,8 @@ class BlockCheckpoint:
         tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
         try:
             _save_atomic(save_file, tensors, self.folder / _block_name(b), {"qtool.items": json.dumps(manifest)})
-            _save_atomic(save_file, {"hidden": next_inputs.detach().to("cpu", torch.float32).contiguous()},
+            streams = {"hidden": next_inputs} if next_float is None else {"hidden": next_inputs, "float": next_float}
+            _save_atomic(save_file, {k: t.detach().to("cpu", torch.float32).contiguous() for k, t in streams.items()},
                          self.folder / _inputs_name(b + 1), {})
             (self.folder / _inputs_name(b)).unlink(missing_ok=True)
         except OSError as e:

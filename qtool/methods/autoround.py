@@ -49,6 +49,12 @@ class AutoRoundParams(MethodParams):
     amp: bool = field(default=False, metadata={"help": "Run the block forward under bf16 autocast while tuning (parameters and loss stay float32)."})
     clip_grid: int = field(default=20, metadata={"help": "--iters 0: clipping factors searched per group (1 down to 1 - max_shrink)."})
     max_shrink: float = field(default=0.5, metadata={"help": "--iters 0: largest fraction of a group's range the clipping search may cut."})
+    full_range: bool = field(default=True, metadata={"help": "Symmetric grids: scale = the group's largest-magnitude weight / qmin (signed), "
+                                                     "so all 2^bits codes are used (AutoRound's and llama.cpp's rule); off: "
+                                                     "max|w| / ((2^bits - 1) / 2), compressed-tensors' rule."})
+    tune_toward: str = field(default="model", metadata={"help": "What each block's quantized output is tuned toward: 'model', the float "
+                                                   "model's own hidden states (later blocks also correct earlier blocks' error, "
+                                                   "as AutoRound does); 'block', the float block on the quantized inputs."})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -66,6 +72,8 @@ class AutoRoundParams(MethodParams):
             raise UsageError(f"--clip-grid {self.clip_grid}: expected 1..1000 factors")
         if not 0 <= self.max_shrink < 1:
             raise UsageError(f"--clip-range {self.max_shrink}: expected a fraction in [0, 1)")
+        if self.tune_toward not in ("model", "block"):
+            raise UsageError(f"--tune-toward {self.tune_toward!r}: expected 'model' or 'block'")
 
     @property
     def learning_rate(self) -> float:
@@ -181,12 +189,25 @@ class LinearGrid(Tunable):
                                spec.group_size if spec.strategy == "group" else None)
 
 
-def make_grid(w: torch.Tensor, spec: LayerSpec):
+def make_grid(w: torch.Tensor, spec: LayerSpec, full_range: bool = False):
     """The tuning grid of one linear: a GGUF K type's own (autoround_kgrid) where the spec names one
-    and the rows are whole super-blocks, else the integer grid of `spec`."""
+    and the rows are whole super-blocks, else the integer grid of `spec` (`full_range`: symmetric
+    integer grids with the signed peak / qmin scale)."""
     from qtool.methods import autoround_kgrid
 
-    return autoround_kgrid.KLinearGrid(w, spec) if autoround_kgrid.fits(spec, tuple(w.shape)) else LinearGrid(w, spec)
+    if autoround_kgrid.fits(spec, tuple(w.shape)):
+        return autoround_kgrid.KLinearGrid(w, spec)
+    return LinearGrid(w, full_range_spec(spec) if full_range else spec)
+
+
+def full_range_spec(spec: LayerSpec) -> LayerSpec:
+    """`spec` with the signed full-range scale where its grid is symmetric integer (QType.signed_scale:
+    the group's largest-magnitude weight lands on qmin, all 2^bits codes in use); else unchanged."""
+    from dataclasses import replace
+
+    if not (spec.symmetric and spec.qtype.is_int) or spec.qtype.signed_scale:
+        return spec
+    return replace(spec, qtype=replace(spec.qtype, signed_scale=True))
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -332,7 +353,7 @@ def tune_block(
         lo, n = sum(sizes[:comm.rank]), sum(sizes)
     batch = min(params.batch_size, n)  # fewer samples than a batch (a short calibration set): every step takes them all
     names = list(specs)
-    grids = {m: make_grid(weights[m] if weights else block.get_submodule(m).weight, specs[m]) for m in names}
+    grids = {m: make_grid(weights[m] if weights else block.get_submodule(m).weight, specs[m], params.full_range) for m in names}
     trainable = [p for g in grids.values() for p in g.params()]
     frozen = [p for p in block.parameters() if p.requires_grad]
     sampler = _BatchSampler(n, batch, params.batch_seed)
@@ -442,7 +463,7 @@ def importance_rtn(w: torch.Tensor, spec: LayerSpec, importance: torch.Tensor | 
                    params: AutoRoundParams = AutoRoundParams()) -> QuantizedWeight:
     """Per group, the clipping factor f ∈ {1, 1 - r/grid, ...} (both ends shrunk by f) minimising
     Σ_j imp_j (W_ij − Ŵ_ij)²; imp [in] (None: uniform). f = 1 is plain round-to-nearest."""
-    g = LinearGrid(w, spec)
+    g = LinearGrid(w, full_range_spec(spec) if params.full_range else spec)
     cols = g.shape[1]
     imp = torch.ones(cols) if importance is None else importance.detach().to(torch.float32).clamp(min=0)
     imp = imp + 1e-8 * imp.mean().clamp(min=1e-12)  # channels no token reached still count a little
@@ -543,10 +564,12 @@ class AutoRoundMethod(BlockMethod):
 
     params = AutoRoundParams
     wants_targets = True  # the default, iters > 0; an instance with iters = 0 says False
+    target_stream = "model"  # the default --tune-toward
 
     def __init__(self, **params: object) -> None:
         self.params = AutoRoundParams(**params)  # type: ignore[arg-type]
         self.wants_targets = self.params.iters > 0
+        self.target_stream = self.params.tune_toward
 
     def quantize_with_stats(self, w: torch.Tensor, spec: LayerSpec, H: torch.Tensor) -> tuple[QuantizedWeight, dict]:
         """One linear from its input statistics alone (no block to tune): importance-weighted RTN

@@ -155,12 +155,16 @@ class BlockMethod(QuantMethod):
     (module name inside the block -> LayerSpec) for the linears to quantize. With `wants_targets`,
     `targets[i]` is the *float* block's output on sample i of these same inputs (computed by the
     engine before the method runs, stored like the inputs): "what this block would have produced
-    unquantized, given what the quantized blocks before it produce". The method may change the
-    block's weights freely while it works; the engine reloads what the result says afterwards."""
+    unquantized, given what the quantized blocks before it produce". With `target_stream = "model"`
+    the targets are instead the unquantized *model's* hidden states after this block (the engine
+    carries a second, float stream of activations through the blocks): the method is then asked to
+    correct the error the quantized blocks before it left too (AutoRound's target). The method may
+    change the block's weights freely while it works; the engine reloads what the result says afterwards."""
 
     needs_calibration = True
     supported_kinds = ("int",)
     wants_targets: bool = False
+    target_stream: str = "block"  # "block": the float block on the quantized inputs; "model": the float model's own stream
     uses_stats: tuple[str, ...] = ()  # with --stats: the statistics it needs ("xtx", "sum_abs"...); () = not usable
 
     def quantize(self, w: torch.Tensor, spec: LayerSpec) -> QuantizedWeight:
