@@ -24,6 +24,7 @@ RUNS = {
     "gptq-gptq": ["-m", "gptq", "-b", "4", "-g", "32", "-f", "gptq"],
     "awq-compressed-tensors": ["-m", "awq", "-b", "4", "-g", "32", "--alpha-grid", "4", "--clip-grid", "4"],  # replaced float tensors (rescaled norms)
     "gptq-gguf": ["-m", "gptq", "-f", "gguf", "-t", "Q4_0"],  # a single-file output
+    "autoround-gptq": ["-m", "autoround", "--iters", "6", "--lr", "0.05", "--batch-size", "2", "-b", "4", "-g", "32", "-f", "gptq"],  # the float model's stream too
     "aqlm-aqlm": ["-m", "aqlm", "-f", "aqlm", "--steps", "1", "--codebook-steps", "5", "--kmeans-iters", "2"],  # codebook weights
     "aqlm-finetune": ["-m", "aqlm", "-f", "aqlm", "--steps", "1", "--codebook-steps", "5", "--kmeans-iters", "2",
                       "--finetune", "--finetune-lr", "1e-3"],  # tuned codebooks + replaced norms
