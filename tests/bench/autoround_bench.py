@@ -130,7 +130,9 @@ def markdown(sec: dict) -> str:
              f"{sec.get('load_average_at_start', [0])[0]:.2f}). SmolLM2-135M-Instruct; **reduced settings** (shared 2-core box): "
              f"{cfg.get('samples')} × {cfg.get('seq_len')} calibration windows (WikiText-2 validation first half, qtool's seeded "
              f"windows, ids sha256 {str(cfg.get('calib_ids_sha256'))[:12]}, the same ids for AutoRound), {cfg.get('iters')} iterations "
-             f"for both tools, batch 8, lr 1/iters; symmetric. Scored on {cfg.get('eval_windows')} × {cfg.get('eval_seq_len')} "
+             f"for both tools, batch 8, lr 1/iters; symmetric (qtool at its defaults: the full-range signed grid and each block tuned "
+             "toward the float model's own hidden states, as AutoRound does). Scored on "
+             f"{cfg.get('eval_windows')} × {cfg.get('eval_seq_len')} "
              "tokens of the second half by one code (GPTQ folder → qtool's reader → float32 transformers).", "",
              *([f"{gb.cpu_line(m)}; AutoRound tunes in bf16 autocast only where the CPU has AVX512_BF16, else in float32 like qtool.", ""] if (m := sec.get("machine")) else []),
              "| recipe | tool | quantize wall | peak RSS | bpw | perplexity | ppl / bf16 | KLD | top-1 | time / AutoRound | ppl / AutoRound |",
