@@ -390,3 +390,36 @@ def test_cli_refuses_bad_options_before_loading(tmp_path, args, msg):
     assert res.exit_code == 2, res.output
     assert msg in res.output.replace("\n", " ")
     assert not (tmp_path / "out").exists()
+
+
+def _eager_block():
+    torch.manual_seed(0)
+    model = make_model("llama").float()
+    model.config._attn_implementation = "eager"  # as the engine builds blocks (qtool/model/structure.py)
+    layer = model.model.layers[0]
+    h = torch.randn(2, L, model.config.hidden_size)
+    pos = torch.arange(L).unsqueeze(0)
+    pe = model.model.rotary_emb(h, pos)
+    causal = torch.full((L, L), torch.finfo(torch.float32).min).triu(1)[None, None]
+    return model, layer, h, pe, pos, causal
+
+
+def test_tuning_runs_attention_through_sdpa_where_it_equals_eager():
+    """fast_attention: with the engine's causal float mask, sdpa gives the eager outputs (to 1e-4 of
+    their largest) and is used; the config is eager again afterwards. With no mask, eager attends
+    both ways and sdpa causally: they differ, and the block stays eager."""
+    from qtool.methods.autoround import ATTENTION_TOL, _forward, fast_attention
+
+    model, layer, h, pe, pos, causal = _eager_block()
+    call = ((), dict(position_embeddings=pe, attention_mask=causal, position_ids=pos))
+    with torch.no_grad():
+        ref = _forward(layer, h, call)
+    with fast_attention(layer, h[:1], call) as impl:
+        assert impl == "sdpa" and model.config._attn_implementation == "sdpa"
+        with torch.no_grad():
+            got = _forward(layer, h, call)
+    assert model.config._attn_implementation == "eager"
+    assert float((got - ref).abs().max()) <= ATTENTION_TOL * float(ref.abs().max())
+    unmasked = ((), dict(position_embeddings=pe, attention_mask=None, position_ids=pos))
+    with fast_attention(layer, h[:1], unmasked) as impl:
+        assert impl == "eager" and model.config._attn_implementation == "eager"

@@ -26,6 +26,7 @@ calibration tokens reaching the linear.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -90,6 +91,7 @@ class BlockTuneStats:
     iters_run: int
     seconds: float = 0.0
     warning: str | None = None  # e.g. the loss became NaN at iteration t: reverted to the best
+    attention: str = "eager"  # the attention implementation the tuning forwards ran (fast_attention)
     losses: list[float] = field(default_factory=list)
     unreached: list[str] = field(default_factory=list)  # linears no calibration token reached: round-to-nearest
 
@@ -314,6 +316,52 @@ class _Swapped:
             del self.block.get_submodule(n).forward
 
 
+ATTENTION_TOL = 1e-4  # sdpa against eager on one sample: max |difference| <= this x max |eager output|
+
+
+@contextlib.contextmanager
+def fast_attention(block: torch.nn.Module, x: torch.Tensor, call: tuple[tuple, dict]):
+    """While active, the block's attention runs through torch's scaled_dot_product_attention
+    instead of the eager implementation the engine builds blocks with (eager: the calls calibration
+    observes). The tuning loop runs the block hundreds of times: on SmolLM2 (8 x 512 tokens, 2 cores)
+    a forward + backward took 1.04 s eager, 0.83 s sdpa. Switched only where transformers offers
+    "sdpa" and the block's output on `x` (one sample) equals the eager one within ATTENTION_TOL;
+    yields the implementation in use. The configs are restored on exit."""
+    configs = {id(c): c for m in block.modules() if (c := getattr(m, "config", None)) is not None
+               and getattr(c, "_attn_implementation", None) == "eager"}
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        offered = "sdpa" in ALL_ATTENTION_FUNCTIONS
+    except ImportError:  # pragma: no cover - transformers without attention interfaces
+        offered = False
+    if not configs or not offered:
+        yield next((c._attn_implementation for m in block.modules() if hasattr(c := getattr(m, "config", None), "_attn_implementation")),
+                   "unchanged")
+        return
+
+    def use(impl: str) -> None:
+        for c in configs.values():
+            c._attn_implementation = impl
+
+    with torch.no_grad():
+        ref = _forward(block, x, call)
+        use("sdpa")
+        try:
+            out = _forward(block, x, call)
+            same = bool(torch.isfinite(out).all()) and float((out - ref).abs().max()) <= ATTENTION_TOL * float(ref.abs().max())
+        except Exception:  # noqa: BLE001 - an architecture or mask sdpa cannot run: stay eager
+            same = False
+    if not same:
+        use("eager")
+        yield "eager"
+        return
+    try:
+        yield "sdpa"
+    finally:
+        use("eager")
+
+
 @torch.no_grad()
 def block_outputs(block: torch.nn.Module, hidden: list[torch.Tensor] | torch.Tensor, call: tuple[tuple, dict],
                   batch_size: int = 8) -> torch.Tensor:
@@ -364,7 +412,7 @@ def tune_block(
     try:
         for p in trainable:
             p.requires_grad_(True)
-        with _Swapped(block, names) as sw:
+        with fast_attention(block, xs.batch(torch.arange(1)), call) as st.attention, _Swapped(block, names) as sw:
             for t in range(params.iters):
                 idx = sampler.next()
                 sw.weights = {m: g.qdq() for m, g in grids.items()}
@@ -593,5 +641,5 @@ class AutoRoundMethod(BlockMethod):
         if st.unreached:
             notes.append(f"autoround: {inputs.prefix}: no calibration token reached {', '.join(st.unreached)}: round-to-nearest")
         figures = {"loss_rtn": st.init_loss, "loss": st.best_loss, "best_iter": st.best_iter, "iters": st.iters_run,
-                   "block_seconds": round(st.seconds, 3)}
+                   "block_seconds": round(st.seconds, 3), "attention": st.attention}
         return BlockResult(qws, stats={m: dict(figures) for m in qws}, notes=notes)
