@@ -90,6 +90,9 @@ TINY_RUNS = {
     "gptq": ["-m", "gptq", "-b", "4", "-g", "32", "-f", "gptq", *CALIB],
     "awq": ["-m", "awq", "-b", "4", "-g", "32", "--alpha-grid", "4", "--clip-grid", "4", *CALIB],
     "rtn": ["-b", "4", "-g", "32"],
+    # one iteration: round-to-nearest on the full-range grid whatever the gradients, so the bytes match;
+    # what it runs is the plumbing: the float model's stream sharded, carried and checkpointed over ranks
+    "autoround": ["-m", "autoround", "--iters", "1", "--batch-size", "2", "-b", "4", "-g", "32", "-f", "gptq", *CALIB],
 }
 
 
@@ -194,17 +197,20 @@ def test_nccl_two_gpus_write_the_bytes_of_one(tiny, wiki_sample, tmp_path):
 
 
 # -- learned rounding: gradients all-reduced --------------------------------------------------------------
-def test_learned_rounding_two_ranks_against_one(tmp_path):
+@pytest.mark.parametrize("full_range", [True, False])
+def test_learned_rounding_two_ranks_against_one(tmp_path, full_range):
     """tune_block (autoround) on one tiny llama block, 16 windows, batches of 4, 12 signed-gradient
-    steps: one process against two ranks holding 8 windows each (gradients all-reduced).
+    steps (lr 0.03: the default 1/12 overshoots on this block, and iteration 0 would be kept):
+    one process against two ranks holding 8 windows each (gradients all-reduced); both grids.
 
     Stated tolerance: not bit-identical. Each rank's loss is a partial sum over its share of the
     batch, so the summed gradients equal one process's to float rounding only, and a signed step
     turns a gradient element that is ~0 into a full step of either sign: the trajectories agree
-    for the first steps (losses 0 and 1 to 1e-4 here) and then drift apart chaotically, ending
-    at an equally good rounding. Measured (this block, 12-40 steps): 88-95 % of codes equal, best
-    loss within 3 %. Asserted: every rank holds the very same codes and losses; losses 0 and 1
-    within 1e-4; best loss within 10 %; >= 80 % of codes equal."""
+    for the first steps and then drift apart chaotically, ending at an equally good rounding.
+    Measured: loss 0 equal to 1e-7; loss 1 within 1e-6 (compressed-tensors' grid) and 8e-4 (the
+    full-range grid, where more gradient elements sit near 0); best loss within 3 %; 94-96 % of
+    codes equal. Asserted: every rank holds the very same codes and losses; loss 0 within 1e-4,
+    loss 1 within 1e-4 / 2e-3; best loss within 10 %; >= 80 % of codes equal."""
     import torch.multiprocessing as mp
 
     from dist_autoround_worker import make_block, tune_shard
@@ -212,14 +218,15 @@ def test_learned_rounding_two_ranks_against_one(tmp_path):
 
     layer, hidden, call, targets, specs, weights = make_block()
     names = list(specs)
-    kwargs = dict(iters=12, batch_size=4, batch_seed=3)
+    kwargs = dict(iters=12, batch_size=4, batch_seed=3, full_range=full_range, lr=0.03)
     ref, st = tune_block(layer, specs, hidden, call, targets, AutoRoundParams(**kwargs), weights=weights)
     mp.spawn(tune_shard, args=(2, _free_port(), kwargs, str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["losses"] == r1["losses"]
     assert all(torch.equal(r0["codes"][m], r1["codes"][m]) for m in names)
-    assert r0["losses"][:2] == pytest.approx(st.losses[:2], rel=1e-4)
-    assert min(r0["losses"]) == pytest.approx(min(st.losses), rel=0.1)
     same = sum(int((r0["codes"][m] == ref[m].codes).sum()) for m in names) / sum(ref[m].codes.numel() for m in names)
+    assert r0["losses"][0] == pytest.approx(st.losses[0], rel=1e-4)
+    assert r0["losses"][1] == pytest.approx(st.losses[1], rel=2e-3 if full_range else 1e-4)
+    assert min(r0["losses"]) == pytest.approx(min(st.losses), rel=0.1)
     assert same >= 0.8, same
     assert r0["reduced"] > 0

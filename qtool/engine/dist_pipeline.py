@@ -92,9 +92,9 @@ class DistCheckpoint:
     def saved(self) -> int:
         return self._ck.saved
 
-    def inputs(self) -> torch.Tensor:
+    def inputs(self, stream: str = "hidden") -> torch.Tensor:
         r = self.comm.shard(self.windows)
-        full = self._ck.inputs()
+        full = self._ck.inputs(stream)
         if full.shape[0] != self.windows:
             from qtool.errors import FormatError
 
@@ -105,10 +105,13 @@ class DistCheckpoint:
     def replay(self, b: int, read):
         return self._ck.replay(b, read)
 
-    def save(self, b: int, items, next_inputs: torch.Tensor, replaced) -> None:
+    def save(self, b: int, items, next_inputs: torch.Tensor, replaced, next_float: torch.Tensor | None = None) -> None:
         parts = self.comm.gather_object(next_inputs.detach().to("cpu").contiguous(), what="the checkpoint's inputs gather")
+        floats = None
+        if next_float is not None:  # the float model's stream (a method tuned toward it), gathered the same way
+            floats = self.comm.gather_object(next_float.detach().to("cpu").contiguous(), what="the checkpoint's float stream gather")
         if self.inner is not None:
-            self.inner.save(b, items, torch.cat(parts), replaced)
+            self.inner.save(b, items, torch.cat(parts), replaced, None if floats is None else torch.cat(floats))
         self.comm.barrier(what="the checkpoint save")
 
     def discard(self) -> None:
