@@ -147,3 +147,14 @@ def test_model_stream_targets_are_the_float_models_hidden_states(tiny_byte_llama
         torch.testing.assert_close(seen["model"][b], hs[b + 1], rtol=1e-4, atol=1e-4)
     assert torch.equal(seen["model"][0], seen["block"][0])
     assert not torch.allclose(seen["model"][1], seen["block"][1], rtol=1e-3, atol=1e-3)
+
+
+def test_stores_alive_counts_the_float_models_stream():
+    """Inputs and outputs always; the targets where a method wants them; the float model's stream
+    too where the targets come from it (what the RAM-or-disk choice and --dry-run count)."""
+    from qtool.engine.activations import stores_alive
+
+    assert stores_alive(METHODS.get("gptq")()) == 2
+    assert stores_alive(METHODS.get("autoround")(iters=0)) == 2
+    assert stores_alive(METHODS.get("autoround")(tune_toward="block")) == 3
+    assert stores_alive(METHODS.get("autoround")()) == stores_alive(METHODS.get("autoround")) == 4

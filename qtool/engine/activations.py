@@ -18,6 +18,7 @@ import torch
 from qtool.errors import UsageError
 
 STORES_ALIVE = 3  # a block's inputs, its outputs (the next inputs) and the float targets
+RAM_FRACTION = 0.5  # at most this share of the available memory goes to activations
 
 
 def stores_alive(method) -> int:
@@ -26,7 +27,6 @@ def stores_alive(method) -> int:
     the targets are its outputs) where its targets come from it."""
     targets = bool(getattr(method, "wants_targets", False))
     return 2 + targets + (targets and getattr(method, "target_stream", "block") == "model")
-RAM_FRACTION = 0.5  # at most this share of the available memory goes to activations
 
 
 def available_memory() -> int:

@@ -195,11 +195,11 @@ def _one_block_in(source: CheckpointSource, specs: dict[str, LayerSpec], method:
             if k in replaced:
                 kept.add(f"{prefix}.{k}")
             items.append(PassThrough(f"{prefix}.{k}", replaced[k] if k in replaced else source.get_tensor(f"{prefix}.{k}")))
-    if fstore is None:
-        del targets
+    next_float = targets if fstore is not None else None  # the float model's stream after this block
+    del targets  # freed before the next inputs are computed, unless the float stream goes on with them
     nxt = ActivationStore.like(store)  # sequential: the next block's inputs come from this quantized block
     forward_into(block, inputs, nxt, "quantized")
-    return items, nxt, None if fstore is None else targets, kept
+    return items, nxt, next_float, kept
 
 
 def _on_cpu(qw):

@@ -327,21 +327,20 @@ def fast_attention(block: torch.nn.Module, x: torch.Tensor, call: tuple[tuple, d
     a forward + backward took 1.04 s eager, 0.83 s sdpa. Switched only where transformers offers
     "sdpa" and the block's output on `x` (one sample) equals the eager one within ATTENTION_TOL;
     yields the implementation in use. The configs are restored on exit."""
-    configs = {id(c): c for m in block.modules() if (c := getattr(m, "config", None)) is not None
-               and getattr(c, "_attn_implementation", None) == "eager"}
+    found = {id(c): c for m in block.modules() if hasattr(c := getattr(m, "config", None), "_attn_implementation")}
+    configs = [c for c in found.values() if c._attn_implementation == "eager"]
     try:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         offered = "sdpa" in ALL_ATTENTION_FUNCTIONS
     except ImportError:  # pragma: no cover - transformers without attention interfaces
         offered = False
-    if not configs or not offered:
-        yield next((c._attn_implementation for m in block.modules() if hasattr(c := getattr(m, "config", None), "_attn_implementation")),
-                   "unchanged")
+    if not configs or not offered:  # nothing to switch: what the block already runs
+        yield next((c._attn_implementation for c in found.values()), "unchanged")
         return
 
     def use(impl: str) -> None:
-        for c in configs.values():
+        for c in configs:
             c._attn_implementation = impl
 
     with torch.no_grad():
