@@ -611,7 +611,7 @@ class AutoRoundMethod(BlockMethod):
 
     params = AutoRoundParams
     wants_targets = True  # the default, iters > 0; an instance with iters = 0 says False
-    target_stream = "model"  # the default --tune-toward
+    target_stream = AutoRoundParams.tune_toward  # the default --tune-toward, declared once there
 
     def __init__(self, **params: object) -> None:
         self.params = AutoRoundParams(**params)  # type: ignore[arg-type]
