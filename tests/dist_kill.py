@@ -3,12 +3,22 @@
 The launcher (qtool/cli/launch.py) runs this script in every rank instead of `-m qtool` when
 QTOOL_DIST_ENTRY names it. QTOOL_KILL_RANK picks the rank; QTOOL_KILL_POINT is
 `checkpoint:K` (right after the resume checkpoint holds K complete blocks) or `round:K` (a
-calibration-free run: before the K-th exchange of quantized tensors)."""
+calibration-free run: before the K-th exchange of quantized tensors); QTOOL_KILL_HOW=exit makes
+the rank exit with code 1 there instead, outside qtool's error handling (as an exception in
+torch's own threads or at interpreter shutdown would: a Python error line, no qtool record)."""
 
 import os
 import sys
 
-from kill_points import die  # this script's folder (tests/) is first on sys.path when it runs
+from kill_points import die as sigkill  # this script's folder (tests/) is first on sys.path when it runs
+
+
+def die() -> None:
+    if os.environ.get("QTOOL_KILL_HOW") == "exit":
+        sys.stderr.write("RuntimeError: dist_kill.py stops this rank outside qtool's error handling\n")
+        sys.stderr.flush()
+        os._exit(1)
+    sigkill()
 
 
 def install(point: str) -> None:

@@ -80,7 +80,7 @@ def one_and_two(model: Path, args: list, out: Path, command: str = "quantize", t
         one, two = out / "one.safetensors", out / "two.safetensors"
     a = qtool(command, model, *args, "-o", one, "-q", **({"OMP_NUM_THREADS": threads} if threads else {}))
     assert a.returncode == 0, a.stderr
-    b = qtool(command, model, *args, "-o", two, "-q", "--nproc", "2")
+    b = qtool(command, model, *args, "-o", two, "-q", "--nproc", "2", QTOOL_DEBUG="1")  # a failure shows every rank's output
     assert b.returncode == 0, b.stderr
     assert not ck.checkpoint_dir(two).exists()
     return digest(one), digest(two)
@@ -185,6 +185,43 @@ def test_a_rank_killed_in_a_calibration_free_run(tiny, tmp_path):
     assert killed.returncode == 6, killed.stderr
     assert "rank 1 of 2 was killed (SIGKILL)" in killed.stderr and len(killed.stderr.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())
+
+
+def test_a_rank_that_exits_outside_qtool_is_named_not_the_rank_torchrun_stopped(tiny, tmp_path):
+    """torchrun SIGTERMs the survivors of a rank that exits with an error of its own: the line names
+    the rank that failed first (torchrun's root cause) and its Python error, not the survivor."""
+    killed = qtool("quantize", tiny, *TINY_RUNS["rtn"], "-o", tmp_path / "q", "-q", "--nproc", "2",
+                   QTOOL_DIST_ENTRY=str(ROOT / "tests" / "dist_kill.py"), QTOOL_KILL_RANK="1", QTOOL_KILL_POINT="round:2",
+                   QTOOL_KILL_HOW="exit")
+    assert killed.returncode == 1, killed.stderr
+    lines = killed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: rank 1 of 2 exited with code 1 without an error from qtool"), lines
+    assert "RuntimeError: dist_kill.py stops this rank" in lines[0]
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_summary_follows_torchruns_root_cause():
+    """The launcher's line from torchrun's report (its format, as torch 2.13 prints it): the root
+    cause's own record first; a death by a signal other than torchrun's SIGTERM before a survivor's
+    error about it; a rank that torchrun stopped only when nothing else is known."""
+    from qtool.cli.launch import summarize
+
+    def report(*failures, root):
+        def entry(r, c):
+            return f"  rank      : {r} (local_rank: {r})\n  exitcode  : {c} (pid: 1{r})\n"
+        return ("Failures:\n" + "".join(entry(*f) for f in failures)
+                + "Root Cause (first observed failure):\n[0]:\n" + entry(*root))
+
+    lost = {0: {"rank": 0, "code": 5, "message": "rank 0: lost the other ranks"}}
+    bug = {0: {"rank": 0, "code": 1, "message": "rank 0: internal error: RuntimeError: Connection closed by peer"}}
+    own1 = {1: {"rank": 1, "code": 3, "message": "rank 1: cannot read shard"}}
+    assert summarize({}, report((0, -15), root=(1, -11)), 2)[1].startswith("rank 1 of 2 was killed (SIGSEGV)")
+    assert summarize(bug, report(root=(1, -9)), 2)[1].startswith("rank 1 of 2 was killed (SIGKILL)")
+    assert summarize({**lost, **own1}, report((0, 5), root=(1, 3)), 2) == (3, "rank 1: cannot read shard")
+    assert summarize(lost, report(root=(0, 5)), 2) == (5, "rank 0: lost the other ranks")
+    code, line = summarize({}, "ValueError: bad\n" + report((0, -15), root=(1, 1)), 2)
+    assert code == 1 and line.startswith("rank 1 of 2 exited with code 1 without an error from qtool: ValueError: bad")
+    assert summarize({}, report(root=(0, -15)), 2)[1].startswith("rank 0 of 2 was killed (SIGTERM)")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,

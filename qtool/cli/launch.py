@@ -142,29 +142,65 @@ def launch(nproc: int, argv: list[str] | None = None) -> tuple[int, str | None]:
                 records[int(d["rank"])] = d
             except (OSError, ValueError, KeyError):
                 pass
-    if os.environ.get("QTOOL_DEBUG", "") not in ("", "0"):
+    from qtool.cli._app import debug_enabled
+
+    if debug_enabled():  # `qtool --debug` or QTOOL_DEBUG=1: the ranks' own output, tracebacks included
         sys.stderr.write(stderr)
     return summarize(records, stderr, nproc)
 
 
 _SECONDARY = ("lost the other ranks", "interrupted")
+_EXIT = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank[^)]*\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
+_PY_ERROR = re.compile(r"^(?:[A-Za-z_][\w.]*(?:Error|Exception)|Fatal Python error)\b.*")
+
+
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
 
 
 def summarize(records: dict[int, dict], stderr: str, nproc: int) -> tuple[int, str]:
-    """The one line for a failed run: a rank that died by a signal (torchrun's failure report),
-    else the first rank whose own error caused it, else the first error seen."""
-    exits = {int(r): int(c) for r, c in re.findall(r"rank\s*:\s*(\d+)\s*\(local_rank[^)]*\)\s*\n\s*exitcode\s*:\s*(-?\d+)", stderr)}
-    for r, c in sorted(exits.items()):
-        if c < 0 and r not in records:
-            try:
-                name = signal.Signals(-c).name
-            except ValueError:
-                name = f"signal {-c}"
-            return 6, f"rank {r} of {nproc} was killed ({name}) mid-run; every rank stopped, nothing was written (with a calibration method, rerun with --resume to continue from the last complete block)"
-    own = [d for r, d in sorted(records.items()) if not any(s in d["message"] for s in _SECONDARY)]
-    if own or records:
-        d = (own or [records[min(records)]])[0]
-        msg = d["message"]
-        return int(d["code"]), msg if msg.startswith(f"rank {d['rank']}:") else f"rank {d['rank']}: {msg}"
+    """The one line for a failed run. torchrun's report names the rank that failed first (its
+    "Root Cause"); the others were stopped by it (SIGTERM) or lost their peers. In order: that
+    rank's own qtool error; a rank's death by a signal other than torchrun's SIGTERM (SIGKILL,
+    SIGSEGV...); any rank's own error; the root rank's exit without a qtool error (with the last
+    Python error line seen); the first error recorded."""
+    head, _, root_part = stderr.partition("Root Cause")
+    exits = {int(r): int(c) for r, c in _EXIT.findall(head)}
+    roots = [(int(r), int(c)) for r, c in _EXIT.findall(root_part)]
+    exits.update(roots)
+    root = roots[0] if roots else None
+    own = {r: d for r, d in sorted(records.items()) if not any(s in d["message"] for s in _SECONDARY)}
+    # ranks that died without a qtool error: torchrun's root cause first, SIGTERM (torchrun stopping
+    # the survivors) last
+    dead = sorted(((r, c) for r, c in exits.items() if r not in records), key=lambda rc: (rc != root, rc[1] == -15, rc[0]))
+    first = dead[0] if dead else None
+    if root and root[0] in own:
+        return _line(own[root[0]])
+    if first and first[1] < 0 and (first == root or first[1] != -15):  # died by a signal, not stopped by torchrun
+        return _killed(*first, nproc)
+    if own:
+        return _line(next(iter(own.values())))
+    if first:
+        if first[1] < 0:
+            return _killed(*first, nproc)
+        errors = [m.group(0).strip() for m in map(_PY_ERROR.match, stderr.splitlines()) if m and "ChildFailedError" not in m.group(0)]
+        why = f": {errors[-1][:200]}" if errors else ""
+        return 1, (f"rank {first[0]} of {nproc} exited with code {first[1]} without an error from qtool{why}; every rank "
+                   "stopped, nothing was written (rerun with --debug for its output)")
+    if records:
+        return _line(records[min(records)])
     last = [ln for ln in stderr.strip().splitlines() if ln.strip()]
     return 1, f"the distributed run failed without an error from qtool: {last[-1][:200] if last else 'no output'}"
+
+
+def _killed(r: int, code: int, nproc: int) -> tuple[int, str]:
+    return 6, (f"rank {r} of {nproc} was killed ({_signal_name(code)}) mid-run; every rank stopped, nothing was written "
+               "(with a calibration method, rerun with --resume to continue from the last complete block)")
+
+
+def _line(d: dict) -> tuple[int, str]:
+    msg = d["message"]
+    return int(d["code"]), msg if msg.startswith(f"rank {d['rank']}:") else f"rank {d['rank']}: {msg}"

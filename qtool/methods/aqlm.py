@@ -306,12 +306,8 @@ class AQLMMethod(BlockMethod):
         """--finetune: the block's codebooks, scales and norms against the float block's outputs
         (methods/aqlm_finetune.py); the tuned codebooks replace the coded ones, the norms are returned
         as replaced float tensors, the MSE before/after goes into every linear's stats."""
-        from qtool.engine.distributed import current
         from qtool.methods.aqlm_finetune import finetune_block
 
-        if current().active:
-            raise UnsupportedError("-m aqlm --finetune: not available with --nproc > 1 (each rank holds part of the "
-                                   "calibration windows); run it in one process")
         p = self.params
         dtype = next(iter(specs.values())).scale_dtype or torch.float32  # the checkpoint's dtype: what norms are stored in
         qws, norms, st = finetune_block(block, result.quantized, inputs, targets, inputs.call, epochs=p.finetune_epochs,

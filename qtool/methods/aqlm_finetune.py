@@ -8,6 +8,13 @@ The block's loss over all calibration samples is measured before tuning and afte
 codebooks and scales rounded to float16 and norms to the checkpoint's dtype (what is stored); the
 best state is kept, so fine-tuning never returns a block worse on its calibration data than it got,
 and a NaN/Inf in an epoch reverts to the best state (said in the stats).
+
+Over several processes (`--nproc N`) each rank holds a contiguous share of the calibration windows
+(engine/distributed.py): the epochs' batches are drawn over all windows in the same seeded order on
+every rank, each rank's loss is its share of the batch's mean, the gradients (and that loss) are
+summed over the ranks in one all-reduce before every Adam step, and the per-epoch measurement sums
+over all windows. Every rank so takes the same steps and keeps the same best state; against one
+process the sums differ in their last bits (a different order), not in what is computed.
 """
 
 from __future__ import annotations
@@ -83,9 +90,16 @@ def finetune_block(block: torch.nn.Module, qws: dict[str, CodebookWeight], input
     float tensor} (empty when tuning did not help), stats). `inputs.sample(i)` and `targets[i]` are
     sample i's block input and float output [1, L, h]; `call` the block's other forward arguments.
     The block's own parameters are restored before returning."""
+    from qtool.engine.distributed import current
+
     t0 = time.perf_counter()
     device = next(block.parameters()).device
-    n = len(inputs)
+    comm = current()
+    n_local = n = len(inputs)
+    lo = 0  # this rank's windows are lo .. lo + n_local - 1 of n
+    if comm.active:
+        sizes = comm.all_gather_object(n_local, what="the fine-tuning window count")
+        lo, n = sum(sizes[:comm.rank]), sum(sizes)
     norms = norm_params(block, list(qws))
     params = dict(block.named_parameters())
     norm0 = {k: params[k].detach().clone() for k in norms}
@@ -110,10 +124,14 @@ def finetune_block(block: torch.nn.Module, qws: dict[str, CodebookWeight], input
         with _Coded(block, state["books"], state["scales"], codes):
             total = sum(float(torch.nn.functional.mse_loss(_forward(block, inputs.sample(i), call),
                                                            targets[i].to(device, torch.float32), reduction="sum"))
-                        for i in range(n))
+                        for i in range(n_local))
         for k in norms:
             params[k].copy_(keep[k])
-        return total / sum(targets[i].numel() for i in range(n))
+        count = sum(targets[i].numel() for i in range(n_local))
+        if comm.active:
+            sums = comm.all_reduce(torch.tensor([total, count], dtype=torch.float64), what="the fine-tuning measurement")
+            total, count = float(sums[0]), float(sums[1])
+        return total / count
 
     best = stored()
     before = best_loss = measure(best)
@@ -131,13 +149,17 @@ def finetune_block(block: torch.nn.Module, qws: dict[str, CodebookWeight], input
             with torch.enable_grad(), _Coded(block, books, scales, codes):
                 for s in range(steps):
                     idx = order[s * batch:(s + 1) * batch]
-                    x = torch.cat([inputs.sample(i) for i in idx])
-                    y = torch.cat([targets[i].to(device, torch.float32) for i in idx])
-                    loss = torch.nn.functional.mse_loss(_forward(block, x, call), y)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    if comm.active:
+                        value = _shard_step(comm, block, call, inputs, targets, idx, lo, n_local, train, device)
+                    else:
+                        x = torch.cat([inputs.sample(i) for i in idx])
+                        y = torch.cat([targets[i].to(device, torch.float32) for i in idx])
+                        loss = torch.nn.functional.mse_loss(_forward(block, x, call), y)
+                        loss.backward()
+                        value = float(loss.detach())
                     opt.step()
-                    progress(e * steps + s + 1, epochs * steps, f"finetune epoch {e + 1}/{epochs} loss {float(loss.detach()):.4g}")
+                    progress(e * steps + s + 1, epochs * steps, f"finetune epoch {e + 1}/{epochs} loss {value:.4g}")
             run = e + 1
             now = stored()
             finite = all(torch.isfinite(t).all() for d in now.values() for t in d.values())
@@ -159,3 +181,29 @@ def finetune_block(block: torch.nn.Module, qws: dict[str, CodebookWeight], input
                              q.in_group, q.bits) for m, q in qws.items()}
     changed = {k: best["norms"][k] for k in norms} if best_epoch else {}
     return out, changed, FinetuneStats(before, best_loss, run, best_epoch, reverted, time.perf_counter() - t0)
+
+
+def _shard_step(comm, block: torch.nn.Module, call: tuple[tuple, dict], inputs, targets, idx: list[int], lo: int, n_local: int,
+                train: list[torch.Tensor], device: torch.device) -> float:
+    """One batch over the ranks: this rank's windows of `idx` (global indices) give its part of the
+    batch's mean squared error; the gradients of `train` and the loss are summed over the ranks
+    in one all-reduce (float32, as one process's backward accumulates) and left in `.grad` (None
+    where no rank's share reached the tensor, as in one process); -> the batch's loss."""
+    mine = [i - lo for i in idx if lo <= i < lo + n_local]
+    if mine:
+        x = torch.cat([inputs.sample(i) for i in mine])
+        y = torch.cat([targets[i].to(device, torch.float32) for i in mine])
+        loss = torch.nn.functional.mse_loss(_forward(block, x, call), y, reduction="sum") / (len(idx) * targets[mine[0]].numel())
+        loss.backward()
+        value = loss.detach().reshape(1)
+    else:  # none of this batch is ours: zeros, still part of the all-reduce
+        value = torch.zeros(1)
+    reached = torch.tensor([float(p.grad is not None) for p in train])  # a tensor no rank's batch reached keeps no gradient
+    flat = torch.cat([value.to(device, torch.float32), reached.to(device),
+                      *((p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in train)])
+    comm.all_reduce(flat, what="the fine-tuning gradient all-reduce")
+    at = 1 + len(train)
+    for j, p in enumerate(train):
+        p.grad = flat[at:at + p.numel()].view_as(p).clone() if flat[1 + j] > 0 else None
+        at += p.numel()
+    return float(flat[0])
