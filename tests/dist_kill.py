@@ -3,7 +3,8 @@
 The launcher (qtool/cli/launch.py) runs this script in every rank instead of `-m qtool` when
 QTOOL_DIST_ENTRY names it. QTOOL_KILL_RANK picks the rank; QTOOL_KILL_POINT is
 `checkpoint:K` (right after the resume checkpoint holds K complete blocks) or `round:K` (a
-calibration-free run: before the K-th exchange of quantized tensors); QTOOL_KILL_HOW=exit makes
+calibration-free run: before the K-th exchange of quantized tensors) or `atexit` (SIGABRT once the
+command returned, as a crash in gloo's teardown would); QTOOL_KILL_HOW=exit makes
 the rank exit with code 1 there instead, outside qtool's error handling (as an exception in
 torch's own threads or at interpreter shutdown would: a Python error line, no qtool record)."""
 
@@ -45,6 +46,10 @@ def install(point: str) -> None:
             real_round(self)
 
         dp._Dealer.next_round = next_round
+    elif kind == "atexit":  # after the command returned: the rank aborts while exiting
+        import atexit
+
+        atexit.register(os.abort)
     else:
         raise SystemExit(f"dist_kill.py: unknown point {point!r}")
 

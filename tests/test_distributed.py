@@ -200,6 +200,19 @@ def test_a_rank_that_exits_outside_qtool_is_named_not_the_rank_torchrun_stopped(
     assert not any(tmp_path.iterdir())
 
 
+def test_a_rank_that_dies_exiting_after_the_work_leaves_a_complete_run(tiny, tmp_path):
+    """Every rank passed the end-of-run barrier (rank 0's output complete), then one aborted while
+    exiting (seen here once in ~75 runs: "terminate called without an active exception" from a
+    rank's teardown): the run succeeds, with one warning line naming the rank."""
+    out = tmp_path / "q"
+    r = qtool("quantize", tiny, *TINY_RUNS["rtn"], "-o", out, "-q", "--nproc", "2",
+              QTOOL_DIST_ENTRY=str(ROOT / "tests" / "dist_kill.py"), QTOOL_KILL_RANK="1", QTOOL_KILL_POINT="atexit")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == ("warning: rank 1 of 2 was killed (SIGABRT) after every rank had finished its work; "
+                                "the output is complete")
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+
 def test_the_summary_follows_torchruns_root_cause():
     """The launcher's line from torchrun's report (its format, as torch 2.13 prints it): the root
     cause's own record first; a death by a signal other than torchrun's SIGTERM before a survivor's

@@ -37,10 +37,15 @@ class LaunchFailed(QtoolError):
 
 
 def run_launched(nproc: int) -> None:
-    """`--nproc N` outside torchrun: the whole command again under torchrun; raises LaunchFailed."""
+    """`--nproc N` outside torchrun: the whole command again under torchrun; raises LaunchFailed.
+    A run whose every rank finished its work but one died while exiting succeeds, with a warning."""
     code, line = launch(nproc)
     if code:
         raise LaunchFailed(code, line or "the distributed run failed")
+    if line:
+        from qtool.cli._app import err
+
+        err.print(f"warning: {line}", markup=False, soft_wrap=True)
 
 
 def rank() -> int:
@@ -64,8 +69,22 @@ def session(device: str | None) -> Iterator[object]:
     try:
         with activate(comm):
             yield comm
+        if comm.active:  # every rank's work is done (rank 0's output complete) before any rank tears down
+            comm.barrier("the end of the run")
+            _mark_done()
     finally:
         comm.close()
+
+
+def _mark_done() -> None:
+    """Under the launcher: this rank finished its work (see launch: a rank that dies after every
+    rank got here, e.g. in gloo's teardown at exit, leaves a complete output)."""
+    folder = os.environ.get(ERRORS_ENV)
+    if folder:
+        try:
+            Path(folder, f"rank-{rank()}.done").touch()
+        except OSError:
+            pass
 
 
 def _terminated(signum, frame) -> None:
@@ -142,11 +161,15 @@ def launch(nproc: int, argv: list[str] | None = None) -> tuple[int, str | None]:
                 records[int(d["rank"])] = d
             except (OSError, ValueError, KeyError):
                 pass
+        done = len(list(Path(errors).glob("rank-*.done")))
     from qtool.cli._app import debug_enabled
 
     if debug_enabled():  # `qtool --debug` or QTOOL_DEBUG=1: the ranks' own output, tracebacks included
         sys.stderr.write(stderr)
-    return summarize(records, stderr, nproc)
+    code, line = summarize(records, stderr, nproc)
+    if not records and done == nproc:  # every rank's work was done: the failure is in a rank's exit
+        return 0, f"{line.split(';')[0].replace(' mid-run', '')} after every rank had finished its work; the output is complete"
+    return code, line
 
 
 _SECONDARY = ("lost the other ranks", "interrupted")
