@@ -158,3 +158,27 @@ def test_stores_alive_counts_the_float_models_stream():
     assert stores_alive(METHODS.get("autoround")(iters=0)) == 2
     assert stores_alive(METHODS.get("autoround")(tune_toward="block")) == 3
     assert stores_alive(METHODS.get("autoround")()) == stores_alive(METHODS.get("autoround")) == 4
+
+
+@pytest.mark.parametrize("stream", ["model", "block"])
+def test_a_block_with_no_targeted_linear_is_carried_through_not_handed_to_the_method(tiny_byte_llama, ids, stream):
+    """--target / --ignore leaving a block without a quantized linear: the method never sees it (a
+    learned-rounding run would otherwise tune nothing for hundreds of iterations), its tensors pass
+    through unchanged, and the streams after it are what they would be: the targets of the next
+    block equal the float model's hidden states there."""
+    from qtool.engine.block_engine import run_block_method
+    from qtool.model.resolve import open_source
+
+    runs = {}
+    for only in (None, ".layers.1."):
+        spy = _TargetSpy(stream if only else "model")
+        with open_source(str(tiny_byte_llama)) as src:
+            specs = {n: s for n, s in _specs(src, qtype="int2").items() if only is None or only in n}
+            items = _items(run_block_method(src, specs, spy, ids))
+            runs[only] = spy.seen
+    assert len(runs[None]) == 2 and len(runs[".layers.1."]) == 1
+    torch.testing.assert_close(runs[".layers.1."][0], runs[None][1], rtol=1e-6, atol=1e-6)
+    with open_source(str(tiny_byte_llama)) as src:
+        for name, t in items.items():
+            if ".layers.0." in name:
+                assert torch.equal(t, src.get_tensor(name)), name

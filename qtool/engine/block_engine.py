@@ -163,16 +163,19 @@ def _one_block_in(source: CheckpointSource, specs: dict[str, LayerSpec], method:
     block.to(device)
     call = to_device(runner.calls[b], device)
     inputs = BlockInputs(prefix, store, call, device, stats, memo)
+    block_specs = {m: _with_scale_dtype(specs[t], metas[t].dtype) for m, t in names.items()}
     targets = None
-    if method.wants_targets:
+    if method.wants_targets and (block_specs or fstore is not None):  # the float stream goes on either way
         targets = ActivationStore.like(store)
         forward_into(block, inputs if fstore is None else BlockInputs(prefix, fstore, call, device), targets, "float")
-    block_specs = {m: _with_scale_dtype(specs[t], metas[t].dtype) for m, t in names.items()}
 
     def iterate(done: int, total: int, item: str) -> None:
         progress("iterate", done, total, f"{prefix} {item}".strip())
 
-    result = method.quantize_block(block, inputs, block_specs, targets, iterate)
+    if block_specs:
+        result = method.quantize_block(block, inputs, block_specs, targets, iterate)
+    else:  # no linear of this block is quantized (--target / --ignore): it only carries the streams on
+        result = BlockResult({})
     check_result(prefix, result, names, block)
     replaced = {k: t.to("cpu", metas[f"{prefix}.{k}"].dtype) for k, t in result.replaced.items()}
     for k, t in replaced.items():
