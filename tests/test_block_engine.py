@@ -182,3 +182,25 @@ def test_a_block_with_no_targeted_linear_is_carried_through_not_handed_to_the_me
         for name, t in items.items():
             if ".layers.0." in name:
                 assert torch.equal(t, src.get_tensor(name)), name
+
+
+def test_blocks_after_the_last_targeted_one_pass_through_without_a_forward(tiny_byte_llama, ids, monkeypatch):
+    """Only block 0 quantized: block 1 is neither handed to the method nor run (a 1.1 B run with
+    --target on its first block stops computing there); its tensors are the checkpoint's, the same
+    names a full run writes."""
+    from qtool.engine import block_engine
+    from qtool.model.resolve import open_source
+
+    calls = []
+    real = block_engine.forward_into
+    monkeypatch.setattr(block_engine, "forward_into", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    spy = _TargetSpy("block")
+    with open_source(str(tiny_byte_llama)) as src:
+        full = _items(block_engine.run_block_method(src, _specs(src), _TargetSpy("block"), ids))
+        calls.clear()
+        only0 = _items(block_engine.run_block_method(src, {n: s for n, s in _specs(src).items() if ".layers.0." in n}, spy, ids))
+        assert len(spy.seen) == 1 and calls == ["float", "quantized"]  # block 0's targets and outputs only
+        assert only0.keys() == full.keys()
+        for name, t in only0.items():
+            if ".layers.1." in name:
+                assert torch.equal(t, src.get_tensor(name)), name

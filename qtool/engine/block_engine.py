@@ -131,8 +131,12 @@ def run_block_method(
         store = ActivationStore.from_tensors(list(checkpoint.inputs()), where)
         if model_stream:
             fstore = ActivationStore.from_tensors(list(checkpoint.inputs("float")), where)
+    last = max((b for b, p in enumerate(runner.prefixes) if any(t.startswith(p + ".") for t in specs)), default=-1)
     for b, prefix, block in runner.blocks(start):
         progress("quantize", b, n, prefix)
+        if b > last:  # no block from here on is quantized (--target / --ignore): its tensors pass as stored
+            yield from (PassThrough(m.name, source.get_tensor(m.name)) for m in source.tensors() if m.name.startswith(prefix + "."))
+            continue
         items, store, fstore, kept = _one_block(source, specs, method, runner, b, prefix, block, store, fstore, device,
                                                 stats, progress)
         if checkpoint is not None:
