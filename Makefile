@@ -10,7 +10,7 @@ MODEL_DIR := $(CACHE)/SmolLM2-135M-Instruct-bf16
 DEMO_OUT := $(CACHE)/demo/SmolLM2-135M-Instruct-rtn-w4g64
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: setup model demo test bench bench-speed clean llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv llmcompressor-venv aqlm-venv
+.PHONY: setup model demo test bench bench-speed bench-scale clean llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv llmcompressor-venv aqlm-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -120,6 +120,11 @@ bench: model otf-venv hqq-quanto-quark-venv
 # `inspect` costs: tests/bench/results/speed.md (needs `make llama-cpp`).
 bench-speed: model llama-cpp
 	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/speed_bench.py --out tests/bench/results
+
+# AWQ and learned rounding on the random 1.1 B Llama at 128 x 512: peak RSS against the issues'
+# budgets (tests/bench/results/scale.md; about an hour on 2 cores).
+bench-scale: model
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/scale_bench.py --out tests/bench/results
 
 clean:
 	rm -rf $(CACHE)/demo
