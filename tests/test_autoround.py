@@ -423,3 +423,18 @@ def test_tuning_runs_attention_through_sdpa_where_it_equals_eager():
     unmasked = ((), dict(position_embeddings=pe, attention_mask=None, position_ids=pos))
     with fast_attention(layer, h[:1], unmasked) as impl:
         assert impl == "eager" and model.config._attn_implementation == "eager"
+
+
+def test_samples_read_the_engines_store_in_place():
+    """The tuning loop's batches come from a view of the engine's activation store (RAM or
+    disk-mapped), not a stacked copy: a copy of the inputs and one of the targets were ~1 GiB of the
+    random 1.1 B's peak at 128 x 512."""
+    from qtool.engine.activations import ActivationStore
+    from qtool.methods.autoround import _Samples
+
+    for where in ("ram", "disk"):
+        store = ActivationStore.from_tensors([torch.randn(1, 5, 4) for _ in range(6)], where)
+        xs = _Samples(store, torch.device("cpu"))
+        assert xs.stacked.data_ptr() == store.stacked().data_ptr() and xs.stacked.shape == (6, 5, 4)
+        idx = torch.tensor([4, 1])
+        assert torch.equal(xs.batch(idx), torch.cat([store[4], store[1]]))

@@ -23,10 +23,10 @@ RAM_FRACTION = 0.5  # at most this share of the available memory goes to activat
 
 def stores_alive(method) -> int:
     """Stores of activations alive at once for a block method (class or instance): inputs and
-    outputs; the float targets where it wants them; and the float model's own stream (its inputs;
-    the targets are its outputs) where its targets come from it."""
-    targets = bool(getattr(method, "wants_targets", False))
-    return 2 + targets + (targets and getattr(method, "target_stream", "block") == "model")
+    outputs; the float targets where it wants them. Where the targets come from the float model's
+    own stream, that stream's inputs are released once the targets (its outputs) are computed, so
+    three stores at most are alive then too."""
+    return 2 + bool(getattr(method, "wants_targets", False))
 
 
 def available_memory() -> int:
@@ -95,6 +95,11 @@ class ActivationStore(Sequence[torch.Tensor]):
     def stacked(self) -> torch.Tensor:
         """Every sample as one float32 tensor [n, *shape] (a view of the store, not a copy)."""
         return self._data
+
+    def release(self) -> None:
+        """Frees the samples now (RAM, or the mapping of the disk file), while references to the store
+        may live on; it holds no samples after."""
+        self.n, self._data = 0, torch.empty((0, *self.shape), dtype=torch.float32)
 
     def __setitem__(self, i: int, t: torch.Tensor) -> None:
         if tuple(t.shape) != self.shape:

@@ -172,6 +172,8 @@ def _one_block_in(source: CheckpointSource, specs: dict[str, LayerSpec], method:
     if method.wants_targets and (block_specs or fstore is not None):  # the float stream goes on either way
         targets = ActivationStore.like(store)
         forward_into(block, inputs if fstore is None else BlockInputs(prefix, fstore, call, device), targets, "float")
+        if fstore is not None:  # the float stream goes on from the targets: its inputs are done with
+            fstore.release()
 
     def iterate(done: int, total: int, item: str) -> None:
         progress("iterate", done, total, f"{prefix} {item}".strip())

@@ -35,6 +35,7 @@ import torch
 
 from qtool.core.grouping import to_groups
 from qtool.core.qweight import QuantizedWeight
+from qtool.engine.activations import ActivationStore
 from qtool.errors import NumericalError, UsageError
 from qtool.methods import METHODS
 from qtool.methods.base import BlockInputs, BlockMethod, BlockResult, LayerSpec, MethodParams, MethodProgress
@@ -270,6 +271,8 @@ class _Samples:
         self.stacked = None
         if isinstance(seq, torch.Tensor) and seq.device == self.device:
             self.stacked = seq
+        elif isinstance(seq, ActivationStore) and self.device.type == "cpu":  # a view of the engine's store, not a copy
+            self.stacked = seq.stacked().view(self.n, *first.shape[-2:])
         elif self.n * first.numel() * 4 <= STACK_BYTES:
             self.stacked = torch.cat([seq[i].reshape(1, *first.shape[-2:]).to(self.device, torch.float32) for i in range(self.n)])
 
