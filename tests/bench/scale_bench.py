@@ -44,6 +44,9 @@ ROWS = {
     "autoround-iters2": dict(label="learned rounding W4 g128 sym, all 22 blocks, 2 iterations per block (batch 8)",
                              flags=["-m", "autoround", "-b", "4", "-g", "128", "--iters", "2"],
                              fmt="gptq", budget=4 * GIB, issue=10, iters=2, full_iters=200),
+    "autoround-block0": dict(label="learned rounding W4 g128 sym, block 0 of 22, 2 iterations (batch 8)",
+                             flags=["-m", "autoround", "-b", "4", "-g", "128", "--iters", "2", "--target", "model.layers.0.*"],
+                             fmt="gptq", budget=4 * GIB, issue=10),
 }
 
 
@@ -86,7 +89,7 @@ def markdown(sec: dict) -> str:
         if "tuning_s_per_block" in r:
             per_block = (f"tuning {r['tuning_s_per_block']:.1f} s per block at 2 iterations; 200 iterations × 22 blocks "
                          f"≈ {r['estimate_full_tuning_s'] / 3600:.1f} h of tuning")
-        elif r["key"] == "awq-block0":
+        elif r["key"].endswith("-block0"):
             per_block = "one block (whole run, blocks 1..21 passed through)"
         lines.append(f"| {r['label']} | {r['issue']} | {r['wall_s']:.0f} s | {r['peak_rss_bytes'] / GIB:.2f} GiB | {verdict} | {per_block} |")
     return "\n".join(lines) + "\n"
