@@ -46,7 +46,7 @@ ROWS = {
                              fmt="gptq", budget=4 * GIB, issue=10, iters=2, full_iters=200),
     "autoround-block0": dict(label="learned rounding W4 g128 sym, block 0 of 22, 2 iterations (batch 8)",
                              flags=["-m", "autoround", "-b", "4", "-g", "128", "--iters", "2", "--target", "model.layers.0.*"],
-                             fmt="gptq", budget=4 * GIB, issue=10),
+                             fmt="compressed-tensors", budget=4 * GIB, issue=10),
 }
 
 
@@ -82,7 +82,7 @@ def markdown(sec: dict) -> str:
              "|---|---:|---:|---:|---|---|"]
     for r in sec["rows"]:
         if "error" in r:
-            lines.append(f"| {r.get('label', r['key'])} | | failed: {' '.join(r['error'])} | | | |")
+            lines.append(f"| {r.get('label', r['key'])} | | failed: {r['error'] if isinstance(r['error'], str) else ' '.join(r['error'])} | | | |")
             continue
         verdict = f"{'pass' if r['rss_pass'] else '**missed**'} (≤ {r['rss_budget_bytes'] / GIB:.0f} GiB)"
         per_block = ""
