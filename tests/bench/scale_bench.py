@@ -76,19 +76,20 @@ def measure_row(key: str, model: Path, text: Path, work: Path, qtool: str, env: 
 
 def markdown(sec: dict) -> str:
     lines = ["## Calibrated methods at ~1 B parameters: peak RSS (random Llama 1.1 B, 128 × 512 calibration)", "",
-             f"{sec['date_utc']}, load average at start {sec['load_average_at_start'][0]:.2f}, qtool at {sec['qtool_code_at_start'].get('commit', '?')[:7]}. "
+             f"{sec['date_utc']}, load average at start {sec['load_average_at_start'][0]:.2f}, qtool at {sec['qtool_code_at_start'].get('commit', '')[:7] or '? (not a git checkout)'}. "
              f"`python tests/bench/scale_bench.py`. {sec['model_how']}.", "",
              "| row | issue | quantize wall | peak RSS | budget | per block |",
              "|---|---:|---:|---:|---|---|"]
     for r in sec["rows"]:
         if "error" in r:
-            lines.append(f"| {r.get('label', r['key'])} | | failed: {r['error'] if isinstance(r['error'], str) else ' '.join(r['error'])} | | | |")
+            lines.append(f"| {r.get('label', r['key'])} | | failed: {r['error']} | | | |")
             continue
         verdict = f"{'pass' if r['rss_pass'] else '**missed**'} (≤ {r['rss_budget_bytes'] / GIB:.0f} GiB)"
         per_block = ""
         if "tuning_s_per_block" in r:
-            per_block = (f"tuning {r['tuning_s_per_block']:.1f} s per block at 2 iterations; 200 iterations × 22 blocks "
-                         f"≈ {r['estimate_full_tuning_s'] / 3600:.1f} h of tuning")
+            spec = ROWS[r["key"]]
+            per_block = (f"tuning {r['tuning_s_per_block']:.1f} s per block at {spec['iters']} iterations; {spec['full_iters']} "
+                         f"iterations × {len(r['block_seconds'])} blocks ≈ {r['estimate_full_tuning_s'] / 3600:.1f} h of tuning")
         elif r["key"].endswith("-block0"):
             per_block = "one block (whole run, blocks 1..21 passed through)"
         lines.append(f"| {r['label']} | {r['issue']} | {r['wall_s']:.0f} s | {r['peak_rss_bytes'] / GIB:.2f} GiB | {verdict} | {per_block} |")
