@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from qtool.engine import heap
 from qtool.engine.activations import ActivationStore, choose_storage, stores_alive
 from qtool.engine.blockwise import BlockRunner, PassThrough, Progress, QuantizedLinear, groups_from_probe
 from qtool.engine.memo import LinearMemo, memo_budget
@@ -133,6 +134,7 @@ def run_block_method(
             fstore = ActivationStore.from_tensors(list(checkpoint.inputs("float")), where)
     last = max((b for b, p in enumerate(runner.prefixes) if any(t.startswith(p + ".") for t in specs)), default=-1)
     for b, prefix, block in runner.blocks(start):
+        heap.trim()  # the block before is gone (its items written, its weights freed): its heap pages go back
         progress("quantize", b, n, prefix)
         if b > last:  # no block from here on is quantized (--target / --ignore): its tensors pass as stored
             yield from (PassThrough(m.name, source.get_tensor(m.name)) for m in source.tensors() if m.name.startswith(prefix + "."))
@@ -142,6 +144,7 @@ def run_block_method(
         if checkpoint is not None:
             checkpoint.save(b, items, store.stacked(), kept, None if fstore is None else fstore.stacked())
         yield from items
+        items = kept = None  # the pipeline has written them: not kept alive (nor their checkpoint pages) over the next block
     progress("quantize", n, n, "")
 
 
