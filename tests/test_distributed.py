@@ -217,7 +217,7 @@ def test_the_summary_follows_torchruns_root_cause():
     """The launcher's line from torchrun's report (its format, as torch 2.13 prints it): the root
     cause's own record first; a death by a signal other than torchrun's SIGTERM before a survivor's
     error about it; a rank that torchrun stopped only when nothing else is known."""
-    from qtool.cli.launch import summarize
+    from qtool.cli.launch import failure, summarize
 
     def report(*failures, root):
         def entry(r, c):
@@ -235,6 +235,12 @@ def test_the_summary_follows_torchruns_root_cause():
     code, line = summarize({}, "ValueError: bad\n" + report((0, -15), root=(1, 1)), 2)
     assert code == 1 and line.startswith("rank 1 of 2 exited with code 1 without an error from qtool: ValueError: bad")
     assert summarize({}, report(root=(0, -15)), 2)[1].startswith("rank 0 of 2 was killed (SIGTERM)")
+    # the structured cause, which the end-of-run warning is built from (launch: every rank done)
+    f = failure({}, report((0, -15), root=(1, -6)), 2)
+    assert (f.how, f.rank, f.what) == ("killed", 1, "was killed (SIGABRT)")
+    f = failure({}, report((0, -15), root=(1, 3)), 2)
+    assert (f.how, f.rank, f.what, f.code) == ("exit", 1, "exited with code 3", 1)
+    assert failure(own1, report(root=(1, 3)), 2).how == "qtool"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -166,10 +167,11 @@ def launch(nproc: int, argv: list[str] | None = None) -> tuple[int, str | None]:
 
     if debug_enabled():  # `qtool --debug` or QTOOL_DEBUG=1: the ranks' own output, tracebacks included
         sys.stderr.write(stderr)
-    code, line = summarize(records, stderr, nproc)
+    f = failure(records, stderr, nproc)
     if not records and done == nproc:  # every rank's work was done: the failure is in a rank's exit
-        return 0, f"{line.split(';')[0].replace(' mid-run', '')} after every rank had finished its work; the output is complete"
-    return code, line
+        who = f"rank {f.rank} of {nproc} {f.what}" if f.rank is not None else "torchrun reported a failure"
+        return 0, f"{who} after every rank had finished its work; the output is complete"
+    return f.code, f.line
 
 
 _SECONDARY = ("lost the other ranks", "interrupted")
@@ -184,12 +186,31 @@ def _signal_name(code: int) -> str:
         return f"signal {-code}"
 
 
+@dataclass(frozen=True)
+class Failure:
+    """What a failed distributed run comes down to: the rank, how it ended (`how`: its own qtool
+    error, "killed" by a signal, an "exit" without a qtool error, or "unknown"), the exit code qtool
+    returns, and the one line that says it."""
+
+    code: int
+    line: str
+    how: str = "qtool"
+    rank: int | None = None
+    what: str = ""  # "killed (SIGABRT)", "exited with code 3": how the rank ended, for other sentences
+
+
 def summarize(records: dict[int, dict], stderr: str, nproc: int) -> tuple[int, str]:
-    """The one line for a failed run. torchrun's report names the rank that failed first (its
-    "Root Cause"); the others were stopped by it (SIGTERM) or lost their peers. In order: that
-    rank's own qtool error; a rank's death by a signal other than torchrun's SIGTERM (SIGKILL,
-    SIGSEGV...); any rank's own error; the root rank's exit without a qtool error (with the last
-    Python error line seen); the first error recorded."""
+    """The exit code and one line for a failed run (`failure`'s)."""
+    f = failure(records, stderr, nproc)
+    return f.code, f.line
+
+
+def failure(records: dict[int, dict], stderr: str, nproc: int) -> Failure:
+    """torchrun's report names the rank that failed first (its "Root Cause"); the others were
+    stopped by it (SIGTERM) or lost their peers. In order: that rank's own qtool error; a rank's
+    death by a signal other than torchrun's SIGTERM (SIGKILL, SIGSEGV...); any rank's own error; the
+    root rank's exit without a qtool error (with the last Python error line seen); the first error
+    recorded."""
     head, _, root_part = stderr.partition("Root Cause")
     exits = {int(r): int(c) for r, c in _EXIT.findall(head)}
     roots = [(int(r), int(c)) for r, c in _EXIT.findall(root_part)]
@@ -201,27 +222,34 @@ def summarize(records: dict[int, dict], stderr: str, nproc: int) -> tuple[int, s
     dead = sorted(((r, c) for r, c in exits.items() if r not in records), key=lambda rc: (rc != root, rc[1] == -15, rc[0]))
     first = dead[0] if dead else None
     if root and root[0] in own:
-        return _line(own[root[0]])
+        return _own(own[root[0]])
     if first and first[1] < 0 and (first == root or first[1] != -15):  # died by a signal, not stopped by torchrun
         return _killed(*first, nproc)
     if own:
-        return _line(next(iter(own.values())))
+        return _own(next(iter(own.values())))
     if first:
         if first[1] < 0:
             return _killed(*first, nproc)
         errors = [m.group(0).strip() for m in map(_PY_ERROR.match, stderr.splitlines()) if m and "ChildFailedError" not in m.group(0)]
         why = f": {errors[-1][:200]}" if errors else ""
-        return 1, (f"rank {first[0]} of {nproc} exited with code {first[1]} without an error from qtool{why}; every rank "
-                   "stopped, nothing was written (rerun with --debug for its output)")
+        what = f"exited with code {first[1]}"
+        return Failure(1, f"rank {first[0]} of {nproc} {what} without an error from qtool{why}; every rank "
+                          "stopped, nothing was written (rerun with --debug for its output)", "exit", first[0], what)
     if records:
-        return _line(records[min(records)])
+        return _own(records[min(records)])
     last = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-    return 1, f"the distributed run failed without an error from qtool: {last[-1][:200] if last else 'no output'}"
+    return Failure(1, f"the distributed run failed without an error from qtool: {last[-1][:200] if last else 'no output'}", "unknown")
 
 
-def _killed(r: int, code: int, nproc: int) -> tuple[int, str]:
-    return 6, (f"rank {r} of {nproc} was killed ({_signal_name(code)}) mid-run; every rank stopped, nothing was written "
-               "(with a calibration method, rerun with --resume to continue from the last complete block)")
+def _killed(r: int, code: int, nproc: int) -> Failure:
+    what = f"was killed ({_signal_name(code)})"
+    return Failure(6, f"rank {r} of {nproc} {what} mid-run; every rank stopped, nothing was written "
+                      "(with a calibration method, rerun with --resume to continue from the last complete block)", "killed", r, what)
+
+
+def _own(d: dict) -> Failure:
+    code, line = _line(d)
+    return Failure(code, line, "qtool", int(d["rank"]))
 
 
 def _line(d: dict) -> tuple[int, str]:

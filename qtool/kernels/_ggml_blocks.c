@@ -94,8 +94,8 @@ static float signed_absmax(const float *x, int n, float *amax_out) {
     return mx;
 }
 
-/* make_qx_quants with x*x weights (rmse_type 1, no importance): L in 0..2*nmax-1 */
-static float qx_quants(int n, int nmax, const float *x, uint8_t *L) {
+/* make_qx_quants(rmse_type 1): weights qw[i], or x*x where qw is NULL; L in 0..2*nmax-1 */
+static float qx_quants(int n, int nmax, const float *x, const float *qw, uint8_t *L) {
     float amax, mx = signed_absmax(x, n, &amax);
     if (amax < GROUP_MAX_EPS) { memset(L, 0, (size_t)n); return 0.f; }
     float iscale = (float)(-nmax) / mx;
@@ -103,7 +103,7 @@ static float qx_quants(int n, int nmax, const float *x, uint8_t *L) {
     for (int i = 0; i < n; ++i) {
         int l = imax(-nmax, imin(nmax - 1, nearest_int(iscale * x[i])));
         L[i] = (uint8_t)(l + nmax);
-        float w = x[i] * x[i];
+        float w = qw ? qw[i] : x[i] * x[i];
         float wx = w * x[i];
         sumlx += wx * (float)l;
         suml2 += (w * (float)l) * (float)l;
@@ -117,7 +117,7 @@ static float qx_quants(int n, int nmax, const float *x, uint8_t *L) {
         float slx = 0.f, sl2 = 0.f;
         for (int i = 0; i < n; ++i) {
             int l = imax(-nmax, imin(nmax - 1, nearest_int(iscale * x[i])));
-            float w = x[i] * x[i];
+            float w = qw ? qw[i] : x[i] * x[i];
             float wx = w * x[i];
             slx += wx * (float)l;
             sl2 += (w * (float)l) * (float)l;
@@ -223,6 +223,60 @@ static float qkx2_quants(int n, int nmax, const float *x, const float *w, uint8_
 }
 
 
+/* make_qp_quants: non-negative x (a super-block's scales or mins) on 0..nmax with weights qw.
+ * L is stored as uint8_t like llama.cpp's: the first candidate's levels are not clamped (they wrap),
+ * and the wrapped values are what the refinement starts from. */
+static float qp_quants(int n, int nmax, const float *x, uint8_t *L, const float *qw) {
+    float mx = 0.f;
+    for (int i = 0; i < n; ++i) mx = mx > x[i] ? mx : x[i];
+    if (mx < GROUP_MAX_EPS) { memset(L, 0, (size_t)n); return 0.f; }
+    float iscale = (float)nmax / mx;
+    for (int i = 0; i < n; ++i) L[i] = (uint8_t)nearest_int(iscale * x[i]);
+    float scale = 1.f / iscale;
+    float best = 0.f;
+    for (int i = 0; i < n; ++i) {
+        float diff = x[i] - scale * (float)L[i];
+        best += (qw[i] * diff) * diff;
+    }
+    for (int is = -4; is <= 4; ++is) {
+        if (is == 0) continue;
+        float isc = (0.1f * (float)is + (float)nmax) / mx;
+        float sc = 1.f / isc;
+        float mse = 0.f;
+        for (int i = 0; i < n; ++i) {
+            int l = imin(nmax, nearest_int(isc * x[i]));
+            float diff = x[i] - sc * (float)l;
+            mse += (qw[i] * diff) * diff;
+        }
+        if (mse < best) { best = mse; iscale = isc; }
+    }
+    float sumlx = 0.f, suml2 = 0.f;
+    for (int i = 0; i < n; ++i) {
+        int l = imin(nmax, nearest_int(iscale * x[i]));
+        L[i] = (uint8_t)l;
+        sumlx += (qw[i] * x[i]) * (float)l;
+        suml2 += (qw[i] * (float)l) * (float)l;
+    }
+    for (int itry = 0; itry < 5; ++itry) {
+        int changed = 0;
+        for (int i = 0; i < n; ++i) {
+            float w = qw[i], wx = w * x[i], li = (float)L[i];
+            float slx = sumlx - wx * li;
+            float sl2 = suml2 - (w * li) * li;
+            if (!(slx > 0.f && sl2 > 0.f)) continue;
+            int nl = imin(nmax, nearest_int((x[i] * sl2) / slx));
+            if (nl == (int)L[i]) continue;
+            slx += wx * (float)nl;
+            sl2 += (w * (float)nl) * (float)nl;
+            if ((slx * slx) * suml2 > (sumlx * sumlx) * sl2) {
+                L[i] = (uint8_t)nl; sumlx = slx; suml2 = sl2; changed = 1;
+            }
+        }
+        if (!changed) break;
+    }
+    return suml2 > 0.f ? sumlx / suml2 : 0.f;
+}
+
 /* ---- the same searches over 8 sub-blocks at once (GCC/Clang vector extensions) ------------------
  * Lane b is sub-block b; every lane does exactly the scalar code's operations in the same order
  * (sums stay sequential per lane), so the bytes are the same; only independent sub-blocks share an
@@ -308,8 +362,8 @@ static ALWAYS_INLINE void qkx2_quants_x8(int n, int nmax, const v8f *x, const v8
     *min_out = -fsel(degenerate, mn0, mn);
 }
 
-/* qx_quants (x*x weights) on 8 lanes of n elements: scale[b], L[i][b] in 0..2*nmax-1 */
-static ALWAYS_INLINE v8f qx_quants_x8(int n, int nmax, const v8f *x, v8i *L) {
+/* qx_quants on 8 lanes of n (<= 32) elements, weights w (NULL: x*x): scale[b], L[i][b] in 0..2*nmax-1 */
+static ALWAYS_INLINE v8f qx_quants_x8(int n, int nmax, const v8f *x, const v8f *w, v8i *L) {
     v8f zero = vsplat(0.f), amax = zero, mx = zero;
     for (int i = 0; i < n; ++i) {
         v8f ax = vabs(x[i]);
@@ -318,8 +372,8 @@ static ALWAYS_INLINE v8f qx_quants_x8(int n, int nmax, const v8f *x, v8i *L) {
         mx = fsel(upd, x[i], mx);
     }
     v8i zblock = amax < vsplat(GROUP_MAX_EPS);
-    v8f xx[16], wx[16];
-    for (int i = 0; i < n; ++i) { xx[i] = x[i] * x[i]; wx[i] = xx[i] * x[i]; }
+    v8f xx[32], wx[32];
+    for (int i = 0; i < n; ++i) { xx[i] = w ? w[i] : x[i] * x[i]; wx[i] = xx[i] * x[i]; }
     v8f iscale = vsplat((float)(-nmax)) / mx;
     v8f sumlx = zero, suml2 = zero;
     for (int i = 0; i < n; ++i) {
@@ -336,7 +390,7 @@ static ALWAYS_INLINE v8f qx_quants_x8(int n, int nmax, const v8f *x, v8i *L) {
         float c = -((float)nmax + 0.1f * (float)is);
         iscale = vsplat(c) / mx;
         v8f slx = zero, sl2 = zero;
-        v8i Lc[16];
+        v8i Lc[32];
         for (int i = 0; i < n; ++i) {
             v8i l = iclamp(vnearest(iscale * x[i]), -nmax, nmax - 1);
             Lc[i] = l;
@@ -424,9 +478,94 @@ static void pack_2bit(const uint8_t *L, uint8_t *qs) {
             qs[j / 4 + l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6));
 }
 
+/* The K types' ends, shared by both paths: with the packed sub-block scales already in y, requantize
+ * every sub-block whose stored scale is non-zero against the fp16-rounded (d, dmin), and pack. */
+
+static void q2_K_finish(const float *x, uint8_t *L, uint8_t *y, uint16_t db, uint16_t mb) {
+    const uint8_t *sc = y;
+    float dv = from_fp16(db), mv = from_fp16(mb);
+    for (int j = 0; j < 16; ++j) {
+        float d = dv * (float)(sc[j] & 0xf);
+        if (d == 0.f) continue;
+        float dm = mv * (float)(sc[j] >> 4);
+        for (int i = 0; i < 16; ++i)
+            L[16 * j + i] = (uint8_t)imax(0, imin(3, nearest_int((x[16 * j + i] + dm) / d)));
+    }
+    pack_2bit(L, y + 16);
+    put16(y + 80, db);
+    put16(y + 82, mb);
+}
+
+static void q3_K_finish(const float *x, uint8_t *L, uint8_t *y, uint16_t db) {
+    uint8_t *hm = y, *qs = y + 32;
+    const uint8_t *sc = y + 96;
+    float dv = from_fp16(db);
+    for (int j = 0; j < 16; ++j) {
+        int s = j < 8 ? (sc[j] & 0xf) : (sc[j - 8] >> 4);
+        s = (s | (((sc[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32;
+        float d = dv * (float)s;
+        if (d == 0.f) continue;
+        for (int i = 0; i < 16; ++i)
+            L[16 * j + i] = (uint8_t)(imax(-4, imin(3, nearest_int(x[16 * j + i] / d))) + 4);
+    }
+    memset(hm, 0, 32);
+    for (int j = 0; j < QKK; ++j)
+        if (L[j] > 3) { hm[j % 32] |= (uint8_t)(1u << (j / 32)); L[j] -= 4; }
+    pack_2bit(L, qs);
+    put16(y + 108, db);
+}
+
+/* ls, lm: the 6-bit sub-block scales and mins as uint8_t (llama.cpp packs them with byte arithmetic,
+ * so larger values, possible on the importance path of Q4_K, spill into the neighbouring bits alike) */
+static void q45_K_finish(const float *x, uint8_t *L, uint8_t *y, int nmax, const uint8_t *ls, const uint8_t *lm,
+                         uint16_t db, uint16_t mb) {
+    uint8_t *sc = y + 4;
+    for (int j = 0; j < 8; ++j) {
+        if (j < 4) { sc[j] = ls[j]; sc[j + 4] = lm[j]; }
+        else {
+            sc[j + 4] = (uint8_t)((ls[j] & 0xf) | ((lm[j] & 0xf) << 4));
+            sc[j - 4] |= (uint8_t)((ls[j] >> 4) << 6);
+            sc[j] |= (uint8_t)((lm[j] >> 4) << 6);
+        }
+    }
+    put16(y, db);
+    put16(y + 2, mb);
+    float dv = from_fp16(db), mv = from_fp16(mb);
+    for (int j = 0; j < 8; ++j) {
+        int s, m;
+        if (j < 4) { s = sc[j] & 63; m = sc[j + 4] & 63; }
+        else { s = (sc[j + 4] & 0xf) | ((sc[j - 4] >> 6) << 4); m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4); }
+        float d = dv * (float)s;
+        if (d == 0.f) continue;
+        float dm = mv * (float)m;
+        for (int i = 0; i < 32; ++i)
+            L[32 * j + i] = (uint8_t)imax(0, imin(nmax, nearest_int((x[32 * j + i] + dm) / d)));
+    }
+    if (nmax == 15) {
+        uint8_t *q = y + 16;
+        for (int j = 0; j < QKK; j += 64)
+            for (int l = 0; l < 32; ++l) *q++ = (uint8_t)(L[j + l] | (L[j + l + 32] << 4));
+        return;
+    }
+    uint8_t *qh = y + 16, *ql = y + 48;
+    memset(qh, 0, 32);
+    int m1 = 1, m2 = 2;
+    for (int n = 0; n < QKK; n += 64) {
+        for (int j = 0; j < 32; ++j) {
+            int l1 = L[n + j], l2 = L[n + j + 32];
+            if (l1 > 15) { l1 -= 16; qh[j] |= (uint8_t)m1; }
+            if (l2 > 15) { l2 -= 16; qh[j] |= (uint8_t)m2; }
+            ql[j] = (uint8_t)(l1 | (l2 << 4));
+        }
+        m1 <<= 2; m2 <<= 2; ql += 32;
+    }
+}
+
+/* ---- the K types without an importance matrix (quantize_row_*_ref) ---- */
+
 static ALWAYS_INLINE void q2_K_impl(const float *x, uint8_t *y, int vec) {
     (void)vec;
-    uint8_t L[QKK], *sc = y, *qs = y + 16;
+    uint8_t L[QKK], *sc = y;
     float w[16], scales[16], mins[16], max_scale = 0.f, max_min = 0.f;
 #ifdef QTOOL_VEC
     if (vec) {
@@ -466,21 +605,11 @@ static ALWAYS_INLINE void q2_K_impl(const float *x, uint8_t *y, int vec) {
         for (int j = 0; j < 16; ++j) sc[j] = (uint8_t)(sc[j] | (nearest_int(is * mins[j]) << 4));
         mb = to_fp16(max_min / 15.f);
     }
-    float dv = from_fp16(db), mv = from_fp16(mb);
-    for (int j = 0; j < 16; ++j) {
-        float d = dv * (float)(sc[j] & 0xf);
-        if (d == 0.f) continue;
-        float dm = mv * (float)(sc[j] >> 4);
-        for (int i = 0; i < 16; ++i)
-            L[16 * j + i] = (uint8_t)imax(0, imin(3, nearest_int((x[16 * j + i] + dm) / d)));
-    }
-    pack_2bit(L, qs);
-    put16(y + 80, db);
-    put16(y + 82, mb);
+    q2_K_finish(x, L, y, db, mb);
 }
 
 static void q3_K_block(const float *x, uint8_t *y) {
-    uint8_t L[QKK], *hm = y, *qs = y + 32, *sc = y + 96;
+    uint8_t L[QKK], *sc = y + 96;
     float scales[16], amax = 0.f, max_scale = 0.f;
     for (int j = 0; j < 16; ++j) {
         scales[j] = q3_quants(16, 4, x + 16 * j, L + 16 * j);
@@ -499,25 +628,12 @@ static void q3_K_block(const float *x, uint8_t *y) {
         }
         db = to_fp16(1.f / iscale);
     }
-    float dv = from_fp16(db);
-    for (int j = 0; j < 16; ++j) {
-        int s = j < 8 ? (sc[j] & 0xf) : (sc[j - 8] >> 4);
-        s = (s | (((sc[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32;
-        float d = dv * (float)s;
-        if (d == 0.f) continue;
-        for (int i = 0; i < 16; ++i)
-            L[16 * j + i] = (uint8_t)(imax(-4, imin(3, nearest_int(x[16 * j + i] / d))) + 4);
-    }
-    memset(hm, 0, 32);
-    for (int j = 0; j < QKK; ++j)
-        if (L[j] > 3) { hm[j % 32] |= (uint8_t)(1u << (j / 32)); L[j] -= 4; }
-    pack_2bit(L, qs);
-    put16(y + 108, db);
+    q3_K_finish(x, L, y, db);
 }
 
 static ALWAYS_INLINE void q45_K_impl(const float *x, uint8_t *y, int nmax, int vec) {
     (void)vec;
-    uint8_t L[QKK], *sc = y + 4;
+    uint8_t L[QKK], ls[8], lm[8];
     float w[32], scales[8], mins[8], max_scale = 0.f, max_min = 0.f;
 #ifdef QTOOL_VEC
     if (vec) {
@@ -561,53 +677,17 @@ static ALWAYS_INLINE void q45_K_impl(const float *x, uint8_t *y, int nmax, int v
     float inv_s = max_scale > 0.f ? 63.f / max_scale : 0.f;
     float inv_m = max_min > 0.f ? 63.f / max_min : 0.f;
     for (int j = 0; j < 8; ++j) {
-        uint8_t ls = (uint8_t)nearest_int(inv_s * scales[j]);
-        uint8_t lm = (uint8_t)nearest_int(inv_m * mins[j]);
-        if (ls > 63) ls = 63;
-        if (lm > 63) lm = 63;
-        if (j < 4) { sc[j] = ls; sc[j + 4] = lm; }
-        else {
-            sc[j + 4] = (uint8_t)((ls & 0xf) | ((lm & 0xf) << 4));
-            sc[j - 4] |= (uint8_t)((ls >> 4) << 6);
-            sc[j] |= (uint8_t)((lm >> 4) << 6);
-        }
+        ls[j] = (uint8_t)nearest_int(inv_s * scales[j]);
+        lm[j] = (uint8_t)nearest_int(inv_m * mins[j]);
+        if (ls[j] > 63) ls[j] = 63;
+        if (lm[j] > 63) lm[j] = 63;
     }
-    uint16_t db = to_fp16(max_scale / 63.f), mb = to_fp16(max_min / 63.f);
-    put16(y, db);
-    put16(y + 2, mb);
-    float dv = from_fp16(db), mv = from_fp16(mb);
-    for (int j = 0; j < 8; ++j) {
-        int s, m;
-        if (j < 4) { s = sc[j] & 63; m = sc[j + 4] & 63; }
-        else { s = (sc[j + 4] & 0xf) | ((sc[j - 4] >> 6) << 4); m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4); }
-        float d = dv * (float)s;
-        if (d == 0.f) continue;
-        float dm = mv * (float)m;
-        for (int i = 0; i < 32; ++i)
-            L[32 * j + i] = (uint8_t)imax(0, imin(nmax, nearest_int((x[32 * j + i] + dm) / d)));
-    }
-    if (nmax == 15) {
-        uint8_t *q = y + 16;
-        for (int j = 0; j < QKK; j += 64)
-            for (int l = 0; l < 32; ++l) *q++ = (uint8_t)(L[j + l] | (L[j + l + 32] << 4));
-        return;
-    }
-    uint8_t *qh = y + 16, *ql = y + 48;
-    memset(qh, 0, 32);
-    int m1 = 1, m2 = 2;
-    for (int n = 0; n < QKK; n += 64) {
-        for (int j = 0; j < 32; ++j) {
-            int l1 = L[n + j], l2 = L[n + j + 32];
-            if (l1 > 15) { l1 -= 16; qh[j] |= (uint8_t)m1; }
-            if (l2 > 15) { l2 -= 16; qh[j] |= (uint8_t)m2; }
-            ql[j] = (uint8_t)(l1 | (l2 << 4));
-        }
-        m1 <<= 2; m2 <<= 2; ql += 32;
-    }
+    q45_K_finish(x, L, y, nmax, ls, lm, to_fp16(max_scale / 63.f), to_fp16(max_min / 63.f));
 }
 
-
-static ALWAYS_INLINE void q6_K_impl(const float *x, uint8_t *y, int vec) {
+/* Q6_K: qw is the importance matrix's 256 values for this super-block (llama.cpp weighs Q6_K's
+ * sub-block search with them directly, without the sigma2 term), or NULL */
+static ALWAYS_INLINE void q6_K_impl(const float *x, const float *qw, uint8_t *y, int vec) {
     (void)vec;
     uint8_t L[QKK], *ql = y, *qh = y + 128;
     int8_t *sc = (int8_t *)(y + 192);
@@ -615,11 +695,14 @@ static ALWAYS_INLINE void q6_K_impl(const float *x, uint8_t *y, int vec) {
 #ifdef QTOOL_VEC
     if (vec) {
     for (int g = 0; g < 2; ++g) {
-        v8f xt[16];
+        v8f xt[16], wt[16];
         v8i Lt[16];
         for (int i = 0; i < 16; ++i)
             for (int b = 0; b < 8; ++b) xt[i][b] = x[16 * (8 * g + b) + i];
-        v8f sv = qx_quants_x8(16, 32, xt, Lt);
+        if (qw)
+            for (int i = 0; i < 16; ++i)
+                for (int b = 0; b < 8; ++b) wt[i][b] = qw[16 * (8 * g + b) + i];
+        v8f sv = qx_quants_x8(16, 32, xt, qw ? wt : NULL, Lt);
         for (int b = 0; b < 8; ++b) {
             scales[8 * g + b] = sv[b];
             for (int i = 0; i < 16; ++i) L[16 * (8 * g + b) + i] = (uint8_t)Lt[i][b];
@@ -628,7 +711,7 @@ static ALWAYS_INLINE void q6_K_impl(const float *x, uint8_t *y, int vec) {
     } else
 #endif
     {
-    for (int j = 0; j < 16; ++j) scales[j] = qx_quants(16, 32, x + 16 * j, L + 16 * j);
+    for (int j = 0; j < 16; ++j) scales[j] = qx_quants(16, 32, x + 16 * j, qw ? qw + 16 * j : NULL, L + 16 * j);
     }
     for (int j = 0; j < 16; ++j) {
         float a = fabsf(scales[j]);
@@ -657,17 +740,219 @@ static ALWAYS_INLINE void q6_K_impl(const float *x, uint8_t *y, int vec) {
     }
 }
 
+/* ---- with an importance matrix (quantize_row_*_impl) ------------------------------------------
+ * qw: the importance matrix's values for the block's columns. Q2_K..Q5_K weigh element i of a
+ * super-block by qw[i] * sqrt(sigma2 + x[i]^2), sigma2 the super-block's mean x^2 (Q3_K..Q5_K: twice
+ * it); the scale searches take those weights, and the sub-block scales and mins are themselves
+ * quantized by a search weighted with each sub-block's summed weight. */
+
+/* weights of one super-block; sw[j] = the sum of sub-block j's (sub-blocks of `sub` elements) */
+static void k_weights(const float *x, const float *qw, float sigma2_mul, int sub, float *w, float *sw) {
+    float sumx2 = 0.f;
+    for (int j = 0; j < QKK; ++j) sumx2 += x[j] * x[j];
+    float sigma2 = sigma2_mul * sumx2 / (float)QKK;
+    for (int j = 0; j < QKK; ++j) w[j] = qw[j] * sqrtf(sigma2 + x[j] * x[j]);
+    for (int j = 0; j < QKK / sub; ++j) {
+        float s = 0.f;
+        for (int l = 0; l < sub; ++l) s += w[sub * j + l];
+        sw[j] = s;
+    }
+}
+
+#ifdef QTOOL_VEC
+/* 8 sub-blocks of n elements, starting at sub-block 8*g, element-major */
+static ALWAYS_INLINE void gather8(const float *x, int n, int g, v8f *xt) {
+    for (int i = 0; i < n; ++i)
+        for (int b = 0; b < 8; ++b) xt[i][b] = x[n * (8 * g + b) + i];
+}
+#endif
+
+static ALWAYS_INLINE void q2_K_w_impl(const float *x, const float *qw, uint8_t *y, int vec) {
+    (void)vec;
+    uint8_t L[QKK], Ls[16], Lm[16];
+    float w[QKK], sw[16], scales[16], mins[16];
+    k_weights(x, qw, 1.f, 16, w, sw);
+#ifdef QTOOL_VEC
+    if (vec) {
+    for (int g = 0; g < 2; ++g) {
+        v8f xt[16], wt[16], sv, mv;
+        v8i Lt[16];
+        gather8(x, 16, g, xt);
+        gather8(w, 16, g, wt);
+        qkx2_quants_x8(16, 3, xt, wt, Lt, &sv, &mv, -0.9f, 0.05f, 36, 0);
+        for (int b = 0; b < 8; ++b) {
+            scales[8 * g + b] = sv[b]; mins[8 * g + b] = mv[b];
+            for (int i = 0; i < 16; ++i) L[16 * (8 * g + b) + i] = (uint8_t)Lt[i][b];
+        }
+    }
+    } else
+#endif
+    {
+    for (int j = 0; j < 16; ++j)
+        scales[j] = qkx2_quants(16, 3, x + 16 * j, w + 16 * j, L + 16 * j, &mins[j], -0.9f, 0.05f, 36, 0);
+    }
+    float dm = qp_quants(16, 15, scales, Ls, sw);
+    float mm = qp_quants(16, 15, mins, Lm, sw);
+    for (int j = 0; j < 16; ++j) y[j] = (uint8_t)(Ls[j] | (Lm[j] << 4));
+    q2_K_finish(x, L, y, to_fp16(dm), to_fp16(mm));
+}
+
+static ALWAYS_INLINE void q3_K_w_impl(const float *x, const float *qw, uint8_t *y, int vec) {
+    (void)vec;
+    uint8_t L[QKK], Ls[16], *sc = y + 96;
+    float w[QKK], sw[16], scales[16];
+    k_weights(x, qw, 2.f, 16, w, sw);
+#ifdef QTOOL_VEC
+    if (vec) {
+    for (int g = 0; g < 2; ++g) {
+        v8f xt[16], wt[16];
+        v8i Lt[16];
+        gather8(x, 16, g, xt);
+        gather8(w, 16, g, wt);
+        v8f sv = qx_quants_x8(16, 4, xt, wt, Lt);
+        for (int b = 0; b < 8; ++b) {
+            scales[8 * g + b] = sv[b];
+            for (int i = 0; i < 16; ++i) L[16 * (8 * g + b) + i] = (uint8_t)Lt[i][b];
+        }
+    }
+    } else
+#endif
+    {
+    for (int j = 0; j < 16; ++j) scales[j] = qx_quants(16, 4, x + 16 * j, w + 16 * j, L + 16 * j);
+    }
+    float d = qx_quants(16, 32, scales, sw, Ls);
+    memset(sc, 0, 12);
+    for (int j = 0; j < 16; ++j) {
+        int l = Ls[j];
+        if (j < 8) sc[j] = (uint8_t)(l & 0xf); else sc[j - 8] |= (uint8_t)((l & 0xf) << 4);
+        sc[8 + j % 4] |= (uint8_t)((l >> 4) << (2 * (j / 4)));
+    }
+    q3_K_finish(x, L, y, to_fp16(d));
+}
+
+static ALWAYS_INLINE void q45_K_w_impl(const float *x, const float *qw, uint8_t *y, int nmax, int vec) {
+    (void)vec;
+    uint8_t L[QKK], Ls[8], Lm[8];
+    float w[QKK], sw[8], scales[8], mins[8];
+    k_weights(x, qw, 2.f, 32, w, sw);
+#ifdef QTOOL_VEC
+    if (vec) {
+        v8f xt[32], wt[32], sv, mv;
+        v8i Lt[32];
+        gather8(x, 32, 0, xt);
+        gather8(w, 32, 0, wt);
+        qkx2_quants_x8(32, nmax, xt, wt, Lt, &sv, &mv, -0.9f, 0.05f, 36, 0);
+        for (int b = 0; b < 8; ++b) {
+            scales[b] = sv[b]; mins[b] = mv[b];
+            for (int i = 0; i < 32; ++i) L[32 * b + i] = (uint8_t)Lt[i][b];
+        }
+    } else
+#endif
+    {
+    for (int j = 0; j < 8; ++j)
+        scales[j] = qkx2_quants(32, nmax, x + 32 * j, w + 32 * j, L + 32 * j, &mins[j], -0.9f, 0.05f, 36, 0);
+    }
+    float d = qp_quants(8, 63, scales, Ls, sw);
+    float m = qp_quants(8, 63, mins, Lm, sw);
+    if (nmax == 31)
+        for (int j = 0; j < 8; ++j) { if (Ls[j] > 63) Ls[j] = 63; if (Lm[j] > 63) Lm[j] = 63; }
+    q45_K_finish(x, L, y, nmax, Ls, Lm, to_fp16(d), to_fp16(m));
+}
+
+/* Legacy types with an importance matrix, one whole row (sigma2 is the row's mean x^2): Q4_0/Q5_0
+ * search a symmetric scale (make_qx_quants), Q4_1/Q5_1 an affine one (make_qkx3_quants); the AVX2
+ * build runs 8 consecutive blocks per instruction and the row's last nb % 8 blocks scalar. */
+static void legacy_pack(int type, const uint8_t *L, float d, float the_min, uint8_t *y) {
+    put16(y, to_fp16(d));
+    if (type == 3 || type == 7) put16(y + 2, to_fp16(-the_min));
+    if (type == 2 || type == 3) {
+        uint8_t *qs = y + (type == 2 ? 2 : 4);
+        for (int j = 0; j < 16; ++j) qs[j] = (uint8_t)(L[j] | (L[j + 16] << 4));
+        return;
+    }
+    uint8_t *qh = y + (type == 6 ? 2 : 4), *qs = qh + 4;
+    uint32_t h = 0;
+    for (int j = 0; j < 16; ++j) {
+        qs[j] = (uint8_t)((L[j] & 0xf) | ((L[j + 16] & 0xf) << 4));
+        h |= (uint32_t)((L[j] >> 4) & 1) << j;
+        h |= (uint32_t)((L[j + 16] >> 4) & 1) << (j + 16);
+    }
+    for (int k = 0; k < 4; ++k) qh[k] = (uint8_t)(h >> (8 * k));
+}
+
+static ALWAYS_INLINE void legacy_w_row(int type, const float *x, const float *qw, int64_t n, uint8_t *y, int vec) {
+    (void)vec;
+    const int nmax = type == 2 ? 8 : type == 3 ? 15 : type == 6 ? 16 : 31;
+    const int affine = type == 3 || type == 7, ts = type == 2 ? 18 : type == 3 ? 20 : type == 6 ? 22 : 24;
+    float sum_x2 = 0.f;
+    for (int64_t j = 0; j < n; ++j) sum_x2 += x[j] * x[j];
+    const float sigma2 = sum_x2 / (float)n;
+    const int64_t nb = n / QK;
+    int64_t ib = 0;
+    uint8_t L[QK];
+#ifdef QTOOL_VEC
+    if (vec) {
+    for (; ib + 8 <= nb; ib += 8) {
+        const float *xb = x + QK * ib, *qb = qw + QK * ib;
+        v8f xt[QK], wt[QK], sv, mv = vsplat(0.f);
+        v8i Lt[QK];
+        for (int i = 0; i < QK; ++i)
+            for (int b = 0; b < 8; ++b) {
+                float v = xb[QK * b + i];
+                xt[i][b] = v;
+                wt[i][b] = qb[QK * b + i] * sqrtf(sigma2 + v * v);
+            }
+        if (affine) qkx2_quants_x8(QK, nmax, xt, wt, Lt, &sv, &mv, -0.9f, 0.05f, 36, 0);
+        else sv = qx_quants_x8(QK, nmax, xt, wt, Lt);
+        for (int b = 0; b < 8; ++b) {
+            for (int i = 0; i < QK; ++i) L[i] = (uint8_t)Lt[i][b];
+            legacy_pack(type, L, sv[b], mv[b], y + (ib + b) * ts);
+        }
+    }
+    }
+#endif
+    for (; ib < nb; ++ib) {
+        const float *xb = x + QK * ib, *qb = qw + QK * ib;
+        float w[QK], d, the_min = 0.f;
+        for (int j = 0; j < QK; ++j) w[j] = qb[j] * sqrtf(sigma2 + xb[j] * xb[j]);
+        if (affine) d = qkx2_quants(QK, nmax, xb, w, L, &the_min, -0.9f, 0.05f, 36, 0);
+        else d = qx_quants(QK, nmax, xb, w, L);
+        legacy_pack(type, L, d, the_min, y + ib * ts);
+    }
+}
+
 /* scalar entry points, and the 8-lane ones compiled for AVX2 (picked at run time when the CPU has it;
- * AVX2 brings no FMA, and -ffp-contract=off would forbid contracting anyway: same bytes) */
+ * AVX2 brings no FMA, and -ffp-contract=off would forbid contracting anyway: same bytes).
+ * The _w ones quantize a whole row of n values with importance qw (n values too). */
 static void q2_K_block(const float *x, uint8_t *y) { q2_K_impl(x, y, 0); }
 static void q4_K_block(const float *x, uint8_t *y) { q45_K_impl(x, y, 15, 0); }
 static void q5_K_block(const float *x, uint8_t *y) { q45_K_impl(x, y, 31, 0); }
-static void q6_K_block(const float *x, uint8_t *y) { q6_K_impl(x, y, 0); }
+static void q6_K_block(const float *x, uint8_t *y) { q6_K_impl(x, NULL, y, 0); }
+#define W_ARGS const float *x, const float *qw, int64_t n, uint8_t *y
+static void q4_0_row_w(W_ARGS) { legacy_w_row(2, x, qw, n, y, 0); }
+static void q4_1_row_w(W_ARGS) { legacy_w_row(3, x, qw, n, y, 0); }
+static void q5_0_row_w(W_ARGS) { legacy_w_row(6, x, qw, n, y, 0); }
+static void q5_1_row_w(W_ARGS) { legacy_w_row(7, x, qw, n, y, 0); }
+static void q2_K_row_w(W_ARGS) { for (int64_t i = 0; i < n; i += QKK, y += 84) q2_K_w_impl(x + i, qw + i, y, 0); }
+static void q3_K_row_w(W_ARGS) { for (int64_t i = 0; i < n; i += QKK, y += 110) q3_K_w_impl(x + i, qw + i, y, 0); }
+static void q4_K_row_w(W_ARGS) { for (int64_t i = 0; i < n; i += QKK, y += 144) q45_K_w_impl(x + i, qw + i, y, 15, 0); }
+static void q5_K_row_w(W_ARGS) { for (int64_t i = 0; i < n; i += QKK, y += 176) q45_K_w_impl(x + i, qw + i, y, 31, 0); }
+static void q6_K_row_w(W_ARGS) { for (int64_t i = 0; i < n; i += QKK, y += 210) q6_K_impl(x + i, qw + i, y, 0); }
 #ifdef QTOOL_VEC_X86
-__attribute__((target("avx2"))) static void q2_K_block_avx2(const float *x, uint8_t *y) { q2_K_impl(x, y, 1); }
-__attribute__((target("avx2"))) static void q4_K_block_avx2(const float *x, uint8_t *y) { q45_K_impl(x, y, 15, 1); }
-__attribute__((target("avx2"))) static void q5_K_block_avx2(const float *x, uint8_t *y) { q45_K_impl(x, y, 31, 1); }
-__attribute__((target("avx2"))) static void q6_K_block_avx2(const float *x, uint8_t *y) { q6_K_impl(x, y, 1); }
+#define AVX2 __attribute__((target("avx2")))
+AVX2 static void q2_K_block_avx2(const float *x, uint8_t *y) { q2_K_impl(x, y, 1); }
+AVX2 static void q4_K_block_avx2(const float *x, uint8_t *y) { q45_K_impl(x, y, 15, 1); }
+AVX2 static void q5_K_block_avx2(const float *x, uint8_t *y) { q45_K_impl(x, y, 31, 1); }
+AVX2 static void q6_K_block_avx2(const float *x, uint8_t *y) { q6_K_impl(x, NULL, y, 1); }
+AVX2 static void q4_0_row_w_avx2(W_ARGS) { legacy_w_row(2, x, qw, n, y, 1); }
+AVX2 static void q4_1_row_w_avx2(W_ARGS) { legacy_w_row(3, x, qw, n, y, 1); }
+AVX2 static void q5_0_row_w_avx2(W_ARGS) { legacy_w_row(6, x, qw, n, y, 1); }
+AVX2 static void q5_1_row_w_avx2(W_ARGS) { legacy_w_row(7, x, qw, n, y, 1); }
+AVX2 static void q2_K_row_w_avx2(W_ARGS) { for (int64_t i = 0; i < n; i += QKK, y += 84) q2_K_w_impl(x + i, qw + i, y, 1); }
+AVX2 static void q3_K_row_w_avx2(W_ARGS) { for (int64_t i = 0; i < n; i += QKK, y += 110) q3_K_w_impl(x + i, qw + i, y, 1); }
+AVX2 static void q4_K_row_w_avx2(W_ARGS) { for (int64_t i = 0; i < n; i += QKK, y += 144) q45_K_w_impl(x + i, qw + i, y, 15, 1); }
+AVX2 static void q5_K_row_w_avx2(W_ARGS) { for (int64_t i = 0; i < n; i += QKK, y += 176) q45_K_w_impl(x + i, qw + i, y, 31, 1); }
+AVX2 static void q6_K_row_w_avx2(W_ARGS) { for (int64_t i = 0; i < n; i += QKK, y += 210) q6_K_impl(x + i, qw + i, y, 1); }
 #endif
 
 /* ---- dequantization (gguf-py's / ggml's dequantize_row_*) -------------------------------------- */
@@ -753,15 +1038,17 @@ static void dq_q6_K(const uint8_t *y, float *x) {
 
 typedef void (*qfn)(const float *, uint8_t *);
 typedef void (*dfn)(const uint8_t *, float *);
-struct qt { int type, bs, ts; qfn q; dfn dq; };
+typedef void (*qrowfn)(const float *, const float *, int64_t, uint8_t *);
+/* q: one block without importance; qw: one row with importance (NULL: the type ignores it, Q8_0) */
+struct qt { int type, bs, ts; qfn q; dfn dq; qrowfn qw; };
 
 /* ggml type ids */
 static struct qt TYPES[] = {
-    {2, 32, 18, q4_0_block, dq_q4_0},   {3, 32, 20, q4_1_block, dq_q4_1},
-    {6, 32, 22, q5_0_block, dq_q5_0},   {7, 32, 24, q5_1_block, dq_q5_1},
-    {8, 32, 34, q8_0_block, dq_q8_0},   {10, 256, 84, q2_K_block, dq_q2_K},
-    {11, 256, 110, q3_K_block, dq_q3_K}, {12, 256, 144, q4_K_block, dq_q4_K},
-    {13, 256, 176, q5_K_block, dq_q5_K}, {14, 256, 210, q6_K_block, dq_q6_K},
+    {2, 32, 18, q4_0_block, dq_q4_0, q4_0_row_w},      {3, 32, 20, q4_1_block, dq_q4_1, q4_1_row_w},
+    {6, 32, 22, q5_0_block, dq_q5_0, q5_0_row_w},      {7, 32, 24, q5_1_block, dq_q5_1, q5_1_row_w},
+    {8, 32, 34, q8_0_block, dq_q8_0, NULL},            {10, 256, 84, q2_K_block, dq_q2_K, q2_K_row_w},
+    {11, 256, 110, q3_K_block, dq_q3_K, q3_K_row_w},   {12, 256, 144, q4_K_block, dq_q4_K, q4_K_row_w},
+    {13, 256, 176, q5_K_block, dq_q5_K, q5_K_row_w},   {14, 256, 210, q6_K_block, dq_q6_K, q6_K_row_w},
 };
 
 static void pick_simd(void) {
@@ -776,6 +1063,10 @@ static void pick_simd(void) {
             if (TYPES[i].type == 13) TYPES[i].q = q5_K_block_avx2;
             if (TYPES[i].type == 14) TYPES[i].q = q6_K_block_avx2;
         }
+        static const qrowfn qw_avx2[] = {q4_0_row_w_avx2, q4_1_row_w_avx2, q5_0_row_w_avx2, q5_1_row_w_avx2, NULL,
+                                         q2_K_row_w_avx2, q3_K_row_w_avx2, q4_K_row_w_avx2, q5_K_row_w_avx2,
+                                         q6_K_row_w_avx2};
+        for (unsigned i = 0; i < sizeof TYPES / sizeof TYPES[0]; ++i) TYPES[i].qw = qw_avx2[i];
     }
     done = 1;
 #endif
@@ -797,7 +1088,8 @@ static const struct qt *find(int type) {
     return 0;
 }
 
-int qtool_ggml_abi_version(void) { return 1; }
+/* 2: qtool_ggml_quantize_w (an importance matrix) */
+int qtool_ggml_abi_version(void) { return 2; }
 
 int qtool_ggml_supports(int type) { return find(type) != 0; }
 
@@ -807,13 +1099,17 @@ static int row_finite(const float *x, int64_t n) {
     return 1;
 }
 
-/* Quantize rows [0, nrows) of x (row-major, ncols floats each) into y (ncols/bs*ts bytes per row).
+/* Quantize rows [0, nrows) of x (row-major, ncols floats each) into y (ncols/bs*ts bytes per row),
+ * with the importance matrix qw (ncols floats: one per column, llama.cpp's quant_weights) or without
+ * (qw NULL; Q8_0 ignores one, as llama.cpp does).
  * Returns -2 for an unknown type or a row length that is not whole blocks, the index of the first row
  * holding NaN/inf (that row and the ones after it are left unwritten), or nrows when all were done.
  * If err is non-NULL, err[0] += sum x^2 and err[1] += sum (x - dequantized)^2 (double) over the done rows. */
-int64_t qtool_ggml_quantize(int type, const float *x, int64_t nrows, int64_t ncols, uint8_t *y, double *err) {
+int64_t qtool_ggml_quantize_w(int type, const float *x, int64_t nrows, int64_t ncols, const float *qw, uint8_t *y,
+                              double *err) {
     const struct qt *t = find(type);
     if (!t || ncols % t->bs) return -2;
+    if (!t->qw) qw = NULL;
     int64_t nb = ncols / t->bs;
     float buf[QKK];
     double sig = 0.0, noise = 0.0;
@@ -824,22 +1120,30 @@ int64_t qtool_ggml_quantize(int type, const float *x, int64_t nrows, int64_t nco
             return r;
         }
         uint8_t *yr = y + r * nb * t->ts;
-        for (int64_t b = 0; b < nb; ++b) {
-            const float *xb = xr + b * t->bs;
-            uint8_t *yb = yr + b * t->ts;
-            t->q(xb, yb);
-            if (err) {
-                t->dq(yb, buf);
-                for (int i = 0; i < t->bs; ++i) {
-                    double v = xb[i], e = v - (double)buf[i];
-                    sig += v * v;
-                    noise += e * e;
+        if (qw) t->qw(xr, qw, ncols, yr);       /* a whole row: the legacy types' weights need its mean x^2 */
+        if (!qw || err) {
+            for (int64_t b = 0; b < nb; ++b) {
+                const float *xb = xr + b * t->bs;
+                uint8_t *yb = yr + b * t->ts;
+                if (!qw) t->q(xb, yb);
+                if (err) {
+                    t->dq(yb, buf);
+                    for (int i = 0; i < t->bs; ++i) {
+                        double v = xb[i], e = v - (double)buf[i];
+                        sig += v * v;
+                        noise += e * e;
+                    }
                 }
             }
         }
     }
     if (err) { err[0] += sig; err[1] += noise; }
     return nrows;
+}
+
+/* qtool_ggml_quantize_w without an importance matrix (ABI 1's entry) */
+int64_t qtool_ggml_quantize(int type, const float *x, int64_t nrows, int64_t ncols, uint8_t *y, double *err) {
+    return qtool_ggml_quantize_w(type, x, nrows, ncols, NULL, y, err);
 }
 
 /* Dequantize n blocks of `type` from y into x (n * bs floats). Returns 0, or -2 for an unknown type. */

@@ -12,6 +12,10 @@ that does not change what is held in memory, and says which:
 * `awq-block0`: AWQ at its defaults, 128 x 512, only block 0's linears quantized (`--target`); the
   engine stops computing after the last targeted block (blocks 1..21 pass through as stored). The
   peak of a block repeats block after block (the same shapes); the row gives the time of one block.
+* `awq-grid2`: AWQ at 128 x 512, every block, with 2-point scale and clipping grids instead of 20
+  (the activation stores, the statistics and the search's buffers per grid point are those of the
+  defaults; only the number of points changes): the full-depth peak, which block 0 alone cannot show
+  (memory left over from earlier blocks).
 * `autoround-iters2`: learned rounding at 128 x 512, every block, 2 iterations instead of 200 (the
   activation stores, the float model's stream and one batch's autograd graph are what they are at
   200); the row gives the seconds per block, from which the 200-iteration time is estimated.
@@ -41,6 +45,9 @@ ROWS = {
     "awq-block0": dict(label="AWQ W4 g128 asym (defaults: 20-point scale grid, clipping search), block 0 of 22",
                        flags=["-m", "awq", "-b", "4", "-g", "128", "--target", "model.layers.0.*"],
                        fmt="compressed-tensors", budget=3 * GIB, issue=9),
+    "awq-grid2": dict(label="AWQ W4 g128 asym, all 22 blocks, 2-point scale and clipping grids (defaults: 20)",
+                      flags=["-m", "awq", "-b", "4", "-g", "128", "--alpha-grid", "2", "--clip-grid", "2"],
+                      fmt="compressed-tensors", budget=3 * GIB, issue=9),
     "autoround-iters2": dict(label="learned rounding W4 g128 sym, all 22 blocks, 2 iterations per block (batch 8)",
                              flags=["-m", "autoround", "-b", "4", "-g", "128", "--iters", "2"],
                              fmt="gptq", budget=4 * GIB, issue=10, iters=2, full_iters=200),
