@@ -19,6 +19,7 @@ Each launch costs ~5 s of torchrun and imports per rank on this 2-core machine."
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -101,6 +102,18 @@ def test_two_processes_write_the_bytes_of_one(name, tiny, wiki_sample, tmp_path)
     args = TINY_RUNS[name] + (["--dataset", wiki_sample] if "--samples" in TINY_RUNS[name] else [])
     one, two = one_and_two(tiny, args, tmp_path)
     assert one == two and "model.safetensors" in one
+
+
+def test_gptq_solves_are_split_between_the_ranks(tiny, wiki_sample, tmp_path):
+    """Every rank holds the same all-reduced Hessians, so each solves its share of a group's linears
+    (balanced by out x in^2) and the results are exchanged: rank 0 solves fewer than all of them
+    (on the tiny llama: q, o, gate, down of each block's q/k/v, o, gate/up, down; k and v, up on
+    rank 1). The bytes equal one process's: test_two_processes_write_the_bytes_of_one[gptq]."""
+    r = qtool("quantize", tiny, *TINY_RUNS["gptq"], "--dataset", wiki_sample, "-o", tmp_path / "q", "--json", "--nproc", "2")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)["distributed"]
+    assert d["world_size"] == 2 and d["layers_solved_in_all"] == 4 * 7
+    assert d["layers_solved_here"] == 4 * 4
 
 
 def test_calibrate_two_processes_write_the_statistics_of_one(tiny, wiki_sample, tmp_path):

@@ -50,6 +50,7 @@ class Comm:
         self.device = device or torch.device("cpu")  # where collective buffers live (nccl: this rank's GPU)
         self.bytes_reduced = 0  # payload bytes this rank put into all-reduces
         self.collectives = 0
+        self.solved = [0, 0]  # layers whose solve this rank ran, of all it took part in (methods that split them)
 
     @property
     def active(self) -> bool:
@@ -65,6 +66,16 @@ class Comm:
         lower ranks first, in item order."""
         r = self.rank if rank is None else rank
         return range(r * n // self.world, (r + 1) * n // self.world)
+
+    def assign(self, costs: list[float]) -> list[int]:
+        """A rank per item, balancing the summed cost (largest first, each to the least-loaded rank,
+        ties to the lower rank): the same answer on every rank, since every rank brings the same costs."""
+        load = [0.0] * self.world
+        owner = [0] * len(costs)
+        for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+            r = min(range(self.world), key=lambda r: (load[r], r))
+            owner[i], load[r] = r, load[r] + costs[i]
+        return owner
 
     # -- collectives -------------------------------------------------------------------------------
     def _call(self, what: str, fn, *args, **kwargs):
@@ -140,8 +151,11 @@ class Comm:
 
     def summary(self) -> dict:
         """For the run report: what this rank took part in."""
-        return {"world_size": self.world, "backend": self.backend, "bytes_all_reduced": self.bytes_reduced,
-                "collectives": self.collectives}
+        out = {"world_size": self.world, "backend": self.backend, "bytes_all_reduced": self.bytes_reduced,
+               "collectives": self.collectives}
+        if self.solved[1]:
+            out["layers_solved_here"], out["layers_solved_in_all"] = self.solved
+        return out
 
     def close(self) -> None:
         if self.active:

@@ -43,6 +43,7 @@ import torch
 from qtool.core.affine import int_qparams
 from qtool.core.grouping import to_groups
 from qtool.core.qweight import QuantizedWeight
+from qtool.engine.distributed import current
 from qtool.errors import NumericalError, UsageError
 from qtool.methods import METHODS
 from qtool.methods.base import BlockInputs, BlockMethod, BlockResult, LayerSpec, MethodParams, MethodProgress
@@ -411,6 +412,31 @@ class GPTQMethod(BlockMethod):
         except NumericalError as e:
             raise NumericalError(f"{spec.name}: {e}") from None
 
+    def _solve_group(self, block, group: list[str], specs: dict[str, LayerSpec], collector, comm) -> dict:
+        """{linear: (QuantizedWeight, stats)} for a group whose Hessians are final. Over several
+        processes every rank holds the same all-reduced Hessians, so the solves are split: each rank
+        solves its share of the group's linears (balanced by out × in², the solve's cost) and the
+        results are exchanged; the bytes are those every rank would have computed alone."""
+        shapes = [block.get_submodule(m).weight.shape for m in group]
+        mine = comm.assign([float(o) * i * i for o, i in shapes]) if comm.active else [0] * len(group)
+        solved = {}
+        for m, r in zip(group, mine):
+            if r != comm.rank:
+                continue
+            # float32 copy of the checkpoint's values (exact); the engine's spec carries the scale dtype
+            qw, st = self.quantize_with_stats(block.get_submodule(m).weight.detach(), specs[m], collector.hessian(m))
+            solved[m] = (qw, asdict(st))
+        if comm.active:
+            comm.solved[0] += len(solved)
+            comm.solved[1] += len(group)
+            from qtool.engine.block_engine import _on_cpu
+
+            for part in comm.all_gather_object({m: (_on_cpu(qw), st) for m, (qw, st) in solved.items()},
+                                               what="the exchange of a group's GPTQ solves"):
+                for m, v in part.items():
+                    solved.setdefault(m, v)
+        return {m: solved[m] for m in group}
+
     def quantize_block(self, block, inputs: BlockInputs, specs: dict[str, LayerSpec], targets, progress: MethodProgress) -> BlockResult:
         """One block, true-sequential (engine/blockwise.py's docstring): per input group, the
         Hessians from a pass in which the groups before it hold their quantized weights."""
@@ -419,18 +445,16 @@ class GPTQMethod(BlockMethod):
         from qtool.errors import UnsupportedError
 
         groups, owners = input_groups(block, inputs, list(specs)) if self.true_sequential else ([list(specs)], None)
+        comm = current()
         result = BlockResult({})
         for gi, group in enumerate(groups):
             progress(gi, len(groups), group[0])
             last = group[-1] if self.true_sequential and len(groups) > 1 else None
             collector = group_hessians(block, inputs, group, last, owners)
-            for m in group:
-                lin = block.get_submodule(m)
-                # float32 copy of the checkpoint's values (exact); the engine's spec carries the scale dtype
-                qw, st = self.quantize_with_stats(lin.weight.detach(), specs[m], collector.hessian(m))
+            for m, (qw, st) in self._solve_group(block, group, specs, collector, comm).items():
                 with torch.no_grad():
-                    lin.weight.copy_(qw.dequantize(torch.float32))
-                result.quantized[m], result.stats[m] = qw, asdict(st)
+                    block.get_submodule(m).weight.copy_(qw.dequantize(torch.float32))
+                result.quantized[m], result.stats[m] = qw, st
                 result.shares[m] = collector.owner[m]
             del collector
             if self.true_sequential:  # final now, and fed only by groups before it: later passes reuse its outputs

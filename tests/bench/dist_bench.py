@@ -153,6 +153,11 @@ def scaling_notes(rows: list[dict], cores: int) -> list[str]:
     notes.append(f"All-reduce volume per block (GPTQ, measured): {per_block / MIB:.1f} MiB per rank = the float64 Hessians of the "
                  f"block's distinct linear inputs (SmolLM2: 3 x 576² + 1536² entries x 8 B = {smol * 8 / MIB:.1f} MiB, "
                  "plus one small exchange of owner maps per group): independent of the number of windows.")
+    def _split_share(h: int, inter: int, kv: int = 1024) -> float:
+        """The largest solve per group (q, o, gate, down) over all of a block's solves, cost out x in²."""
+        c = lambda o, n: o * n * n  # noqa: E731
+        return (2 * c(h, h) + c(inter, h) + c(h, inter)) / (2 * c(h, h) + 2 * c(kv, h) + 2 * c(inter, h) + c(h, inter))
+
     for name, h, inter, layers in (("Llama-3.1-8B", 4096, 14336, 32), ("Llama-3.1-70B", 8192, 28672, 80)):
         vol = (3 * h * h + inter * inter) * 8
         # ring all-reduce: each rank sends/receives 2 (N-1)/N of the volume; NVLink ~ 150 GB/s effective per GPU
@@ -161,8 +166,11 @@ def scaling_notes(rows: list[dict], cores: int) -> list[str]:
                      f"~{t_ar * 1e3:.0f} ms per block at ~150 GB/s NVLink ring bandwidth, x{layers} blocks = "
                      f"~{t_ar * layers:.0f} s in all; the forward passes (the part that shrinks 8x with 8 ranks) cost "
                      f"~2 x params x tokens FLOPs per pass, tens of minutes for 128 x 2048 tokens on one GPU, so the all-reduce "
-                     "is a small share; what does not shrink is the per-layer GPTQ solve (every rank factors and quantizes "
-                     "every linear: Amdahl's serial part; splitting the linears of a block across ranks would remove it).")
+                     "is a small share. The per-layer GPTQ solves are split across the ranks (each group's linears, balanced by "
+                     "out x in²; `layers_solved_here` in the run report), but a group holds at most 3 linears and down_proj's "
+                     "solve (out x in², in = the MLP width) is most of a block's: on these shapes the slowest rank still runs "
+                     f"~{_split_share(h, inter) * 100:.0f} % of the unsplit solve cost; splitting one linear's rows across ranks "
+                     "(GPTQ's rows are independent given the shared factor) is what would shrink it.")
     one, two = g["runs"][1].get("seconds"), g["runs"][2].get("seconds")
     if one and two:
         notes.append(f"On this {cores}-core machine (shared with other jobs) 2 processes took {two:.0f} s against {one:.0f} s for one: "
