@@ -52,8 +52,7 @@ def fits(spec: LayerSpec, shape: tuple[int, ...]) -> bool:
 
 
 class KLinearGrid(Tunable):
-    """One linear on a K grid: the interface of autoround.LinearGrid (params, clamp_, qdq, result;
-    snapshot and restore from Tunable)."""
+    """One linear on a K grid: the interface of autoround.LinearGrid (params, clamp_, qdq, result)."""
 
     def __init__(self, w: torch.Tensor, spec: LayerSpec) -> None:
         from qtool.formats.gguf.quants import T, quantize_tensor
