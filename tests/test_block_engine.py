@@ -284,3 +284,18 @@ def test_heap_trim_can_be_turned_off(monkeypatch):
 
     monkeypatch.setenv("QTOOL_MALLOC_TRIM", "0")
     assert heap.trim() is False
+
+
+def test_a_pass_run_for_its_hooks_holds_no_outputs():
+    """BlockInputs.run(outputs=False) (the statistics passes of GPTQ, AWQ, importance RTN): every
+    sample reaches the hooks, and no output is kept for the caller to drop at the end."""
+    from qtool.methods.base import BlockInputs
+
+    block = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    seen = []
+    block[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
+    hidden = [torch.randn(1, 4, 8) for _ in range(5)]
+    inputs = BlockInputs("b", hidden, ((), {}), torch.device("cpu"))
+    assert inputs.run(block, outputs=False) == [None] * 5 and len(seen) == 5
+    outs = inputs.run(block)
+    assert all(torch.equal(o, block(h)) for o, h in zip(outs, hidden))

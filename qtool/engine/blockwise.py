@@ -361,7 +361,7 @@ def group_hessians(block: torch.nn.Module, inputs, group: list[str], stop_after:
         stop_after = hooked[-1]
     collector = HessianCollector({m: block.get_submodule(m) for m in hooked}, stop_after=stop_after)
     try:
-        inputs.run(block, before_each=collector.new_pass)
+        inputs.run(block, before_each=collector.new_pass, outputs=False)
     finally:
         collector.remove()
     for m in group:

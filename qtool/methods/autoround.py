@@ -602,7 +602,7 @@ def rtn_block(block: torch.nn.Module, specs: dict[str, LayerSpec], inputs: Block
     names = list(specs)
     col = ImportanceCollector(block, names)
     try:
-        inputs.run(block)
+        inputs.run(block, outputs=False)
     finally:
         col.remove()
     return {m: importance_rtn(weights[m] if weights else block.get_submodule(m).weight, specs[m], col.mean_x2(m), params)

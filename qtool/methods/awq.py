@@ -177,7 +177,7 @@ class AWQMethod(BlockMethod):
 
         c = HessianCollector({g[0]: block.get_submodule(g[0]) for g in groups}, vectors=True)
         try:
-            inputs.run(block, before_each=c.new_pass)
+            inputs.run(block, before_each=c.new_pass, outputs=False)
         finally:
             c.remove()
         out = {}
