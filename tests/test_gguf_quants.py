@@ -122,6 +122,52 @@ def test_chunking_does_not_change_bytes(ggml_ref, qtype, monkeypatch):
         assert _diff_blocks(ours, ggml_ref.quantize(x, qtype, w), qtype) == 0
 
 
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q5_1], ids=ids)
+def test_signed_zero_min_matches_llama_cpp(ggml_ref, qtype):
+    """A block whose smallest value is a zero stores the sign of its first zero as the min (C's running
+    `if (v < min) min = v`), with and without an importance matrix; torch's amin may return either."""
+    rng = np.random.default_rng(9)
+    x = np.abs(rng.standard_normal((16, 512))).astype(np.float32)
+    x[:, ::5] = 0.0
+    x[:, 2::7] = -0.0
+    x[0] = np.where(rng.random(512) < 0.5, 0.0, -0.0)      # all-zero blocks of both signs
+    x[1] = -x[1]                                             # max a zero
+    for r in range(2, 16):
+        x[r, rng.random(512) < 0.3] = rng.choice(np.array([0.0, -0.0], np.float32))
+    for im in (None, _imatrix(512, seed=10)):
+        ours = quantize_tensor(torch.from_numpy(x), qtype, None if im is None else torch.from_numpy(im))
+        assert _diff_blocks(ours, ggml_ref.quantize(x, qtype, im), qtype) == 0
+
+
+@pytest.mark.parametrize("qtype", sorted(IMATRIX_SUPPORTED, key=int), ids=ids)
+def test_overflowing_imatrix_matches_llama_cpp(ggml_ref, qtype):
+    """Importance values near float32's max overflow the weights and the searches' sums: NaN scales,
+    stored as fp16 NaN and requantized against GGML_FP16_TO_FP32's NaN (sign | 0x7FC00000; torch's
+    half->float gives 0x7FFFFFFF, whose nearest_int differs). Whatever rows share a chunk."""
+    x = _edge_data(24, 2304, seed=11)
+    x[6] *= 1e17                                             # squares near float32's max
+    for im in (np.full(2304, 3e38, np.float32), _imatrix(2304, seed=12) * np.float32(1e30)):
+        ref = ggml_ref.quantize(x, qtype, im)
+        for rows in (slice(0, 24), slice(2, 7), slice(6, 7)):
+            ours = quantize_tensor(torch.from_numpy(x[rows]), qtype, torch.from_numpy(im))
+            assert _diff_blocks(ours, ref[rows], qtype) == 0, rows
+
+
+@pytest.mark.parametrize("qtype", sorted(IMATRIX_SUPPORTED, key=int), ids=ids)
+def test_nonfinite_row_bytes_do_not_depend_on_the_chunk(qtype):
+    """A row holding NaN/inf is not guaranteed llama.cpp's bytes, but its bytes are its own: the same
+    whatever rows share its chunk (the C backend hands such rows to the reference on their own)."""
+    x = torch.from_numpy(_edge_data(24, 3072, seed=7, extreme=True))
+    x[20, 100] = float("nan")
+    x[21, 5] = float("inf")
+    x[23] = float("nan")
+    im = torch.from_numpy(_imatrix(3072, seed=3))
+    for w in (None, im):
+        full = quantize_tensor(x, qtype, w)
+        for r in (20, 21, 23):
+            assert np.array_equal(quantize_tensor(x[r:r + 1], qtype, w)[0], full[r]), r
+
+
 @pytest.mark.slow
 def test_byte_identical_on_smollm2_weights(ggml_ref, smollm2_dir):
     """Real weights (bf16) of a few layers. The ref path quantizes the flat tensor, so rows of 576 are

@@ -1,10 +1,11 @@
 /* GGUF block quantizers in C: the CPU backend of the `gguf_quantize` / `gguf_dequantize` kernels.
  *
  * The reference is qtool/formats/gguf/quants.py (pure torch); this file computes the same bytes,
- * operation for operation in float32, for the types and cases it takes (no importance matrix):
- * Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q4_K Q5_K Q6_K. tests/test_kernels_gguf.py holds it byte-equal
- * to the reference. Exactness needs IEEE float32 arithmetic without contraction: build with
- * -ffp-contract=off and without -ffast-math (setup.py does).
+ * operation for operation in float32, for Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q4_K Q5_K Q6_K, without
+ * an importance matrix (llama.cpp's quantize_row_*_ref) and with one (quantize_row_*_impl with
+ * quant_weights; Q8_0 ignores it). tests/test_kernels_gguf.py holds it byte-equal to the reference.
+ * Exactness needs IEEE float32 arithmetic without contraction: build with -ffp-contract=off and
+ * without -ffast-math (setup.py does).
  *
  * Rows containing NaN or inf are not quantized here: the functions return the first such row so
  * the caller can run the reference on it (the reference pins C's undefined corners explicitly).
@@ -166,7 +167,9 @@ static float q3_quants(int n, int nmax, const float *x, uint8_t *Lout) {
     return suml2 > 0.f ? sumlx / suml2 : 0.f;
 }
 
-/* make_qkx2_quants: affine search; returns the scale, *the_min = -min (>= 0), L in 0..nmax */
+/* make_qkx2_quants: affine search; returns the scale, *the_min = -min (>= 0), L in 0..nmax. Also
+ * make_qkx3_quants, which the importance paths call: for non-NULL weights and finite x the two are
+ * the same operations (qkx3's `max <= min` is qkx2's !(max > min) there) */
 static float qkx2_quants(int n, int nmax, const float *x, const float *w, uint8_t *L, float *the_min,
                          float rmin, float rdelta, int nstep, int use_mad) {
     uint8_t Laux[32];

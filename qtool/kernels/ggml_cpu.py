@@ -6,7 +6,10 @@ built elsewhere (the tests build one when the package's is missing); `QTOOL_KERN
 turns every backend off. ctypes releases the GIL for the call, so rows are split over Python threads
 (`QTOOL_GGUF_THREADS`, default the CPUs this process may use).
 
-Rows holding NaN or inf are handed back to the reference (the C code reports them).
+With an importance matrix (one float per column, llama.cpp's `quant_weights`) the C file runs
+llama.cpp's `quantize_row_*_impl` searches for Q4_0, Q4_1, Q5_0, Q5_1 and Q2_K..Q6_K (Q8_0 ignores it,
+as llama.cpp does); a non-finite or mis-sized imatrix goes to the reference. Rows holding NaN or inf
+are handed back to the reference (the C code reports them).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-ABI_VERSION = 1
-# ggml type id -> (block size, bytes per block): the types the C file quantizes (no importance matrix)
+ABI_VERSION = 2
+# ggml type id -> (block size, bytes per block): the types the C file quantizes, with or without an
+# importance matrix (Q8_0 takes one and ignores it)
 TYPES = {2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
          10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
 _MIN_ROWS_PER_TASK = 16
@@ -51,6 +55,9 @@ def _load(path: str | None = None):
         lib.qtool_ggml_quantize.restype = ctypes.c_int64
         lib.qtool_ggml_quantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                             ctypes.c_void_p, ctypes.c_void_p]
+        lib.qtool_ggml_quantize_w.restype = ctypes.c_int64
+        lib.qtool_ggml_quantize_w.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         lib.qtool_ggml_dequantize.restype = ctypes.c_int
         lib.qtool_ggml_dequantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
         return lib
@@ -76,9 +83,23 @@ def threads() -> int:
         return os.cpu_count() or 1
 
 
+def _imatrix_array(imatrix, cols: int) -> np.ndarray | None:
+    """The importance matrix as the C code takes it (float32, one per column), or None where the C code
+    must not take it: a size other than `cols` (the reference raises its error) or a non-finite value."""
+    import torch
+
+    qw = torch.as_tensor(imatrix).detach().to("cpu", torch.float32).reshape(-1)   # as the reference reads it
+    if qw.numel() != cols or not bool(torch.isfinite(qw).all()):
+        return None
+    return np.ascontiguousarray(qw.numpy())
+
+
 def supports_quantize(x, qtype, imatrix=None) -> bool:
-    return (imatrix is None and int(qtype) in TYPES and x.dim() == 2 and x.is_floating_point()
-            and x.shape[1] % TYPES[int(qtype)][0] == 0 and x.shape[0] > 0)
+    if not (int(qtype) in TYPES and x.dim() == 2 and x.is_floating_point()
+            and x.shape[1] % TYPES[int(qtype)][0] == 0 and x.shape[0] > 0):
+        return False
+    # Q8_0 ignores an importance matrix (as the reference does); the others need one float per column
+    return imatrix is None or int(qtype) == 8 or _imatrix_array(imatrix, x.shape[1]) is not None
 
 
 def supports_dequantize(data, qtype) -> bool:
@@ -110,6 +131,11 @@ def quantize_with_error(x, qtype, imatrix=None, error: bool = True) -> tuple[np.
     rows, cols = x.shape
     xf = x.detach().to("cpu", torch.float32).contiguous()
     a = xf.numpy()
+    qw = None
+    if imatrix is not None and t != 8:
+        qw = _imatrix_array(imatrix, cols)
+        if qw is None:
+            raise ValueError(f"_ggml_blocks: the importance matrix must hold {cols} finite values (one per column)")
     out = np.empty((rows, cols // bs * ts), dtype=np.uint8)
     bad: list[int] = []
     sums: list[np.ndarray] = []
@@ -120,8 +146,9 @@ def quantize_with_error(x, qtype, imatrix=None, error: bool = True) -> tuple[np.
         if error:
             sums.append(err)
         while r0 < r1:
-            done = lib.qtool_ggml_quantize(t, a[r0:r1].ctypes.data, r1 - r0, cols, out[r0:r1].ctypes.data,
-                                           err.ctypes.data if error else None)
+            done = lib.qtool_ggml_quantize_w(t, a[r0:r1].ctypes.data, r1 - r0, cols,
+                                             None if qw is None else qw.ctypes.data, out[r0:r1].ctypes.data,
+                                             err.ctypes.data if error else None)
             if done < 0:
                 raise RuntimeError(f"_ggml_blocks: type {t} with {cols} columns refused ({done})")
             if r0 + done >= r1:
@@ -139,7 +166,7 @@ def quantize_with_error(x, qtype, imatrix=None, error: bool = True) -> tuple[np.
         from qtool.formats.gguf.quants import quantize_tensor
 
         idx = torch.tensor(sorted(bad))
-        out[idx.numpy()] = quantize_tensor(xf[idx], qtype)
+        out[idx.numpy()] = quantize_tensor(xf[idx], qtype, imatrix)
         if error:
             sums.append(np.array([float("nan"), float("nan")]))
     if not error:

@@ -19,7 +19,11 @@ operation in float32:
 * `sqrtf` goes through numpy: torch.sqrt on CPU may use MKL's vector math, off by one ulp for some
   inputs (that alone made ~1% of imatrix blocks differ);
 * float->int8/uint8 stores wrap modulo 256 like the C assignments do; fp16 stores are torch's
-  round-to-nearest-even with NaN canonicalised to 0x7E00 like `GGML_FP32_TO_FP16`.
+  round-to-nearest-even with NaN canonicalised to 0x7E00 like `GGML_FP32_TO_FP16`, and such a NaN
+  decodes as `GGML_FP16_TO_FP32` does (sign | 0x7FC00000, not torch's 0x7FFFFFFF: a NaN scale, which
+  overflowing importance weights produce, is requantized through nearest_int's mantissa bits);
+* running minima/maxima keep C's first-of-equals (a zero extreme has its first zero's sign, which
+  Q4_1/Q5_1 store) and `MAX(max, x)`'s NaN behaviour (`_first_extreme`, `_make_qp_quants`).
 
 C's undefined corners are pinned to what GCC emits on x86-64 (float->int8 casts of inf/NaN or
 out-of-range values, `nearest_int` beyond 2^22), so even subnormal or fp16-overflowing inputs match.
@@ -126,6 +130,15 @@ def _signed_absmax(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tenso
     return amax, mx
 
 
+def _first_extreme(x: torch.Tensor, dim: int, largest: bool) -> torch.Tensor:
+    """amax/amin along `dim` as C's running `if (v > m) m = v;` / `if (v < m) m = v;` finds it: the first of
+    equal extremes. Only a zero extreme can tell them apart (+0 == -0): it keeps the sign of the first zero
+    (torch's reductions may return either), which shows in Q4_1/Q5_1's stored fp16 min."""
+    m = x.amax(dim) if largest else x.amin(dim)
+    first_zero = x.gather(dim, (x == 0).to(torch.uint8).argmax(dim, keepdim=True)).squeeze(dim)
+    return torch.where(m == 0, first_zero, m)
+
+
 def _pos_max(v: torch.Tensor) -> torch.Tensor:
     """`float m = 0; for (...) if (v > m) m = v;` over dim 1 (so +0, never -0, when nothing is > 0)."""
     m = v.amax(1)
@@ -133,14 +146,17 @@ def _pos_max(v: torch.Tensor) -> torch.Tensor:
 
 
 def _fp16(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """GGML_FP32_TO_FP16: (int16 bit pattern, the float32 value it decodes to)."""
+    """GGML_FP32_TO_FP16: (int16 bit pattern, the float32 value GGML_FP16_TO_FP32 decodes it to)."""
     h = v.half()
     bits = h.view(torch.int16)
     nan = v.isnan()
     if bool(nan.any()):
-        sign = (v.view(torch.int32) < 0).to(torch.int16) * -32768
-        bits = torch.where(nan, sign | 0x7E00, bits)
-        h = bits.view(torch.float16)
+        neg = v.view(torch.int32) < 0
+        bits = torch.where(nan, (neg.to(torch.int16) * -32768) | 0x7E00, bits)
+        # ggml decodes sign|0x7E00 to sign|0x7FC00000 (the payload shifted up); torch's half->float gives
+        # 0x7FFFFFFF, a NaN whose nearest_int (the mantissa bits) differs when a NaN scale is requantized
+        nan_f = torch.where(neg, -4194304, 0x7FC00000).to(torch.int32).view(torch.float32)
+        return bits, torch.where(nan, nan_f, h.float())
     return bits, h.float()
 
 
@@ -252,8 +268,8 @@ def _make_qkx_quants(X: torch.Tensor, W: torch.Tensor, nmax: int, rmin: float, r
     """make_qkx2_quants / make_qkx3_quants (identical for non-NULL weights and finite input)
     -> (scale [B], the_min [B] (>= 0, stored as a positive offset), L [n, B] in 0..nmax)."""
     n, B = X.shape
-    mn = X.amin(0)
-    mx = X.amax(0)
+    mn = _first_extreme(X, 0, largest=False)
+    mx = _first_extreme(X, 0, largest=True)
     mn_data = mn
     sum_w = _seqsum(W, start_zero=False)
     sum_x = _seqsum(W * X, start_zero=False)
@@ -312,7 +328,9 @@ def _make_qkx_quants(X: torch.Tensor, W: torch.Tensor, nmax: int, rmin: float, r
 def _make_qp_quants(X: torch.Tensor, nmax: int, QW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """make_qp_quants(n, nmax, x, L, quant_weights) -> (scale [B], L [n, B] as stored in uint8 (0..255))."""
     n, B = X.shape
-    mx = X.amax(0).clamp_min(0.0)
+    mx = torch.zeros_like(X[0])
+    for i in range(n):   # `max = MAX(max, x[i])`, i.e. max > x ? max : x: a NaN is kept only until the next element
+        mx = torch.where(mx > X[i], mx, X[i])
     zero = mx < GROUP_MAX_EPS
     iscale0 = _rdiv(float(nmax), mx)
     c = [_f32(np.float32(0.1) * np.float32(i) + np.float32(nmax)) for i in range(-4, 5) if i]
@@ -421,8 +439,8 @@ def _q5_0(x, qw, sigma2):
 
 def _q4_1_like(x, qw, sigma2, nmax):
     if qw is None:
-        mn = x.amin(1)
-        mx = x.amax(1)
+        mn = _first_extreme(x, 1, largest=False)
+        mx = _first_extreme(x, 1, largest=True)
         d = (mx - mn) / float(nmax)
         idv = torch.where(d != 0, _rdiv(1.0, d), 0.0)
         L = _c_int8((x - mn[:, None]) * idv[:, None] + 0.5)
