@@ -10,7 +10,7 @@ MODEL_DIR := $(CACHE)/SmolLM2-135M-Instruct-bf16
 DEMO_OUT := $(CACHE)/demo/SmolLM2-135M-Instruct-rtn-w4g64
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: setup model demo test bench bench-speed bench-scale clean llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv llmcompressor-venv aqlm-venv
+.PHONY: setup model demo test bench bench-speed bench-scale bench-autoround-gguf clean llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv llmcompressor-venv aqlm-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -58,9 +58,14 @@ $(GPTQ_VENV)/.installed:
 # auto-round 0.16.1 added to the GPTQ venv (~25 s on top of it, no version changes there): its
 # pure-torch kernel loads `-f auto-round` symmetric checkpoints, and the asymmetric (AWQ-packed) ones
 # need gptqmodel beside it; the judge in tests/test_autoround_format.py.
-autoround-venv: $(GPTQ_VENV)/.autoround
+autoround-venv: $(GPTQ_VENV)/.autoround $(GPTQ_VENV)/.autoround-gguf
 $(GPTQ_VENV)/.autoround: $(GPTQ_VENV)/.installed
 	$(GPTQ_VENV)/bin/pip install -q -c $(CACHE)/gptq-constraints.txt auto-round==0.16.1
+	touch $@
+# + gguf and sentencepiece (nothing else installed or changed): AutoRound's `gguf:*` exports, the peer rows of
+# tests/bench/autoround_gguf_bench.py (without sentencepiece the export fails only at the end of a run).
+$(GPTQ_VENV)/.autoround-gguf: $(GPTQ_VENV)/.autoround
+	$(GPTQ_VENV)/bin/pip install -q -c $(CACHE)/gptq-constraints.txt gguf==0.19.0 sentencepiece==0.2.3
 	touch $@
 
 # transformers' on-the-fly routes (bitsandbytes 0.50 CPU backend, torchao 0.18, fine-grained FP8 dequantizing
@@ -125,6 +130,12 @@ bench-speed: model llama-cpp
 # budgets (tests/bench/results/scale.md; about an hour on 2 cores).
 bench-scale: model
 	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/scale_bench.py --out tests/bench/results
+
+# Learned rounding to GGUF (Q4_K_M, Q4_0): qtool -m autoround against AutoRound's gguf export and
+# llama-quantize with and without an imatrix, all scored by llama-perplexity
+# (tests/bench/results/autoround-gguf.md; about an hour on 2 cores).
+bench-autoround-gguf: model llama-cpp autoround-venv
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/autoround_gguf_bench.py --out tests/bench/results
 
 clean:
 	rm -rf $(CACHE)/demo

@@ -52,17 +52,31 @@ def _qtool_row(key: str, label: str, flags: list[str], qtool: str, env: dict, mo
     return row
 
 
-def _peer_row(key: str, bits: int, group: int, iters: int, py: Path, env: dict, model: Path, calib_json: Path, work: Path,
-              scoring: gb.Scoring) -> dict:
-    out, result = work / f"autoround-{key}", work / f"autoround-{key}.json"
+def write_calibration(model: Path, text: Path, samples: int, seq_len: int, path: Path):
+    """qtool's calibration windows (what `qtool quantize --dataset TEXT` picks), also written to `path`
+    as peer_autoround.py's CALIB.json; returns them."""
+    calib = gb.calibration_windows(model, text, samples, seq_len)
+    path.write_text(json.dumps({"input_ids": calib.input_ids.tolist()}))
+    return calib
+
+
+def run_peer(py: Path, env: dict, model: Path, calib_json: Path, out: Path, result: Path, args: list, work: Path) -> tuple[dict, dict]:
+    """peer_autoround.py MODEL CALIB OUT RESULT *args in the GPTQ venv, measured: (measured fields, its RESULT.json)."""
     result.unlink(missing_ok=True)
-    cmd = [py, PEER_SCRIPT, model, calib_json, out, result, "--bits", bits, "--group-size", group, "--iters", iters]
     peer_env = {**env, "PYTHONNOUSERSITE": "1"}
     peer_env.pop("PYTHONPATH", None)
-    m, row = gb._measured(cmd, peer_env, work)
+    _, row = gb._measured([py, PEER_SCRIPT, model, calib_json, out, result, *args], peer_env, work)
+    return row, json.loads(result.read_text())
+
+
+def _peer_row(key: str, bits: int, group: int, iters: int, py: Path, env: dict, model: Path, calib_json: Path, work: Path,
+              scoring: gb.Scoring) -> dict:
+    out = work / f"autoround-{key}"
+    row, peer = run_peer(py, env, model, calib_json, out, work / f"autoround-{key}.json",
+                         ["--bits", bits, "--group-size", group, "--iters", iters], work)
     folder = next(p.parent for p in sorted(out.rglob("config.json")))  # AutoRound saves into a sub-folder
     row.update({"key": key, "label": f"AutoRound {bits}-bit g{group}, {iters} iters", "tool": "AutoRound",
-                "peer": json.loads(result.read_text()), "size_bytes": gb.folder_bytes(folder), **gb.gptq_bpw(folder)})
+                "peer": peer, "size_bytes": gb.folder_bytes(folder), **gb.gptq_bpw(folder)})
     row["eval"] = scoring.score_gptq_folder(folder)
     return row
 
@@ -77,9 +91,8 @@ def run_autoround_section(model: Path, text: Path, work: Path, qtool: str, env: 
     work = work / "autoround"
     work.mkdir(parents=True, exist_ok=True)
     env = {**env, **gb.OMP_POLICY}
-    calib = gb.calibration_windows(model, text, samples, seq_len)
     calib_json = work / "calibration-ids.json"
-    calib_json.write_text(json.dumps({"input_ids": calib.input_ids.tolist()}))
+    calib = write_calibration(model, text, samples, seq_len, calib_json)
     ev = eval_windows(load_tokenizer(model), text, "eval", gb.EVAL_SEQ_LEN, windows)
     sec: dict = {"date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "load_average_at_start": os.getloadavg(),
                  "qtool_code_at_start": qtool_state(), "rows": [],

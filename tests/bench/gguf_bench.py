@@ -195,9 +195,9 @@ def llama_convert(tools, src: Path, out: Path) -> dict:
     return _measure(cmd, _convert_env(tools), "convert_hf_to_gguf.py")
 
 
-def llama_quantize(tools, src: Path, out: Path, qtype: str) -> dict:
-    cmd = [tools.quantize, src, out, qtype, str(THREADS)]
-    return _measure(cmd, dict(os.environ), f"llama-quantize {qtype}")
+def llama_quantize(tools, src: Path, out: Path, qtype: str, imatrix: Path | None = None) -> dict:
+    cmd = [tools.quantize, *(["--imatrix", imatrix] if imatrix else []), src, out, qtype, str(THREADS)]
+    return _measure(cmd, dict(os.environ), f"llama-quantize {qtype}" + (" --imatrix" if imatrix else ""))
 
 
 def _pair_total(steps: dict) -> dict:
