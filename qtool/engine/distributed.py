@@ -50,7 +50,7 @@ class Comm:
         self.device = device or torch.device("cpu")  # where collective buffers live (nccl: this rank's GPU)
         self.bytes_reduced = 0  # payload bytes this rank put into all-reduces
         self.collectives = 0
-        self.solved = [0, 0]  # layers whose solve this rank ran, of all it took part in (methods that split them)
+        self.solved = [0, 0]  # weight rows this rank solved, of all in the solves it took part in (GPTQ splits them)
 
     @property
     def active(self) -> bool:
@@ -154,7 +154,7 @@ class Comm:
         out = {"world_size": self.world, "backend": self.backend, "bytes_all_reduced": self.bytes_reduced,
                "collectives": self.collectives}
         if self.solved[1]:
-            out["layers_solved_here"], out["layers_solved_in_all"] = self.solved
+            out["rows_solved_here"], out["rows_solved_in_all"] = self.solved
         return out
 
     def close(self) -> None:

@@ -35,6 +35,7 @@ share one Hessian; `GPTQMethod` factors it once for all of them (`factor_hessian
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
@@ -363,6 +364,42 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float
     return float(torch.einsum("oi,ij,oj->", D, H.float(), D))
 
 
+# -- split over processes ---------------------------------------------------------------------------
+MIN_CHUNK_ROWS = 64  # rows below which a linear is not cut further (the column loop's fixed cost per chunk)
+
+
+def row_chunks(shapes: list[tuple[int, int]], world: int) -> list[tuple[int, int, int]]:
+    """(linear index, first row, end row) chunks of a group's linears for `world` ranks: each linear
+    cut into ceil(its cost / a rank's share of the group's) equal runs of rows (cost out x in²), at
+    most `world`, none under MIN_CHUNK_ROWS rows: q/k/v on 2 ranks gives q halved, k and v whole; a
+    lone linear (o, down) is cut in `world`. Each chunk pays the column loop's fixed cost again, so
+    small linears stay whole."""
+    costs = [o * i * i for o, i in shapes]
+    per_rank = sum(costs) / world
+    out = []
+    for k, ((rows, _), c) in enumerate(zip(shapes, costs)):
+        n = max(1, min(world, math.ceil(c / per_rank - 1e-9) if per_rank else 1, rows // MIN_CHUNK_ROWS))
+        bounds = [rows * j // n for j in range(n + 1)]
+        out += [(k, a, b) for a, b in zip(bounds, bounds[1:])]
+    return out
+
+
+def merge_rows(parts: list[tuple[QuantizedWeight, dict]]) -> tuple[QuantizedWeight, dict]:
+    """Row chunks of one linear's solve (in row order) -> the whole linear's: codes, scales and zero
+    points stacked; g_idx and the factor's figures are the chunks' common ones; the losses add up."""
+    from dataclasses import replace
+
+    if len(parts) == 1:
+        return parts[0]
+    qws = [q for q, _ in parts]
+    cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
+    qw = replace(qws[0], codes=cat([q.codes for q in qws]), scale=cat([q.scale for q in qws]),
+                 zero_point=cat([q.zero_point for q in qws]))
+    st = dict(parts[0][1])
+    st["loss"] = sum(s["loss"] for _, s in parts)
+    return qw, st
+
+
 # -- the method -------------------------------------------------------------------------------------
 @METHODS.register("gptq")
 class GPTQMethod(BlockMethod):
@@ -414,28 +451,34 @@ class GPTQMethod(BlockMethod):
 
     def _solve_group(self, block, group: list[str], specs: dict[str, LayerSpec], collector, comm) -> dict:
         """{linear: (QuantizedWeight, stats)} for a group whose Hessians are final. Over several
-        processes every rank holds the same all-reduced Hessians, so the solves are split: each rank
-        solves its share of the group's linears (balanced by out × in², the solve's cost) and the
-        results are exchanged; the bytes are those every rank would have computed alone."""
-        shapes = [block.get_submodule(m).weight.shape for m in group]
-        mine = comm.assign([float(o) * i * i for o, i in shapes]) if comm.active else [0] * len(group)
-        solved = {}
-        for m, r in zip(group, mine):
-            if r != comm.rank:
-                continue
-            # float32 copy of the checkpoint's values (exact); the engine's spec carries the scale dtype
-            qw, st = self.quantize_with_stats(block.get_submodule(m).weight.detach(), specs[m], collector.hessian(m))
-            solved[m] = (qw, asdict(st))
-        if comm.active:
-            comm.solved[0] += len(solved)
-            comm.solved[1] += len(group)
-            from qtool.engine.block_engine import _on_cpu
+        processes every rank holds the same all-reduced Hessians, and GPTQ's rows are independent
+        given the Hessian's factor, so the solves are split by rows: each linear's rows are cut into
+        chunks (`row_chunks`), each rank solves its chunks, and the results are exchanged and put
+        back together. A row's codes do not depend on the rows solved beside it (the same bytes as
+        one process at the same threads per process: tests/test_distributed.py)."""
+        weights = {m: block.get_submodule(m).weight.detach() for m in group}
+        if not comm.active:
+            return {m: self._solve(weights[m], specs[m], collector.hessian(m)) for m in group}
+        from qtool.engine.block_engine import _on_cpu
 
-            for part in comm.all_gather_object({m: (_on_cpu(qw), st) for m, (qw, st) in solved.items()},
-                                               what="the exchange of a group's GPTQ solves"):
-                for m, v in part.items():
-                    solved.setdefault(m, v)
-        return {m: solved[m] for m in group}
+        chunks = row_chunks([tuple(weights[m].shape) for m in group], comm.world)
+        owner = comm.assign([float(r1 - r0) * weights[group[i]].shape[1] ** 2 for i, r0, r1 in chunks])
+        mine = {}
+        for (i, r0, r1), r in zip(chunks, owner):
+            if r == comm.rank:
+                m = group[i]
+                qw, st = self._solve(weights[m][r0:r1], specs[m], collector.hessian(m))
+                mine[(i, r0)] = (_on_cpu(qw), st)
+        comm.solved[0] += sum(r1 - r0 for (i, r0, r1), r in zip(chunks, owner) if r == comm.rank)
+        comm.solved[1] += sum(w.shape[0] for w in weights.values())
+        parts = {}
+        for d in comm.all_gather_object(mine, what="the exchange of a group's GPTQ solves"):
+            parts.update(d)
+        return {m: merge_rows([parts[(j, r0)] for j, r0, _ in chunks if j == i]) for i, m in enumerate(group)}
+
+    def _solve(self, w: torch.Tensor, spec: LayerSpec, H: torch.Tensor) -> tuple[QuantizedWeight, dict]:
+        qw, st = self.quantize_with_stats(w, spec, H)  # w: float32 copy of the checkpoint's values (exact)
+        return qw, asdict(st)
 
     def quantize_block(self, block, inputs: BlockInputs, specs: dict[str, LayerSpec], targets, progress: MethodProgress) -> BlockResult:
         """One block, true-sequential (engine/blockwise.py's docstring): per input group, the
