@@ -267,14 +267,16 @@ def test_heap_trim_hands_fragmented_free_heap_back():
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
 
     heap.trim()
-    blocks = [torch.ones(16 * 1024) for _ in range(4000)]  # 64 KiB each: heap, not their own mappings
-    pin = torch.ones(16 * 1024)  # the newest chunk sits above the others: free() alone cannot shrink the heap
+    blocks, pins = [], []
+    for _ in range(4000):  # 64 KiB each (heap, not their own mappings), each followed by a small live one:
+        blocks.append(torch.ones(16 * 1024))  # freed, they cannot merge into the heap's top, so free()
+        pins.append(torch.ones(16))  # alone gives nothing back, whatever the heap held before
     before = anon()
     del blocks
     freed = anon()
     assert heap.trim() is True
     after = anon()
-    del pin
+    del pins
     assert before - freed < 64 << 20, "free() alone returned the memory: the test shows nothing here"
     assert freed - after > 150 << 20, f"trim released {(freed - after) >> 20} MiB of ~250"
 
