@@ -152,11 +152,24 @@ def scaling_notes(rows: list[dict], cores: int) -> list[str]:
     smol = 2 * 576 ** 2 + 1536 ** 2 + 576 ** 2  # q/k/v, o share hidden-width inputs; gate/up hidden; down intermediate
     notes.append(f"All-reduce volume per block (GPTQ, measured): {per_block / MIB:.1f} MiB per rank = the float64 Hessians of the "
                  f"block's distinct linear inputs (SmolLM2: 3 x 576² + 1536² entries x 8 B = {smol * 8 / MIB:.1f} MiB, "
-                 "plus one small exchange of owner maps per group): independent of the number of windows.")
-    def _split_share(h: int, inter: int, kv: int = 1024) -> float:
-        """The largest solve per group (q, o, gate, down) over all of a block's solves, cost out x in²."""
-        c = lambda o, n: o * n * n  # noqa: E731
-        return (2 * c(h, h) + c(inter, h) + c(h, inter)) / (2 * c(h, h) + 2 * c(kv, h) + 2 * c(inter, h) + c(h, inter))
+                 "plus small pickled agreements): independent of the number of windows; the solved rows' codes and scales "
+                 "then go to every rank (all_gather_object, ~1 byte per weight, not counted in this column).")
+
+    def _slowest_rank_share(h: int, inter: int, ranks: int = 8, kv: int = 1024) -> float:
+        """The busiest rank's share of a block's GPTQ solve cost (out x in² per row chunk), with the
+        block's groups cut and assigned exactly as a run does (gptq.row_chunks, Comm.assign)."""
+        from qtool.engine.distributed import Comm
+        from qtool.methods.gptq import row_chunks
+
+        comm, busiest, total = Comm(world=ranks), 0.0, 0.0
+        for shapes in ([(h, h), (kv, h), (kv, h)], [(h, h)], [(inter, h), (inter, h)], [(h, inter)]):
+            chunks = row_chunks(shapes, ranks)
+            costs = [float(r1 - r0) * shapes[i][1] ** 2 for i, r0, r1 in chunks]
+            load = [0.0] * ranks
+            for c, r in zip(costs, comm.assign(costs)):
+                load[r] += c
+            busiest, total = busiest + max(load), total + sum(costs)
+        return busiest / total
 
     for name, h, inter, layers in (("Llama-3.1-8B", 4096, 14336, 32), ("Llama-3.1-70B", 8192, 28672, 80)):
         vol = (3 * h * h + inter * inter) * 8
@@ -166,16 +179,18 @@ def scaling_notes(rows: list[dict], cores: int) -> list[str]:
                      f"~{t_ar * 1e3:.0f} ms per block at ~150 GB/s NVLink ring bandwidth, x{layers} blocks = "
                      f"~{t_ar * layers:.0f} s in all; the forward passes (the part that shrinks 8x with 8 ranks) cost "
                      f"~2 x params x tokens FLOPs per pass, tens of minutes for 128 x 2048 tokens on one GPU, so the all-reduce "
-                     "is a small share. The per-layer GPTQ solves are split across the ranks (each group's linears, balanced by "
-                     "out x in²; `layers_solved_here` in the run report), but a group holds at most 3 linears and down_proj's "
-                     "solve (out x in², in = the MLP width) is most of a block's: on these shapes the slowest rank still runs "
-                     f"~{_split_share(h, inter) * 100:.0f} % of the unsplit solve cost; splitting one linear's rows across ranks "
-                     "(GPTQ's rows are independent given the shared factor) is what would shrink it.")
+                     "is a small share. The per-layer GPTQ solves are split across the ranks by rows (GPTQ's rows are independent "
+                     "given the Hessian's factor; each linear cut into chunks of at least 64 rows, balanced by rows x in²; "
+                     "`rows_solved_here` in the run report): on these shapes the busiest of 8 ranks runs "
+                     f"~{_slowest_rank_share(h, inter) * 100:.1f} % of a block's solve cost (1/8 = 12.5 %); "
+                     "what is not split is the factorisation of each Hessian (~in³), "
+                     "which every rank holding rows of that linear repeats.")
     one, two = g["runs"][1].get("seconds"), g["runs"][2].get("seconds")
     if one and two:
         notes.append(f"On this {cores}-core machine (shared with other jobs) 2 processes took {two:.0f} s against {one:.0f} s for one: "
                      "2 processes on 2 cores buy no speed, since one process already uses both cores for its matrix products, and "
-                     "each rank repeats the GPTQ solve and pays torchrun's start-up and a second copy of the model's blocks; "
+                     "each rank pays torchrun's start-up, a second copy of the model's blocks and the factorisation of each Hessian it "
+                     "solves rows of; "
                      "the point of this section is correctness (identical bytes) and the measured communication volume, "
                      "which the 8-GPU estimate above is built on.")
     return notes
