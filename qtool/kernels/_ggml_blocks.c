@@ -564,6 +564,20 @@ static void q45_K_finish(const float *x, uint8_t *L, uint8_t *y, int nmax, const
     }
 }
 
+#ifdef QTOOL_VEC
+/* 8 sub-blocks of n elements, starting at sub-block 8*g, element-major (lane b = sub-block 8*g+b) */
+static ALWAYS_INLINE void gather8(const float *x, int n, int g, v8f *xt) {
+    for (int i = 0; i < n; ++i)
+        for (int b = 0; b < 8; ++b) xt[i][b] = x[n * (8 * g + b) + i];
+}
+
+/* the inverse for codes: lane b of Lt back to sub-block 8*g+b of L */
+static ALWAYS_INLINE void scatter8(const v8i *Lt, int n, int g, uint8_t *L) {
+    for (int b = 0; b < 8; ++b)
+        for (int i = 0; i < n; ++i) L[n * (8 * g + b) + i] = (uint8_t)Lt[i][b];
+}
+#endif
+
 /* ---- the K types without an importance matrix (quantize_row_*_ref) ---- */
 
 static ALWAYS_INLINE void q2_K_impl(const float *x, uint8_t *y, int vec) {
@@ -575,14 +589,11 @@ static ALWAYS_INLINE void q2_K_impl(const float *x, uint8_t *y, int vec) {
     for (int g = 0; g < 2; ++g) {
         v8f xt[16], wt[16], sv, mv;
         v8i Lt[16];
-        for (int i = 0; i < 16; ++i)
-            for (int b = 0; b < 8; ++b) xt[i][b] = x[16 * (8 * g + b) + i];
+        gather8(x, 16, g, xt);
         for (int i = 0; i < 16; ++i) wt[i] = vabs(xt[i]);
         qkx2_quants_x8(16, 3, xt, wt, Lt, &sv, &mv, -0.5f, 0.1f, 15, 1);
-        for (int b = 0; b < 8; ++b) {
-            scales[8 * g + b] = sv[b]; mins[8 * g + b] = mv[b];
-            for (int i = 0; i < 16; ++i) L[16 * (8 * g + b) + i] = (uint8_t)Lt[i][b];
-        }
+        for (int b = 0; b < 8; ++b) { scales[8 * g + b] = sv[b]; mins[8 * g + b] = mv[b]; }
+        scatter8(Lt, 16, g, L);
     }
     (void)w;
     } else
@@ -643,8 +654,7 @@ static ALWAYS_INLINE void q45_K_impl(const float *x, uint8_t *y, int nmax, int v
     {
         v8f xt[32], wt[32], sv, mv;
         v8i Lt[32];
-        for (int i = 0; i < 32; ++i)
-            for (int b = 0; b < 8; ++b) xt[i][b] = x[32 * b + i];
+        gather8(x, 32, 0, xt);
         v8f s2 = vsplat(0.f);
         for (int i = 0; i < 32; ++i) s2 += xt[i] * xt[i];
         v8f q = s2 / vsplat(32.f), av;
@@ -652,10 +662,8 @@ static ALWAYS_INLINE void q45_K_impl(const float *x, uint8_t *y, int nmax, int v
         for (int i = 0; i < 32; ++i) wt[i] = av + vabs(xt[i]);
         if (nmax == 15) qkx2_quants_x8(32, 15, xt, wt, Lt, &sv, &mv, -1.f, 0.1f, 20, 0);
         else qkx2_quants_x8(32, 31, xt, wt, Lt, &sv, &mv, -0.5f, 0.1f, 15, 0);
-        for (int b = 0; b < 8; ++b) {
-            scales[b] = sv[b]; mins[b] = mv[b];
-            for (int i = 0; i < 32; ++i) L[32 * b + i] = (uint8_t)Lt[i][b];
-        }
+        for (int b = 0; b < 8; ++b) { scales[b] = sv[b]; mins[b] = mv[b]; }
+        scatter8(Lt, 32, 0, L);
         (void)w;
     }
     for (int j = 0; j < 8; ++j) {
@@ -700,16 +708,11 @@ static ALWAYS_INLINE void q6_K_impl(const float *x, const float *qw, uint8_t *y,
     for (int g = 0; g < 2; ++g) {
         v8f xt[16], wt[16];
         v8i Lt[16];
-        for (int i = 0; i < 16; ++i)
-            for (int b = 0; b < 8; ++b) xt[i][b] = x[16 * (8 * g + b) + i];
-        if (qw)
-            for (int i = 0; i < 16; ++i)
-                for (int b = 0; b < 8; ++b) wt[i][b] = qw[16 * (8 * g + b) + i];
+        gather8(x, 16, g, xt);
+        if (qw) gather8(qw, 16, g, wt);
         v8f sv = qx_quants_x8(16, 32, xt, qw ? wt : NULL, Lt);
-        for (int b = 0; b < 8; ++b) {
-            scales[8 * g + b] = sv[b];
-            for (int i = 0; i < 16; ++i) L[16 * (8 * g + b) + i] = (uint8_t)Lt[i][b];
-        }
+        for (int b = 0; b < 8; ++b) scales[8 * g + b] = sv[b];
+        scatter8(Lt, 16, g, L);
     }
     } else
 #endif
@@ -762,14 +765,6 @@ static void k_weights(const float *x, const float *qw, float sigma2_mul, int sub
     }
 }
 
-#ifdef QTOOL_VEC
-/* 8 sub-blocks of n elements, starting at sub-block 8*g, element-major */
-static ALWAYS_INLINE void gather8(const float *x, int n, int g, v8f *xt) {
-    for (int i = 0; i < n; ++i)
-        for (int b = 0; b < 8; ++b) xt[i][b] = x[n * (8 * g + b) + i];
-}
-#endif
-
 static ALWAYS_INLINE void q2_K_w_impl(const float *x, const float *qw, uint8_t *y, int vec) {
     (void)vec;
     uint8_t L[QKK], Ls[16], Lm[16];
@@ -783,10 +778,8 @@ static ALWAYS_INLINE void q2_K_w_impl(const float *x, const float *qw, uint8_t *
         gather8(x, 16, g, xt);
         gather8(w, 16, g, wt);
         qkx2_quants_x8(16, 3, xt, wt, Lt, &sv, &mv, -0.9f, 0.05f, 36, 0);
-        for (int b = 0; b < 8; ++b) {
-            scales[8 * g + b] = sv[b]; mins[8 * g + b] = mv[b];
-            for (int i = 0; i < 16; ++i) L[16 * (8 * g + b) + i] = (uint8_t)Lt[i][b];
-        }
+        for (int b = 0; b < 8; ++b) { scales[8 * g + b] = sv[b]; mins[8 * g + b] = mv[b]; }
+        scatter8(Lt, 16, g, L);
     }
     } else
 #endif
@@ -813,10 +806,8 @@ static ALWAYS_INLINE void q3_K_w_impl(const float *x, const float *qw, uint8_t *
         gather8(x, 16, g, xt);
         gather8(w, 16, g, wt);
         v8f sv = qx_quants_x8(16, 4, xt, wt, Lt);
-        for (int b = 0; b < 8; ++b) {
-            scales[8 * g + b] = sv[b];
-            for (int i = 0; i < 16; ++i) L[16 * (8 * g + b) + i] = (uint8_t)Lt[i][b];
-        }
+        for (int b = 0; b < 8; ++b) scales[8 * g + b] = sv[b];
+        scatter8(Lt, 16, g, L);
     }
     } else
 #endif
@@ -845,10 +836,8 @@ static ALWAYS_INLINE void q45_K_w_impl(const float *x, const float *qw, uint8_t 
         gather8(x, 32, 0, xt);
         gather8(w, 32, 0, wt);
         qkx2_quants_x8(32, nmax, xt, wt, Lt, &sv, &mv, -0.9f, 0.05f, 36, 0);
-        for (int b = 0; b < 8; ++b) {
-            scales[b] = sv[b]; mins[b] = mv[b];
-            for (int i = 0; i < 32; ++i) L[32 * b + i] = (uint8_t)Lt[i][b];
-        }
+        for (int b = 0; b < 8; ++b) { scales[b] = sv[b]; mins[b] = mv[b]; }
+        scatter8(Lt, 32, 0, L);
     } else
 #endif
     {
