@@ -8,6 +8,7 @@ under Triton's interpreter (TRITON_INTERPRET=1) where triton is installed."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -143,14 +144,6 @@ def test_triton_linear_matches_the_reference(rows, dtype, asym):
     assert torch.equal(kernels.call("int4_linear", x, w, bias), got)  # the dispatcher picks it
 
 
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 _INTERPRETED = """
 import sys, torch
 sys.path.insert(0, {tests!r})
@@ -170,7 +163,7 @@ print("ok", err)
 
 
 # triton is a test dependency (pyproject [test]); without it (not Linux) there is no Triton code to run
-@pytest.mark.skipif(not _triton_importable(), reason="triton is not installed (pip install -e '.[test]' installs it on Linux)")
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install -e '.[test]' installs it on Linux)")
 @pytest.mark.parametrize("rows", [1, 20], ids=["gemv", "gemm"])
 @pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
 def test_triton_kernels_under_the_interpreter(rows, asym):
