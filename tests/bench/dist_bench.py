@@ -91,17 +91,23 @@ def _remove(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-RUNS = [  # label, command, flags, output leaf, blocks the engine runs (None: calibration-free)
-    ("GPTQ int4 g128", "quantize", ["-m", "gptq", "-b", "4", "-g", "128", "--samples", str(SAMPLES), "--seq-len", str(SEQ_LEN)], "gptq", True),
-    ("qtool calibrate", "calibrate", ["--samples", str(SAMPLES), "--seq-len", str(SEQ_LEN)], "stats.safetensors", True),
-    ("RTN int4 g64", "quantize", ["-b", "4", "-g", "64"], "rtn", False),
-    ("GGUF Q4_K_M", "quantize", ["-f", "gguf", "-t", "Q4_K_M"], "q4km.gguf", False),
+BIG_SAMPLES = 16  # the 1.1 B rows: half the windows, so that a pair of runs fits an hour on 2 cores
+SMOL, BIG = "SmolLM2-135M", "random Llama 1.1B"
+RUNS = [  # model, label, command, flags, output leaf, calibrated (the engine runs blocks)
+    (SMOL, "GPTQ int4 g128", "quantize", ["-m", "gptq", "-b", "4", "-g", "128", "--samples", str(SAMPLES), "--seq-len", str(SEQ_LEN)], "gptq", True),
+    (SMOL, "qtool calibrate", "calibrate", ["--samples", str(SAMPLES), "--seq-len", str(SEQ_LEN)], "stats.safetensors", True),
+    (SMOL, "RTN int4 g64", "quantize", ["-b", "4", "-g", "64"], "rtn", False),
+    (SMOL, "GGUF Q4_K_M", "quantize", ["-f", "gguf", "-t", "Q4_K_M"], "q4km.gguf", False),
+    (BIG, "GPTQ int4 g128", "quantize", ["-m", "gptq", "-b", "4", "-g", "128", "--samples", str(BIG_SAMPLES), "--seq-len", str(SEQ_LEN)], "gptq-big", True),
+    (BIG, "RTN int4 g64", "quantize", ["-b", "4", "-g", "64"], "rtn-big", False),
 ]
 
 
-def run_pair(label: str, command: str, flags: list[str], leaf: str, calibrated: bool, model: Path, text: Path, work: Path,
-             qtool: str, env: dict, blocks: int) -> dict:
-    row: dict = {"row": f"SmolLM2-135M: {label}", "calibrated": calibrated, "runs": {}}
+def run_pair(name: str, label: str, command: str, flags: list[str], leaf: str, calibrated: bool, model: Path, text: Path,
+             work: Path, qtool: str, env: dict) -> dict:
+    blocks = int(json.loads((model / "config.json").read_text())["num_hidden_layers"])
+    row: dict = {"row": f"{name}: {label}", "calibrated": calibrated, "runs": {},
+                 "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     digests = {}
     for n in (1, 2):
         out = work / f"dist-n{n}-{leaf}"
@@ -145,10 +151,13 @@ def scaling_notes(rows: list[dict], cores: int) -> list[str]:
     one [in, in] per distinct linear input: q/k/v, o, gate/up, down), so it scales with the square
     of the widths, not with the windows; the compute per rank scales with windows / ranks."""
     notes = []
-    g = next((r for r in rows if r["row"].endswith("GPTQ int4 g128") and 2 in r["runs"] and "error" not in r["runs"][2]), None)
+    def _two(r: dict) -> dict:
+        return r["runs"].get(2, r["runs"].get("2", {}))
+
+    g = next((r for r in rows if r["row"] == f"{SMOL}: GPTQ int4 g128" and _two(r) and "error" not in _two(r)), None)
     if g is None:
         return ["The GPTQ 1-vs-2 row failed: no scaling estimate."]
-    per_block = g["runs"][2]["bytes_all_reduced_per_block"]
+    per_block = _two(g)["bytes_all_reduced_per_block"]
     smol = 2 * 576 ** 2 + 1536 ** 2 + 576 ** 2  # q/k/v, o share hidden-width inputs; gate/up hidden; down intermediate
     notes.append(f"All-reduce volume per block (GPTQ, measured): {per_block / MIB:.1f} MiB per rank = the float64 Hessians of the "
                  f"block's distinct linear inputs (SmolLM2: 3 x 576² + 1536² entries x 8 B = {smol * 8 / MIB:.1f} MiB, "
@@ -185,7 +194,13 @@ def scaling_notes(rows: list[dict], cores: int) -> list[str]:
                      f"~{_slowest_rank_share(h, inter) * 100:.1f} % of a block's solve cost (1/8 = 12.5 %); "
                      "what is not split is the factorisation of each Hessian (~in³), "
                      "which every rank holding rows of that linear repeats.")
-    one, two = g["runs"][1].get("seconds"), g["runs"][2].get("seconds")
+    big = next((r for r in rows if r["row"] == f"{BIG}: GPTQ int4 g128" and _two(r) and "error" not in _two(r)), None)
+    if big is not None:
+        h, inter = 2048, 5632
+        notes.append(f"{BIG} (GPTQ, {BIG_SAMPLES} x {SEQ_LEN} windows): {_two(big)['bytes_all_reduced_per_block'] / MIB:.0f} MiB "
+                     f"all-reduced per block, against {(3 * h * h + inter * inter) * 8 / MIB:.0f} MiB for its float64 Hessians "
+                     f"(3 x {h}² + {inter}²): the volume follows the widths squared, as the 8B and 70B estimates assume.")
+    one, two = g["runs"].get(1, g["runs"].get("1", {})).get("seconds"), _two(g).get("seconds")
     if one and two:
         notes.append(f"On this {cores}-core machine (shared with other jobs) 2 processes took {two:.0f} s against {one:.0f} s for one: "
                      "2 processes on 2 cores buy no speed, since one process already uses both cores for its matrix products, and "
@@ -196,18 +211,25 @@ def scaling_notes(rows: list[dict], cores: int) -> list[str]:
     return notes
 
 
-def run_dist_section(model: Path, text: Path, work: Path, qtool: str, env: dict, rows: list[str] | None = None) -> dict:
+def run_dist_section(models: dict[str, Path], text: Path, work: Path, qtool: str, env: dict, rows: list[str] | None = None) -> dict:
+    """`models`: {SMOL: folder, BIG: folder or a callable that builds it}; `rows`: labels ("GPTQ int4
+    g128" runs it on both models; "random Llama 1.1B: GPTQ int4 g128" on one), None for all."""
     work.mkdir(parents=True, exist_ok=True)
-    cfg = json.loads((model / "config.json").read_text())
-    blocks = int(cfg["num_hidden_layers"])
-    rows = [run_pair(*r, model=model, text=text, work=work, qtool=qtool, env=env, blocks=blocks) for r in RUNS
-            if rows is None or r[0] in rows]
-    return {"rows": rows, "notes": scaling_notes(rows, os.cpu_count() or 1), "samples": SAMPLES, "seq_len": SEQ_LEN}
+    out = []
+    for r in RUNS:
+        if rows is not None and r[1] not in rows and f"{r[0]}: {r[1]}" not in rows:
+            continue
+        if callable(models[r[0]]):
+            models[r[0]] = models[r[0]]()
+        out.append(run_pair(*r, model=models[r[0]], text=text, work=work, qtool=qtool, env=env))
+    return {"rows": out, "notes": scaling_notes(out, os.cpu_count() or 1), "samples": SAMPLES, "seq_len": SEQ_LEN,
+            "big_samples": BIG_SAMPLES}
 
 
 def markdown(section: dict) -> str:
     lines = ["## Distributed (1 vs 2 processes, `--nproc 2`: torchrun + gloo, this machine's CPUs)", "",
-             f"Calibrated rows: {section.get('samples')} windows x {section.get('seq_len')} tokens.", "",
+             f"Calibrated rows: {section.get('samples')} windows x {section.get('seq_len')} tokens "
+             f"({section.get('big_samples', BIG_SAMPLES)} windows on the {BIG}, bf16, SmolLM2's vocabulary: the speed bench's).", "",
              "| row | 1 process | 2 processes | peak RSS (1) | peak RSS per rank (2) | all-reduced per block | identical bytes |",
              "|---|---|---|---|---|---|---|"]
     for r in section["rows"]:
@@ -226,6 +248,8 @@ def markdown(section: dict) -> str:
                      "at 2 vs 1 threads differs itself)")
         lines.append(f"| {r['row']} | {one['seconds']:.1f} s | {two['seconds']:.1f} s | {rss1:.0f} MiB | {rss2} MiB | {vol} | {same} |")
     lines += [""] + [f"- {n}" for n in section.get("notes", [])]
+    lines.append("- Command: `python tests/bench/dist_bench.py --out DIR [--rows LABELS]` (or `run_bench.py --dist`); "
+                 + (f"this run started {section['when']}, load average {section['load']}; rows not rerun keep their earlier figures." if section.get("when") else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -237,11 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datasets", type=Path, default=run_bench.REPO.parent / "shared/datasets")
     ap.add_argument("--rows", default=None, help="comma-separated row labels to (re)run, merged into --out/distributed.json")
     args = ap.parse_args(argv)
+    from gguf_bench import random_llama_with_tokenizer
+
     model = run_bench.cache_dir() / "SmolLM2-135M-Instruct-bf16"
     work = run_bench.cache_dir() / "bench" / "dist"
     work.mkdir(parents=True, exist_ok=True)
-    section = run_dist_section(model, args.datasets / run_bench.TEXT_FILE, work, run_bench.qtool_exe(), run_bench.child_env(),
+    started, load = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), round(os.getloadavg()[0], 2)
+    models = {SMOL: model, BIG: lambda: random_llama_with_tokenizer(run_bench.cache_dir() / "bench", model)[0]}
+    section = run_dist_section(models, args.datasets / run_bench.TEXT_FILE, work, run_bench.qtool_exe(), run_bench.child_env(),
                                rows=args.rows.split(",") if args.rows else None)
+    section["when"], section["load"] = started, load
     kept = args.out / "distributed.json"
     if args.rows and kept.is_file():  # the rows not rerun, as the earlier run measured them
         old = {r["row"]: r for r in json.loads(kept.read_text())["rows"]}

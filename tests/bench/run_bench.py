@@ -520,7 +520,10 @@ def main(argv: list[str] | None = None) -> int:
 
         results["aqlm"] = aqlm_bench.run_section(model, text, work / "aqlm", samples=32, seq_len=512, windows=args.windows)
     if args.dist:
-        results["distributed"] = dist_bench.run_dist_section(model, text, work / "dist", qtool_exe(), child_env())
+        from gguf_bench import random_llama_with_tokenizer
+
+        models = {dist_bench.SMOL: model, dist_bench.BIG: lambda: random_llama_with_tokenizer(work, model)[0]}
+        results["distributed"] = dist_bench.run_dist_section(models, text, work / "dist", qtool_exe(), child_env())
     results["bench_seconds"] = time.perf_counter() - t0
     return write_results(args.out, results)
 
