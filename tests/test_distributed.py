@@ -161,6 +161,20 @@ def test_smollm2_gptq_and_gguf(smollm2_dir, wiki_sample, tmp_path):
     assert one == two
 
 
+def test_smollm2_awq_calibrate_and_rtn(smollm2_dir, wiki_sample, tmp_path):
+    """The real model, the issue's other rows: AWQ (2-point grids: what is data-parallel is the same
+    at 20), `qtool calibrate` and RTN, 1 vs 2 processes, the one-process run at the threads a rank has."""
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    calib = ["--samples", "4", "--seq-len", "64", "--dataset", wiki_sample]
+    one, two = one_and_two(smollm2_dir, ["-m", "awq", "-b", "4", "-g", "64", "--alpha-grid", "2", "--clip-grid", "2", *calib],
+                           tmp_path / "awq", threads=threads)
+    assert one == two
+    one, two = one_and_two(smollm2_dir, calib, tmp_path / "stats", "calibrate", threads=threads)
+    assert one == two
+    one, two = one_and_two(smollm2_dir, ["-b", "4", "-g", "64"], tmp_path / "rtn")
+    assert one == two
+
+
 # -- refusals -------------------------------------------------------------------------------------------
 def test_nproc_above_the_windows_is_refused_before_launch(tiny, wiki_sample, tmp_path):
     r = invoke_cli("quantize", tiny, *TINY_RUNS["gptq"], "--dataset", wiki_sample, "-o", tmp_path / "q", "--nproc", "5")
