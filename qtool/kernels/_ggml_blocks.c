@@ -765,28 +765,34 @@ static void k_weights(const float *x, const float *qw, float sigma2_mul, int sub
     }
 }
 
-static ALWAYS_INLINE void q2_K_w_impl(const float *x, const float *qw, uint8_t *y, int vec) {
+/* The affine (scale + min) search of each sub-block of `sub` weights in a super-block, the part
+ * Q2_K (16 x 16) and Q4_K/Q5_K (8 x 32) share; the AVX2 build runs 8 sub-blocks per instruction. */
+static ALWAYS_INLINE void k_affine_subblocks(const float *x, const float *w, int sub, int nmax, uint8_t *L, float *scales,
+                                             float *mins, int vec) {
     (void)vec;
+#ifdef QTOOL_VEC
+    if (vec) {
+        for (int g = 0; g < QKK / sub / 8; ++g) {
+            v8f xt[32], wt[32], sv, mv;
+            v8i Lt[32];
+            gather8(x, sub, g, xt);
+            gather8(w, sub, g, wt);
+            qkx2_quants_x8(sub, nmax, xt, wt, Lt, &sv, &mv, -0.9f, 0.05f, 36, 0);
+            for (int b = 0; b < 8; ++b) { scales[8 * g + b] = sv[b]; mins[8 * g + b] = mv[b]; }
+            scatter8(Lt, sub, g, L);
+        }
+        return;
+    }
+#endif
+    for (int j = 0; j < QKK / sub; ++j)
+        scales[j] = qkx2_quants(sub, nmax, x + sub * j, w + sub * j, L + sub * j, &mins[j], -0.9f, 0.05f, 36, 0);
+}
+
+static ALWAYS_INLINE void q2_K_w_impl(const float *x, const float *qw, uint8_t *y, int vec) {
     uint8_t L[QKK], Ls[16], Lm[16];
     float w[QKK], sw[16], scales[16], mins[16];
     k_weights(x, qw, 1.f, 16, w, sw);
-#ifdef QTOOL_VEC
-    if (vec) {
-    for (int g = 0; g < 2; ++g) {
-        v8f xt[16], wt[16], sv, mv;
-        v8i Lt[16];
-        gather8(x, 16, g, xt);
-        gather8(w, 16, g, wt);
-        qkx2_quants_x8(16, 3, xt, wt, Lt, &sv, &mv, -0.9f, 0.05f, 36, 0);
-        for (int b = 0; b < 8; ++b) { scales[8 * g + b] = sv[b]; mins[8 * g + b] = mv[b]; }
-        scatter8(Lt, 16, g, L);
-    }
-    } else
-#endif
-    {
-    for (int j = 0; j < 16; ++j)
-        scales[j] = qkx2_quants(16, 3, x + 16 * j, w + 16 * j, L + 16 * j, &mins[j], -0.9f, 0.05f, 36, 0);
-    }
+    k_affine_subblocks(x, w, 16, 3, L, scales, mins, vec);
     float dm = qp_quants(16, 15, scales, Ls, sw);
     float mm = qp_quants(16, 15, mins, Lm, sw);
     for (int j = 0; j < 16; ++j) y[j] = (uint8_t)(Ls[j] | (Lm[j] << 4));
@@ -825,25 +831,10 @@ static ALWAYS_INLINE void q3_K_w_impl(const float *x, const float *qw, uint8_t *
 }
 
 static ALWAYS_INLINE void q45_K_w_impl(const float *x, const float *qw, uint8_t *y, int nmax, int vec) {
-    (void)vec;
     uint8_t L[QKK], Ls[8], Lm[8];
     float w[QKK], sw[8], scales[8], mins[8];
     k_weights(x, qw, 2.f, 32, w, sw);
-#ifdef QTOOL_VEC
-    if (vec) {
-        v8f xt[32], wt[32], sv, mv;
-        v8i Lt[32];
-        gather8(x, 32, 0, xt);
-        gather8(w, 32, 0, wt);
-        qkx2_quants_x8(32, nmax, xt, wt, Lt, &sv, &mv, -0.9f, 0.05f, 36, 0);
-        for (int b = 0; b < 8; ++b) { scales[b] = sv[b]; mins[b] = mv[b]; }
-        scatter8(Lt, 32, 0, L);
-    } else
-#endif
-    {
-    for (int j = 0; j < 8; ++j)
-        scales[j] = qkx2_quants(32, nmax, x + 32 * j, w + 32 * j, L + 32 * j, &mins[j], -0.9f, 0.05f, 36, 0);
-    }
+    k_affine_subblocks(x, w, 32, nmax, L, scales, mins, vec);
     float d = qp_quants(8, 63, scales, Ls, sw);
     float m = qp_quants(8, 63, mins, Lm, sw);
     if (nmax == 31)
