@@ -11,7 +11,7 @@ MODEL_DIR := $(CACHE)/SmolLM2-135M-Instruct-bf16
 DEMO_OUT := $(CACHE)/demo/SmolLM2-135M-Instruct-rtn-w4g64
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: setup model demo test bench bench-speed bench-scale bench-autoround-gguf clean llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv llmcompressor-venv aqlm-venv
+.PHONY: setup model demo test bench bench-speed bench-scale bench-mem8b bench-autoround-gguf clean llama-cpp gptq-venv autoround-venv otf-venv hqq-quanto-quark-venv llmcompressor-venv aqlm-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -131,6 +131,12 @@ bench-speed: model llama-cpp
 # budgets (tests/bench/results/scale.md; about an hour on 2 cores).
 bench-scale: model
 	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/scale_bench.py --out tests/bench/results
+
+# A random checkpoint shaped like Llama-3.1-8B (~15 GB, generated, deleted after) -> RTN int4
+# compressed-tensors and GGUF Q4_K_M: peak RSS against 3 GiB beside llama.cpp's convert + quantize
+# (tests/bench/results/memory-8b.md; ~35 GB of free disk, under an hour on 2 cores).
+bench-mem8b: model llama-cpp
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/bench/mem8b_bench.py --out tests/bench/results
 
 # Learned rounding to GGUF (Q4_K_M, Q4_0): qtool -m autoround against AutoRound's gguf export and
 # llama-quantize with and without an imatrix, all scored by llama-perplexity
