@@ -3,6 +3,11 @@ bit-identical to the block-wise path it replaced; activations on disk equal thos
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -254,31 +259,50 @@ def test_a_blocks_items_are_not_kept_alive_while_the_next_block_runs(tiny_byte_l
     assert not any(alive_at_block_1), "block 0's quantized weights were still referenced when block 1 began"
 
 
+_HEAP_PROBE = r"""
+import ctypes, ctypes.util, json, torch
+from qtool.engine import heap
+
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+# glibc releases the top of the heap inside free() once it exceeds M_TRIM_THRESHOLD, and whether the
+# freed blocks below reach the top depends on where earlier frees left holes for the small live
+# tensors: set the thresholds so that free() alone never gives heap back, whatever the layout
+libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 64 KiB blocks come from the heap, never their own mapping
+
+def anon():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+blocks, pins = [], []
+for _ in range(4000):  # 64 KiB each, each followed by a small live one
+    blocks.append(torch.ones(16 * 1024))
+    pins.append(torch.ones(16))
+before = anon()
+del blocks
+freed = anon()
+released = heap.trim()
+after = anon()
+print(json.dumps({"before": before, "freed": freed, "after": after, "released": released}))
+"""
+
+
 def test_heap_trim_hands_fragmented_free_heap_back():
-    """engine/heap.py: freed heap memory pinned under a live allocation stays resident until trim()
-    (glibc); trim() gives it back. Skipped where the C library has no malloc_trim."""
+    """engine/heap.py: freed heap memory stays resident until trim() (glibc); trim() gives it back.
+    In a fresh process (the heap of a long test worker is full of holes of every size), with glibc's
+    thresholds set so that free() alone keeps ~250 MiB of freed tensors. Skipped where the C library
+    has no malloc_trim."""
     from qtool.engine import heap
 
     if not heap._malloc_trim():
         pytest.skip("no glibc malloc_trim here")
-
-    def anon() -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
-
-    heap.trim()
-    blocks, pins = [], []
-    for _ in range(4000):  # 64 KiB each (heap, not their own mappings), each followed by a small live one:
-        blocks.append(torch.ones(16 * 1024))  # freed, they cannot merge into the heap's top, so free()
-        pins.append(torch.ones(16))  # alone gives nothing back, whatever the heap held before
-    before = anon()
-    del blocks
-    freed = anon()
-    assert heap.trim() is True
-    after = anon()
-    del pins
-    assert before - freed < 64 << 20, "free() alone returned the memory: the test shows nothing here"
-    assert freed - after > 150 << 20, f"trim released {(freed - after) >> 20} MiB of ~250"
+    done = subprocess.run([sys.executable, "-c", _HEAP_PROBE], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "QTOOL_MALLOC_TRIM": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    m = json.loads(done.stdout.strip().splitlines()[-1])
+    assert m["before"] - m["freed"] < 64 << 20, f"free() alone returned the memory: the test shows nothing here ({m})"
+    assert m["released"] is True
+    assert m["freed"] - m["after"] > 150 << 20, f"trim released {(m['freed'] - m['after']) >> 20} MiB of ~250"
 
 
 def test_heap_trim_can_be_turned_off(monkeypatch):
