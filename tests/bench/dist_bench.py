@@ -146,18 +146,25 @@ def run_pair(name: str, label: str, command: str, flags: list[str], leaf: str, c
     return row
 
 
+def _run(r: dict, n: int) -> dict:
+    """Row r's run with n processes (keys are ints when measured, strings once read back from JSON)."""
+    return r["runs"].get(n, r["runs"].get(str(n), {}))
+
+
+def _measured_row(rows: list[dict], label: str) -> dict | None:
+    """The row named `label` whose 2-process run succeeded, else None."""
+    return next((r for r in rows if r["row"] == label and _run(r, 2) and "error" not in _run(r, 2)), None)
+
+
 def scaling_notes(rows: list[dict], cores: int) -> list[str]:
     """On paper, from the measured GPTQ row: the per-block all-reduce volume is the Hessians (float64,
     one [in, in] per distinct linear input: q/k/v, o, gate/up, down), so it scales with the square
     of the widths, not with the windows; the compute per rank scales with windows / ranks."""
     notes = []
-    def _two(r: dict) -> dict:
-        return r["runs"].get(2, r["runs"].get("2", {}))
-
-    g = next((r for r in rows if r["row"] == f"{SMOL}: GPTQ int4 g128" and _two(r) and "error" not in _two(r)), None)
+    g = _measured_row(rows, f"{SMOL}: GPTQ int4 g128")
     if g is None:
         return ["The GPTQ 1-vs-2 row failed: no scaling estimate."]
-    per_block = _two(g)["bytes_all_reduced_per_block"]
+    per_block = _run(g, 2)["bytes_all_reduced_per_block"]
     smol = 2 * 576 ** 2 + 1536 ** 2 + 576 ** 2  # q/k/v, o share hidden-width inputs; gate/up hidden; down intermediate
     notes.append(f"All-reduce volume per block (GPTQ, measured): {per_block / MIB:.1f} MiB per rank = the float64 Hessians of the "
                  f"block's distinct linear inputs (SmolLM2: 3 x 576² + 1536² entries x 8 B = {smol * 8 / MIB:.1f} MiB, "
@@ -194,15 +201,15 @@ def scaling_notes(rows: list[dict], cores: int) -> list[str]:
                      f"~{_slowest_rank_share(h, inter) * 100:.1f} % of a block's solve cost (1/8 = 12.5 %); "
                      "what is not split is the factorisation of each Hessian (~in³), "
                      "which every rank holding rows of that linear repeats.")
-    big = next((r for r in rows if r["row"] == f"{BIG}: GPTQ int4 g128" and _two(r) and "error" not in _two(r)), None)
+    big = _measured_row(rows, f"{BIG}: GPTQ int4 g128")
     if big is not None:
         h, inter = 2048, 5632
-        notes.append(f"{BIG} (GPTQ, {BIG_SAMPLES} x {SEQ_LEN} windows): {_two(big)['bytes_all_reduced_per_block'] / MIB:.0f} MiB "
+        notes.append(f"{BIG} (GPTQ, {BIG_SAMPLES} x {SEQ_LEN} windows): {_run(big, 2)['bytes_all_reduced_per_block'] / MIB:.0f} MiB "
                      f"all-reduced per block, against {(3 * h * h + inter * inter) * 8 / MIB:.0f} MiB for its float64 Hessians "
                      f"(3 x {h}² + {inter}²): the volume follows the widths squared, as the 8B and 70B estimates assume.")
     walls = []
     for r in rows:
-        one, two = r["runs"].get(1, r["runs"].get("1", {})).get("seconds"), _two(r).get("seconds")
+        one, two = _run(r, 1).get("seconds"), _run(r, 2).get("seconds")
         if r.get("calibrated") and one and two:
             walls.append(f"{r['row']} {two:.0f} s against {one:.0f} s ({two / one:.2f}x)")
     if walls:
@@ -239,7 +246,7 @@ def markdown(section: dict) -> str:
              "| row | 1 process | 2 processes | peak RSS (1) | peak RSS per rank (2) | all-reduced per block | identical bytes |",
              "|---|---|---|---|---|---|---|"]
     for r in section["rows"]:
-        one, two = r["runs"].get(1, r["runs"].get("1", {})), r["runs"].get(2, r["runs"].get("2", {}))
+        one, two = _run(r, 1), _run(r, 2)
         if "error" in one or "error" in two:
             lines.append(f"| {r['row']} | failed: {' '.join(one.get('error', two.get('error', [])))} | | | | | |")
             continue

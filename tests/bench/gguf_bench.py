@@ -262,6 +262,13 @@ def random_llama_with_tokenizer(bench: Path, model: Path) -> tuple[Path, str]:
     else:
         random_llama.PRESETS.setdefault(TOK_PRESET, {**base_cfg, "vocab_size": smol_vocab})
         random_llama.build(out, TOK_PRESET)
+    add_tokenizer(out, model)
+    return out, how
+
+
+def add_tokenizer(out: Path, model: Path) -> None:
+    """Make a random Llama folder one llama.cpp's converter takes: `architectures` in config.json and
+    `model`'s (SmolLM2's) tokenizer files; then the mark that says the folder is complete."""
     cfg = json.loads((out / "config.json").read_text())
     cfg["architectures"] = ["LlamaForCausalLM"]
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -269,7 +276,6 @@ def random_llama_with_tokenizer(bench: Path, model: Path) -> tuple[Path, str]:
         if (model / name).is_file():
             shutil.copy2(model / name, out / name)
     (out / TOK_MARK).write_text("")
-    return out, how
 
 
 def big_rss(tools, qtool: str, env: dict, model: Path, work: Path) -> dict:

@@ -44,14 +44,8 @@ def build_with_tokenizer(work: Path, smol: Path, preset: str) -> Path:
     if (out / gb.TOK_MARK).is_file():
         return out
     random_llama.build(out, preset)
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["vocab_size"] == SMOL_VOCAB, "the tokenizer files are SmolLM2's: the vocabulary must be its size"
-    cfg["architectures"] = ["LlamaForCausalLM"]
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    for name in gb.TOK_FILES:
-        if (smol / name).is_file():
-            shutil.copy2(smol / name, out / name)
-    (out / gb.TOK_MARK).write_text("")
+    assert random_llama.PRESETS[preset]["vocab_size"] == SMOL_VOCAB, "the tokenizer files are SmolLM2's: the vocabulary must be its size"
+    gb.add_tokenizer(out, smol)
     return out
 
 

@@ -87,6 +87,11 @@ def models(names: list[str]) -> dict[str, Path]:
     return out
 
 
+def convert_env(tools) -> dict:
+    """The environment llama.cpp's convert_hf_to_gguf.py runs in: its own gguf-py, offline."""
+    return {**os.environ, "PYTHONPATH": str(tools.gguf_py), "HF_HUB_OFFLINE": "1"}
+
+
 def warm_up(folder: Path, work: Path) -> None:
     """One untimed run of each tool before any timed one: the first run of a fresh checkout byte-compiles
     its Python sources and reads the model from disk (measured: qtool 13.0 s cold vs 4.9 s warm on
@@ -94,7 +99,7 @@ def warm_up(folder: Path, work: Path) -> None:
     from llama_cpp_tools import ensure_llama_cpp
 
     tools = ensure_llama_cpp(CACHE)
-    conv_env = {**os.environ, "PYTHONPATH": str(tools.gguf_py), "HF_HUB_OFFLINE": "1"}
+    conv_env = convert_env(tools)
     out = work / "warm-up.gguf"
     subprocess.run(qtool_cmd("quantize", folder, "-f", "gguf", "-t", "Q4_K_M", "-o", out, "--overwrite"), env=env_qtool(),
                    check=True, capture_output=True)
@@ -107,7 +112,7 @@ def bench_gguf(name: str, folder: Path, qtype: str, reps: int, work: Path) -> di
     from llama_cpp_tools import ensure_llama_cpp
 
     tools = ensure_llama_cpp(CACHE)
-    conv_env = {**os.environ, "PYTHONPATH": str(tools.gguf_py), "HF_HUB_OFFLINE": "1"}
+    conv_env = convert_env(tools)
     q_out, bf16, l_out = work / f"{name}-qtool-{qtype}.gguf", work / f"{name}-bf16.gguf", work / f"{name}-llama-{qtype}.gguf"
     runs: dict[str, list[dict]] = {"qtool": [], "convert": [], "quantize": [], "llama.cpp": []}
     for _ in range(reps):
