@@ -7,6 +7,7 @@ import re
 from qtool.errors import UsageError
 
 _DEVICE = re.compile(r"^(cpu|mps|cuda)(?::(\d+))?$")
+CPUINFO = "/proc/cpuinfo"
 
 
 def check_device(device: str) -> str:
@@ -32,3 +33,24 @@ def check_device(device: str) -> str:
     if mps is None or not mps.is_available():
         raise UsageError(f"--device {device!r}: Apple's MPS backend is not available here; use --device cpu")
     return text
+
+
+def cpu_has_bf16() -> bool | None:
+    """Whether this CPU has bf16 arithmetic (x86 AVX512_BF16 or AMX-BF16, read from the kernel's
+    /proc/cpuinfo flags); None where that cannot be told (not Linux)."""
+    try:
+        with open(CPUINFO, encoding="ascii", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), None)
+    except OSError:
+        return None
+    if flags is None:
+        return None
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))  # "bf16": arm64's Features (FEAT_BF16)
+
+
+def amp_note(method: str, device: str) -> str | None:
+    """The run report's line for `--amp` on a CPU where bf16 autocast is known to be slow."""
+    if device != "cpu" or cpu_has_bf16() is not False:
+        return None
+    return (f"{method}: --amp on a CPU without bf16 instructions (no AVX512_BF16/AMX in /proc/cpuinfo): bf16 autocast is "
+            "emulated there and slower than float32")

@@ -73,6 +73,39 @@ def test_gptq_through_the_block_contract_is_bit_identical_to_the_old_path(tiny_b
     assert n_q == 14
 
 
+def test_gptq_amp_runs_every_block_forward_under_bf16_autocast(tiny_byte_llama, ids):
+    """`-m gptq --amp` (the method's forward_dtype): the method's Hessian passes and the engine's
+    forward for the next block's inputs compute their linears in bf16; without it, float32. The
+    result stays GPTQ on nearly the same Hessians: most codes equal the float32 run's."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    from qtool.engine.block_engine import run_block_method
+    from qtool.model.resolve import open_source
+
+    seen: dict[bool, set] = {}
+
+    def run(amp: bool) -> dict:
+        dtypes = seen.setdefault(amp, set())
+
+        def hook(module, args, out):
+            if isinstance(module, torch.nn.Linear):
+                dtypes.add(out.dtype)
+
+        handle = register_module_forward_hook(hook)
+        try:
+            with open_source(str(tiny_byte_llama)) as src:
+                return _items(run_block_method(src, _specs(src), METHODS.get("gptq")(amp=amp), ids))
+        finally:
+            handle.remove()
+
+    f32, bf16 = run(False), run(True)
+    assert seen == {False: {torch.float32}, True: {torch.bfloat16}}
+    codes = [(a[0].codes, bf16[n][0].codes) for n, a in f32.items() if not isinstance(a, torch.Tensor)]
+    equal = sum(int((a == b).sum()) for a, b in codes) / sum(a.numel() for a, _ in codes)
+    assert 0.8 < equal < 1.0, equal  # bf16 activations move some roundings, not the method
+    assert all(torch.isfinite(torch.tensor(b[1]["loss"])) for b in bf16.values() if not isinstance(b, torch.Tensor))
+
+
 def test_activations_on_disk_equal_ram(tiny_byte_llama, ids, monkeypatch):
     from qtool.engine import activations
     from qtool.engine.block_engine import run_block_method

@@ -49,3 +49,21 @@ def test_cli_refuses_before_loading(command, device, words, applies, tmp_path):
     assert r.exit_code == 2, r.output
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0] and "--device" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("flags, has", [("fpu sse avx2 avx512f avx512_bf16", True), ("fpu amx_tile amx_bf16", True),
+                                        ("fpu sse avx2 fma", False), (None, None)])
+def test_amp_note_only_where_the_cpu_lacks_bf16(flags, has, tmp_path, monkeypatch):
+    """`--amp` on a CPU: a report line where /proc/cpuinfo shows no bf16 instructions; none where it
+    does, on a GPU, or where the flags cannot be read."""
+    from qtool import devices
+
+    info = tmp_path / "cpuinfo"
+    if flags is not None:
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(devices, "CPUINFO", str(info))
+    assert devices.cpu_has_bf16() is has
+    note = devices.amp_note("gptq", "cpu")
+    assert (note is not None) == (has is False)
+    assert note is None or note.startswith("gptq: --amp on a CPU without bf16")
+    assert devices.amp_note("gptq", "cuda") is None

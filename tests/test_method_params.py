@@ -40,9 +40,11 @@ def recipe_of(monkeypatch, tmp_path):
 def test_old_gptq_spellings_still_work(recipe_of):
     r = recipe_of("-m", "gptq", "--dataset", "x.txt", "--damp", "0.05", "--act-order", "--static-groups", "--block-size", "64")
     assert r.method_params == {"damp": 0.05, "act_order": True, "static_groups": True, "block_size": 64, "group_aware": False,
-                               "mse": True}
+                               "mse": True, "amp": False}
     assert recipe_of("-m", "gptq", "--dataset", "x.txt").method_params == {"damp": 0.05, "act_order": False, "static_groups": False,
-                                                                         "block_size": 128, "group_aware": True, "mse": True}
+                                                                         "block_size": 128, "group_aware": True, "mse": True,
+                                                                         "amp": False}
+    assert recipe_of("-m", "gptq", "--dataset", "x.txt", "--amp").method_params["amp"] is True  # shared with autoround
 
 
 def test_method_defaults_and_options(recipe_of):

@@ -169,12 +169,13 @@ def _one_block_in(source: CheckpointSource, specs: dict[str, LayerSpec], method:
     names = runner.linears(prefix, block, specs)  # module inside the block -> tensor name
     block.to(device)
     call = to_device(runner.calls[b], device)
-    inputs = BlockInputs(prefix, store, call, device, stats, memo)
+    inputs = BlockInputs(prefix, store, call, device, stats, memo, method.forward_dtype)
     block_specs = {m: _with_scale_dtype(specs[t], metas[t].dtype) for m, t in names.items()}
     targets = None
     if method.wants_targets and (block_specs or fstore is not None):  # the float stream goes on either way
         targets = ActivationStore.like(store)
-        forward_into(block, inputs if fstore is None else BlockInputs(prefix, fstore, call, device), targets, "float")
+        stream = inputs if fstore is None else BlockInputs(prefix, fstore, call, device, autocast=method.forward_dtype)
+        forward_into(block, stream, targets, "float")
         if fstore is not None:  # the float stream goes on from the targets: its inputs are done with
             fstore.release()
 

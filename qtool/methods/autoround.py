@@ -35,10 +35,11 @@ import torch
 
 from qtool.core.grouping import to_groups
 from qtool.core.qweight import QuantizedWeight
+from qtool.devices import amp_note
 from qtool.engine.activations import ActivationStore
 from qtool.errors import NumericalError, UsageError
 from qtool.methods import METHODS
-from qtool.methods.base import BlockInputs, BlockMethod, BlockResult, LayerSpec, MethodParams, MethodProgress
+from qtool.methods.base import AMP_HELP, BlockInputs, BlockMethod, BlockResult, LayerSpec, MethodParams, MethodProgress
 
 
 # -- parameters ---------------------------------------------------------------------------------------
@@ -48,7 +49,7 @@ class AutoRoundParams(MethodParams):
     lr: float | None = field(default=None, metadata={"help": "Step size of the rounding offsets and clipping factors, decayed linearly to 0 over the iterations; unset: 1 / iters."})
     batch_size: int = field(default=8, metadata={"help": "Calibration samples per tuning step (at most --samples)."})
     batch_seed: int = field(default=0, metadata={"help": "Seed of the order in which tuning steps draw their samples."})
-    amp: bool = field(default=False, metadata={"help": "Run the block forward under bf16 autocast while tuning (parameters and loss stay float32)."})
+    amp: bool = field(default=False, metadata={"help": AMP_HELP})
     clip_grid: int = field(default=20, metadata={"help": "--iters 0: clipping factors searched per group (1 down to 1 - max_shrink)."})
     max_shrink: float = field(default=0.5, metadata={"help": "--iters 0: largest fraction of a group's range the clipping search may cut."})
     full_range: bool = field(default=True, metadata={"help": "Symmetric grids: scale = the group's largest-magnitude weight / qmin (signed), "
@@ -639,9 +640,10 @@ class AutoRoundMethod(BlockMethod):
         qws, st = tune_block(block, specs, inputs.hidden, inputs.call, targets, self.params, block_name=inputs.prefix,
                              progress=progress)
         notes = [st.warning] if st.warning else []
-        if self.params.amp and inputs.device.type == "cpu":  # said per block (counted once in the report): no state
-            # across blocks, so a --resume'd run reports the same; measured ~14x slower than float32 on a CPU without bf16
-            notes.append("autoround: --amp on the CPU: bf16 autocast is for accelerators, and slower than float32 on most CPUs")
+        # said per block (counted once in the report): no state across blocks, so a --resume'd run reports the same;
+        # measured ~14x slower than float32 on a CPU without bf16 (Zen 3)
+        if self.params.amp and (note := amp_note("autoround", inputs.device.type)):
+            notes.append(note)
         if st.unreached:
             notes.append(f"autoround: {inputs.prefix}: no calibration token reached {', '.join(st.unreached)}: round-to-nearest")
         figures = {"loss_rtn": st.init_loss, "loss": st.best_loss, "best_iter": st.best_iter, "iters": st.iters_run,

@@ -43,6 +43,11 @@ class QuantMethod(ABC):
         """Quantize one 2-D weight [out, in]; returns the unpacked result."""
 
 
+# the help of `--amp`, declared by every method whose block forwards may run under bf16 autocast
+AMP_HELP = ("Run the block forwards under bf16 autocast (weights, sums, solves and losses stay float32): faster on GPUs and "
+            "on CPUs with bf16 instructions (AVX512_BF16, AMX), several times slower on other CPUs.")
+
+
 # -- method parameters ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MethodParams:
@@ -83,6 +88,7 @@ class BlockInputs:
     device: torch.device
     stats: object | None = None
     memo: object | None = None  # engine/memo.py LinearMemo: outputs of linears the method froze, reused
+    autocast: torch.dtype | None = None  # `run`'s forwards under this autocast dtype (the method's forward_dtype)
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -108,7 +114,8 @@ class BlockInputs:
         outs: list[torch.Tensor | None] = []
         if self.memo is not None:
             self.memo.begin_pass()
-        with torch.no_grad():
+        amp = torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None)
+        with torch.no_grad(), amp:
             for i in (range(len(self)) if samples is None else samples):
                 if before_each is not None:
                     before_each()
@@ -169,6 +176,13 @@ class BlockMethod(QuantMethod):
     wants_targets: bool = False
     target_stream: str = "block"  # "block": the float block on the quantized inputs; "model": the float model's own stream
     uses_stats: tuple[str, ...] = ()  # with --stats: the statistics it needs ("xtx", "sum_abs"...); () = not usable
+
+    @property
+    def forward_dtype(self) -> torch.dtype | None:
+        """The dtype of the autocast the block forwards run under (BlockInputs.run: the method's passes
+        and the engine's own, float targets and the next block's inputs): bf16 for a method whose
+        parameters declare `amp` and have it on (`--amp`, AMP_HELP); None: float32 throughout."""
+        return torch.bfloat16 if getattr(getattr(self, "params", None), "amp", False) is True else None
 
     def quantize(self, w: torch.Tensor, spec: LayerSpec) -> QuantizedWeight:
         from qtool.errors import UsageError

@@ -44,10 +44,11 @@ import torch
 from qtool.core.affine import int_qparams
 from qtool.core.grouping import to_groups
 from qtool.core.qweight import QuantizedWeight
+from qtool.devices import amp_note
 from qtool.engine.distributed import current
 from qtool.errors import NumericalError, UsageError
 from qtool.methods import METHODS
-from qtool.methods.base import BlockInputs, BlockMethod, BlockResult, LayerSpec, MethodParams, MethodProgress
+from qtool.methods.base import AMP_HELP, BlockInputs, BlockMethod, BlockResult, LayerSpec, MethodParams, MethodProgress
 from qtool.qtypes import QType
 
 MAX_DAMP_RETRIES = 6  # damping x10 each time a factorisation fails: 0.05 (the default) -> 5e4 of mean(diag H)
@@ -73,6 +74,7 @@ class GPTQParams(MethodParams):
     group_aware: bool = field(default=True, metadata={
         "help": "Group-aware reordering (GPTQModel's act_group_aware): columns by diag H inside each group, groups by "
                 "their largest diag H; groups stay contiguous (no g_idx). Off when --act-order is given alone."})
+    amp: bool = field(default=False, metadata={"help": AMP_HELP})
     # --act-order given alone turns the group-aware default off (qtool.methods.params.resolve)
     yields_to: ClassVar[dict] = {"act_order": ("group_aware", False)}
 
@@ -503,4 +505,6 @@ class GPTQMethod(BlockMethod):
             if self.true_sequential:  # final now, and fed only by groups before it: later passes reuse its outputs
                 inputs.freeze(block, group)
         progress(len(groups), len(groups), "")
+        if self.params.amp and (note := amp_note("gptq", inputs.device.type)):
+            result.notes.append(note)
         return result

@@ -76,6 +76,12 @@ VARIANTS = (
             {"damp": 0.05, "group_aware": True, "mse": False}),
     Variant("gptq-ga-mse-d05", "GPTQ group-aware + mse, damp 0.05", ("-m", "gptq", "--damp", "0.05", "--group-aware", "--mse"),
             {"damp": 0.05, "group_aware": True, "mse": True}),
+    Variant("gptq-ga-mse-d05-amp", "GPTQ group-aware + mse, damp 0.05, --amp (bf16 forwards)",
+            ("-m", "gptq", "--damp", "0.05", "--group-aware", "--mse", "--amp"),
+            {"damp": 0.05, "group_aware": True, "mse": True, "amp": True}),
+    Variant("gptq-ga-d05-amp", "GPTQ group-aware, damp 0.05, --amp (GPTQModel's defaults: its algorithm, bf16 forwards)",
+            ("-m", "gptq", "--damp", "0.05", "--group-aware", "--no-mse", "--amp"),
+            {"damp": 0.05, "group_aware": True, "mse": False, "amp": True}),
     Variant("awq", "AWQ (defaults, asymmetric)", ("-m", "awq")),
 )
 
