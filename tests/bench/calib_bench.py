@@ -57,16 +57,16 @@ def run_calibration_section(model: Path, text: Path, work: Path, qtool: str, env
 
 def markdown(section: dict) -> str:
     lines = ["## Calibration (`qtool calibrate`, Hessians + per-channel statistics)", "",
-             "| row | windows | linears (distinct inputs) | time | peak RSS | stats file | budget |",
-             "|---|---|---|---|---|---|---|"]
+             "| row | windows | linears (distinct inputs) | time | tokens/s | peak RSS | stats file | budget |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in section["rows"]:
         if "error" in r:
-            lines.append(f"| {r['row']} | failed: {' '.join(r['error'])} | | | | | |")
+            lines.append(f"| {r['row']} | failed: {' '.join(r['error'])} | | | | | | |")
             continue
         budget = "" if "rss_budget_bytes" not in r else \
             f"{'pass' if r['rss_pass'] else 'FAIL'} (< {r['rss_budget_bytes'] / GIB:.0f} GiB)"
         lines.append(f"| {r['row']} | {r['samples']} x {r['seq_len']} | {r['linears']} ({r['distinct_inputs']}) | "
-                     f"{r['seconds']:.1f} s | {r['peak_rss_bytes'] / (1 << 20):.0f} MiB | {r['stats_bytes'] / (1 << 20):.0f} MiB | {budget} |")
+                     f"{r['seconds']:.1f} s | {r['samples'] * r['seq_len'] / r['seconds']:.1f} | {r['peak_rss_bytes'] / (1 << 20):.0f} MiB | {r['stats_bytes'] / (1 << 20):.0f} MiB | {budget} |")
     return "\n".join(lines) + "\n"
 
 
