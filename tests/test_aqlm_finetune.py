@@ -33,7 +33,7 @@ def runs(tmp_path_factory, wiki_sample, tiny):
     root = tmp_path_factory.mktemp("aqlm_ft")
     outs = {}
     # lr 1e-3: with 8 samples (4 Adam steps) the default 1e-4 moves the norms by less than a bf16 ulp
-    for name, extra in {"plain": [], "finetune": ["--finetune", "--finetune-lr", "1e-3"]}.items():
+    for name, extra in {"plain": [], "finetune": ["--finetune", "--finetune-epochs", "2"]}.items():
         r = invoke_cli("quantize", tiny, *FAST, *extra, "--dataset", wiki_sample, *CALIB, "-o", root / name, "-q")
         assert r.exit_code == 0, r.output
         outs[name] = root / name
@@ -101,7 +101,7 @@ def test_finetune_over_two_ranks_against_one_process(runs, wiki_sample, tmp_path
 
     tiny, outs = runs
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    r = subprocess.run([sys.executable, "-m", "qtool", "quantize", str(tiny), *FAST, "--finetune", "--finetune-lr", "1e-3",
+    r = subprocess.run([sys.executable, "-m", "qtool", "quantize", str(tiny), *FAST, "--finetune", "--finetune-epochs", "2",
                         "--dataset", str(wiki_sample), *CALIB, "-o", str(tmp_path / "two"), "-q", "--nproc", "2"],
                        capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT), "QTOOL_DEBUG": "1"}, timeout=600)
     assert r.returncode == 0, r.stderr

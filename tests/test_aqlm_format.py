@@ -29,7 +29,7 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_ke
 FAST = ["--steps", "1", "--codebook-steps", "10", "--kmeans-iters", "3"]
 CASES = {  # scheme -> (quantize args, the aqlm kernel that runs it on CPU)
     # 2x8 also block-fine-tuned: its tuned codebooks and changed norms are what the consumer loads
-    "2x8": (["--codebooks", "2", "--codebook-bits", "8", "--steps", "2", "--finetune", "--finetune-lr", "1e-3"], "numba_gemm_lut"),
+    "2x8": (["--codebooks", "2", "--codebook-bits", "8", "--steps", "2", "--finetune", "--finetune-epochs", "2"], "numba_gemm_lut"),
     "1x16": (["--codebooks", "1", "--codebook-bits", "16", *FAST], "dequantize_gemm"),
 }
 

@@ -27,7 +27,7 @@ RUNS = {
     "autoround-gptq": ["-m", "autoround", "--iters", "6", "--lr", "0.05", "--batch-size", "2", "-b", "4", "-g", "32", "-f", "gptq"],  # the float model's stream too
     "aqlm-aqlm": ["-m", "aqlm", "-f", "aqlm", "--steps", "1", "--codebook-steps", "5", "--kmeans-iters", "2"],  # codebook weights
     "aqlm-finetune": ["-m", "aqlm", "-f", "aqlm", "--steps", "1", "--codebook-steps", "5", "--kmeans-iters", "2",
-                      "--finetune", "--finetune-lr", "1e-3"],  # tuned codebooks + replaced norms
+                      "--finetune", "--finetune-epochs", "2"],  # tuned codebooks + replaced norms
 }
 
 
