@@ -49,7 +49,8 @@ def cpu_has_bf16() -> bool | None:
 
 
 def amp_note(method: str, device: str) -> str | None:
-    """The run report's line for `--amp` on a CPU where bf16 autocast is known to be slow."""
+    """The run report's line for `--amp` on a CPU where bf16 autocast is known to be slow (measured ~14x
+    slower than float32 for learned rounding on a Zen 3, which has no bf16 instructions)."""
     if device != "cpu" or cpu_has_bf16() is not False:
         return None
     return (f"{method}: --amp on a CPU without bf16 instructions (no AVX512_BF16/AMX in /proc/cpuinfo): bf16 autocast is "

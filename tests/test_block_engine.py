@@ -73,16 +73,21 @@ def test_gptq_through_the_block_contract_is_bit_identical_to_the_old_path(tiny_b
     assert n_q == 14
 
 
-def test_gptq_amp_runs_every_block_forward_under_bf16_autocast(tiny_byte_llama, ids):
+def test_gptq_amp_runs_every_block_forward_under_bf16_autocast(tiny_byte_llama, ids, tmp_path, monkeypatch):
     """`-m gptq --amp` (the method's forward_dtype): the method's Hessian passes and the engine's
     forward for the next block's inputs compute their linears in bf16; without it, float32. The
-    result stays GPTQ on nearly the same Hessians: most codes equal the float32 run's."""
+    result stays GPTQ on nearly the same Hessians: most codes equal the float32 run's. On a CPU
+    without bf16 instructions the engine says so in each block's notes."""
     from torch.nn.modules.module import register_module_forward_hook
 
-    from qtool.engine.block_engine import run_block_method
+    from qtool import devices
+    from qtool.engine.block_engine import BlockNote, run_block_method
     from qtool.model.resolve import open_source
 
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n")
+    monkeypatch.setattr(devices, "CPUINFO", str(tmp_path / "cpuinfo"))
     seen: dict[bool, set] = {}
+    notes: dict[bool, list] = {}
 
     def run(amp: bool) -> dict:
         dtypes = seen.setdefault(amp, set())
@@ -94,12 +99,15 @@ def test_gptq_amp_runs_every_block_forward_under_bf16_autocast(tiny_byte_llama, 
         handle = register_module_forward_hook(hook)
         try:
             with open_source(str(tiny_byte_llama)) as src:
-                return _items(run_block_method(src, _specs(src), METHODS.get("gptq")(amp=amp), ids))
+                items = list(run_block_method(src, _specs(src), METHODS.get("gptq")(amp=amp), ids))
+                notes[amp] = [it.text for it in items if isinstance(it, BlockNote)]
+                return _items(items)
         finally:
             handle.remove()
 
     f32, bf16 = run(False), run(True)
     assert seen == {False: {torch.float32}, True: {torch.bfloat16}}
+    assert notes[False] == [] and len(notes[True]) == 2 and all(n.startswith("gptq: --amp on a CPU without bf16") for n in notes[True])
     codes = [(a[0].codes, bf16[n][0].codes) for n, a in f32.items() if not isinstance(a, torch.Tensor)]
     equal = sum(int((a == b).sum()) for a, b in codes) / sum(a.numel() for a, _ in codes)
     assert 0.8 < equal < 1.0, equal  # bf16 activations move some roundings, not the method

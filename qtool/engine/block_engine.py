@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from qtool.devices import amp_note
 from qtool.engine import heap
 from qtool.engine.activations import ActivationStore, choose_storage, stores_alive
 from qtool.engine.blockwise import BlockRunner, PassThrough, Progress, QuantizedLinear, groups_from_probe
@@ -192,7 +193,10 @@ def _one_block_in(source: CheckpointSource, specs: dict[str, LayerSpec], method:
         set_tensor(block, k, t)
     for m, qw in result.quantized.items():
         set_tensor(block, f"{m}.weight", qw.dequantize(torch.float32))
-    items: list = [BlockNote(text) for text in result.notes]
+    notes = list(result.notes)
+    if method.forward_dtype is not None and (note := amp_note(method.registry_name, device.type)):
+        notes.append(note)  # said per block (counted once in the report), so a --resume'd run reports the same
+    items: list = [BlockNote(text) for text in notes]
     done, kept = set(), set()
     for m, qw in result.quantized.items():
         key = f"{m}.weight"

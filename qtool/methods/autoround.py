@@ -35,7 +35,6 @@ import torch
 
 from qtool.core.grouping import to_groups
 from qtool.core.qweight import QuantizedWeight
-from qtool.devices import amp_note
 from qtool.engine.activations import ActivationStore
 from qtool.errors import NumericalError, UsageError
 from qtool.methods import METHODS
@@ -640,10 +639,6 @@ class AutoRoundMethod(BlockMethod):
         qws, st = tune_block(block, specs, inputs.hidden, inputs.call, targets, self.params, block_name=inputs.prefix,
                              progress=progress)
         notes = [st.warning] if st.warning else []
-        # said per block (counted once in the report): no state across blocks, so a --resume'd run reports the same;
-        # measured ~14x slower than float32 on a CPU without bf16 (Zen 3)
-        if self.params.amp and (note := amp_note("autoround", inputs.device.type)):
-            notes.append(note)
         if st.unreached:
             notes.append(f"autoround: {inputs.prefix}: no calibration token reached {', '.join(st.unreached)}: round-to-nearest")
         figures = {"loss_rtn": st.init_loss, "loss": st.best_loss, "best_iter": st.best_iter, "iters": st.iters_run,

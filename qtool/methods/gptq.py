@@ -44,7 +44,6 @@ import torch
 from qtool.core.affine import int_qparams
 from qtool.core.grouping import to_groups
 from qtool.core.qweight import QuantizedWeight
-from qtool.devices import amp_note
 from qtool.engine.distributed import current
 from qtool.errors import NumericalError, UsageError
 from qtool.methods import METHODS
@@ -505,6 +504,4 @@ class GPTQMethod(BlockMethod):
             if self.true_sequential:  # final now, and fed only by groups before it: later passes reuse its outputs
                 inputs.freeze(block, group)
         progress(len(groups), len(groups), "")
-        if self.params.amp and (note := amp_note("gptq", inputs.device.type)):
-            result.notes.append(note)
         return result
