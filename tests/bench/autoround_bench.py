@@ -1,6 +1,7 @@
 """Learned-rounding section of the qtool bench: qtool's `-m autoround` against AutoRound 0.16.1.
 
     python tests/bench/autoround_bench.py [--samples 32 --seq-len 512 --iters 50 --settings w4g128,w3g128]
+        [--rows autoround,peer] [--qtool-args="--amp" --qtool-args=""]   (one qtool autoround row per --qtool-args)
     (writes tests/bench/results/autoround-SETTINGS.{json,md}; run_bench.py has no autoround option: a run takes hours here)
 
 Protocol (the same for every row and both tools; reduced from the issue's 128 × 512 / 200 iterations
@@ -82,7 +83,10 @@ def _peer_row(key: str, bits: int, group: int, iters: int, py: Path, env: dict, 
 
 
 def run_autoround_section(model: Path, text: Path, work: Path, qtool: str, env: dict, *, samples: int = 32, seq_len: int = 512,
-                          iters: int = 50, windows: int = 20, settings: tuple[str, ...] = ("w4g128",), peers: bool = True) -> dict:
+                          iters: int = 50, windows: int = 20, settings: tuple[str, ...] = ("w4g128",), peers: bool = True,
+                          rows: tuple[str, ...] = ("rtn", "gptq", "autoround", "peer"), variants: tuple[str, ...] = ("",)) -> dict:
+    """`rows`: which of rtn, gptq, autoround, peer to run per setting; `variants`: one qtool autoround row per
+    string of extra flags (e.g. "--amp"), labelled with them."""
     from gguf_bench import qtool_state
 
     from qtool.evaluate import eval_windows, load_tokenizer
@@ -98,7 +102,8 @@ def run_autoround_section(model: Path, text: Path, work: Path, qtool: str, env: 
                  "qtool_code_at_start": qtool_state(), "rows": [],
                  "config": {"samples": int(calib.input_ids.shape[0]), "seq_len": int(calib.input_ids.shape[1]), "iters": iters,
                             "batch_size": 8, "calib_ids_sha256": gb.ids_sha256(calib.input_ids), "eval_windows": int(ev.shape[0]),
-                            "eval_seq_len": gb.EVAL_SEQ_LEN, "settings": list(settings)}}
+                            "eval_seq_len": gb.EVAL_SEQ_LEN, "settings": list(settings), "rows": list(rows),
+                            "qtool_variants": list(variants)}}
     scoring = gb.Scoring(model, ev)
 
     def stage(name: str, fn) -> dict:
@@ -116,22 +121,32 @@ def run_autoround_section(model: Path, text: Path, work: Path, qtool: str, env: 
 
     base = stage("bf16", lambda: {"key": "bf16", "label": "bf16 (scored in float32)", "tool": "–", "bpw": 16.0, "eval": scoring.score_base()})
     del base
-    py = gb.ensure_gptq_venv() if peers else None
+    py = gb.ensure_gptq_venv() if peers and "peer" in rows else None
     for s in settings:
         bits, group = SETTINGS[s]
         grid = ["-b", str(bits), "-g", str(group)]
-        stage(f"rtn-{s}", lambda: _qtool_row(f"rtn-{s}", f"RTN {bits}-bit g{group}", ["-m", "rtn", *grid], qtool, env, model, text,
-                                             work, samples, seq_len, scoring))
-        stage(f"gptq-{s}", lambda: _qtool_row(f"gptq-{s}", f"GPTQ {bits}-bit g{group}", ["-m", "gptq", *grid], qtool, env, model,
-                                              text, work, samples, seq_len, scoring))
-        stage(f"autoround-{s}", lambda: _qtool_row(f"autoround-{s}", f"autoround {bits}-bit g{group}, {iters} iters",
-                                                   ["-m", "autoround", "--iters", str(iters), *grid], qtool, env, model, text, work,
-                                                   samples, seq_len, scoring))
+        if "rtn" in rows:
+            stage(f"rtn-{s}", lambda: _qtool_row(f"rtn-{s}", f"RTN {bits}-bit g{group}", ["-m", "rtn", *grid], qtool, env, model,
+                                                 text, work, samples, seq_len, scoring))
+        if "gptq" in rows:
+            stage(f"gptq-{s}", lambda: _qtool_row(f"gptq-{s}", f"GPTQ {bits}-bit g{group}", ["-m", "gptq", *grid], qtool, env,
+                                                  model, text, work, samples, seq_len, scoring))
+        for extra in variants if "autoround" in rows else ():
+            flags = extra.split()
+            key = f"autoround{variant_tag(flags)}-{s}"
+            label = f"autoround {bits}-bit g{group}, {iters} iters" + (f" ({' '.join(flags)})" if flags else "")
+            stage(key, lambda: _qtool_row(key, label, ["-m", "autoround", "--iters", str(iters), *grid, *flags], qtool, env,
+                                          model, text, work, samples, seq_len, scoring))
         if py is not None:
             stage(f"peer-{s}", lambda: _peer_row(s, bits, group, iters, py, env, model, calib_json, work, scoring))
     sec["seconds"] = round(time.perf_counter() - t0, 1)
     sec["qtool_code_changed_during_run"] = qtool_state() != sec["qtool_code_at_start"]
     return sec
+
+
+def variant_tag(flags: list[str]) -> str:
+    """A row-key suffix for extra qtool flags, with no '-' in it (keys are ROW-SETTING): ['--amp'] -> '+amp'."""
+    return "".join("+" + f.lstrip("-").replace("-", "_").replace("=", "_") for f in flags)
 
 
 def markdown(sec: dict) -> str:
@@ -159,7 +174,7 @@ def markdown(sec: dict) -> str:
         t_ratio = p_ratio = ""
         setting = str(r.get("key", "")).split("-", 1)[-1]
         peer = peers.get(setting)
-        if r.get("key", "").startswith("autoround-") and peer and "error" not in peer:
+        if r.get("key", "").startswith("autoround") and peer and "error" not in peer:
             t_ratio = f"**{r['wall_s'] / peer['wall_s']:.2f}×**"
             p_ratio = f"**{r['eval']['perplexity'] / peer['eval']['perplexity']:.4f}**"
         lines.append(f"| {r.get('label')} | {r.get('tool')} | {c[0]} | {c[1]} | {c[3]} | {c[4]} | {c[5]} | {c[6]} | {c[7]} | {t_ratio} | {p_ratio} |")
@@ -180,16 +195,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--windows", type=int, default=20)
     ap.add_argument("--settings", default="w4g128", help=f"comma-separated, of {', '.join(SETTINGS)}")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--rows", default="rtn,gptq,autoround,peer", help="comma-separated, of rtn, gptq, autoround, peer")
+    ap.add_argument("--qtool-args", action="append", help="extra flags of one qtool autoround row (repeatable; default: none)")
+    ap.add_argument("--stem", help="output file stem (default autoround-SETTINGS)")
     ap.add_argument("--out", type=Path, default=REPO / "tests/bench/results")
     ap.add_argument("--datasets", type=Path, default=REPO.parent / "shared/datasets")
     args = ap.parse_args(argv)
     model = cache_dir() / "SmolLM2-135M-Instruct-bf16"
     sec = run_autoround_section(model, args.datasets / TEXT_FILE, cache_dir() / "bench", qtool_exe(), child_env(),
                                 samples=args.samples, seq_len=args.seq_len, iters=args.iters, windows=args.windows,
-                                settings=tuple(args.settings.split(",")), peers=not args.no_peer)
+                                settings=tuple(args.settings.split(",")), peers=not args.no_peer,
+                                rows=tuple(args.rows.split(",")), variants=tuple(args.qtool_args or [""]))
     sec["machine"] = machine_info()
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "autoround-" + args.settings.replace(",", "-")
+    stem = args.stem or "autoround-" + args.settings.replace(",", "-")
     (args.out / f"{stem}.json").write_text(json.dumps(sec, indent=2, default=str) + "\n")
     md = markdown(sec)
     (args.out / f"{stem}.md").write_text(md)
