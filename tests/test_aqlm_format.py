@@ -43,6 +43,23 @@ def test_codes_are_stored_as_twos_complement():
         assert torch.equal(unpack_codes(stored, bits), codes)
 
 
+def test_codebook_overhead_is_said_where_codebooks_outweigh_codes():
+    """1x16 on SmolLM2-135M's layers: 7 codebooks of 65,536 x 8 fp16 values per block over its 3.54 M
+    weights are ~16.6 bits per weight on top of the codes' 2, which the run report says; 2x8 adds 0.13: silent."""
+    from qtool.formats.aqlm import codebook_bits_per_weight, codebook_overhead_note
+
+    block = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576), "gate": (1536, 576), "up": (1536, 576),
+             "down": (576, 1536)}
+    shapes = {f"model.layers.{b}.{m}": s for b in range(30) for m, s in block.items()}
+    assert codebook_bits_per_weight(shapes, 1, 16, 8) == pytest.approx(7 * 65536 * 8 * 16 / 3_538_944)
+    note = codebook_overhead_note(shapes, 1, 16, 8)
+    assert note is not None and "add 16.59 bits per weight to the codes' 2.00" in note and "192 x 576" in note
+    assert "2x8 would add 0.13" in note
+    assert codebook_overhead_note(shapes, 2, 8, 8) is None
+    wide = {f"l{i}": (4096, 4096) for i in range(7)}  # a 7B's attention projections: 1x16 adds 0.5
+    assert codebook_bits_per_weight(wide, 1, 16, 8) == pytest.approx(0.5) and codebook_overhead_note(wide, 1, 16, 8) is None
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     return build_tiny_with_byte_tokenizer(tmp_path_factory.mktemp("aqlm_src") / "tiny", **TINY)

@@ -77,7 +77,11 @@ def test_gptq_amp_runs_every_block_forward_under_bf16_autocast(tiny_byte_llama, 
     """`-m gptq --amp` (the method's forward_dtype): the method's Hessian passes and the engine's
     forward for the next block's inputs compute their linears in bf16; without it, float32. The
     result stays GPTQ on nearly the same Hessians: most codes equal the float32 run's. On a CPU
-    without bf16 instructions the engine says so in each block's notes."""
+    without bf16 instructions the engine says so in each block's notes. With it, attention runs
+    through sdpa; the one exception per block is the float32 probe that checks sdpa gives eager's
+    outputs (one eager and one sdpa forward of sample 0). Without it, eager throughout."""
+    from collections import Counter
+
     from torch.nn.modules.module import register_module_forward_hook
 
     from qtool import devices
@@ -86,15 +90,19 @@ def test_gptq_amp_runs_every_block_forward_under_bf16_autocast(tiny_byte_llama, 
 
     (tmp_path / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n")
     monkeypatch.setattr(devices, "CPUINFO", str(tmp_path / "cpuinfo"))
-    seen: dict[bool, set] = {}
+    seen: dict[bool, Counter] = {}
     notes: dict[bool, list] = {}
+    attention: dict[bool, Counter] = {}
 
     def run(amp: bool) -> dict:
-        dtypes = seen.setdefault(amp, set())
+        dtypes = seen.setdefault(amp, Counter())
+        impls = attention.setdefault(amp, Counter())
 
         def hook(module, args, out):
             if isinstance(module, torch.nn.Linear):
-                dtypes.add(out.dtype)
+                dtypes[out.dtype] += 1
+            elif type(module).__name__.endswith("Attention"):
+                impls[module.config._attn_implementation] += 1
 
         handle = register_module_forward_hook(hook)
         try:
@@ -106,7 +114,10 @@ def test_gptq_amp_runs_every_block_forward_under_bf16_autocast(tiny_byte_llama, 
             handle.remove()
 
     f32, bf16 = run(False), run(True)
-    assert seen == {False: {torch.float32}, True: {torch.bfloat16}}
+    assert set(seen[False]) == {torch.float32} and set(seen[True]) == {torch.float32, torch.bfloat16}
+    linears = sum(1 for a in f32.values() if not isinstance(a, torch.Tensor))  # quantized, over all blocks
+    assert seen[True][torch.float32] == 2 * linears < seen[True][torch.bfloat16], seen  # the two probe forwards only
+    assert set(attention[False]) == {"eager"} and attention[True]["eager"] == 2 < attention[True]["sdpa"], attention
     assert notes[False] == [] and len(notes[True]) == 2 and all(n.startswith("gptq: --amp on a CPU without bf16") for n in notes[True])
     codes = [(a[0].codes, bf16[n][0].codes) for n, a in f32.items() if not isinstance(a, torch.Tensor)]
     equal = sum(int((a == b).sum()) for a, b in codes) / sum(a.numel() for a, _ in codes)

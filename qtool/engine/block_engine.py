@@ -21,11 +21,14 @@ The engine owns, and methods never repeat:
   * what the pipeline receives: QuantizedLinear / PassThrough items (engine/blockwise.py), a
     replaced tensor instead of the checkpoint's, and BlockNote items for the report.
   * progress: ("quantize", block, blocks, prefix) per block, ("iterate", done, total, item) per
-    iteration inside a block where the method iterates.
+    iteration inside a block where the method iterates;
+  * the autocast (`--amp`: the method's forward_dtype) of every block forward, and with it sdpa
+    attention in place of eager where equal on one sample (engine/attention.py), for the whole block.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
@@ -34,6 +37,7 @@ import torch
 from qtool.devices import amp_note
 from qtool.engine import heap
 from qtool.engine.activations import ActivationStore, choose_storage, stores_alive
+from qtool.engine.attention import fast_attention
 from qtool.engine.blockwise import BlockRunner, PassThrough, Progress, QuantizedLinear, groups_from_probe
 from qtool.engine.memo import LinearMemo, memo_budget
 from qtool.errors import NumericalError, UnsupportedError
@@ -155,22 +159,24 @@ def _one_block(source: CheckpointSource, specs: dict[str, LayerSpec], method: Bl
     """One decoder block through the method -> (its items in yield order, the next block's inputs,
     the float model's stream after it (None unless `fstore`, its stream before it, is given), the
     tensor names whose items carry values other than the checkpoint's)."""
-    memo = LinearMemo(memo_budget())  # outputs of the linears the method froze, for its later passes and ours
-    try:
-        return _one_block_in(source, specs, method, runner, b, prefix, block, store, fstore, device, stats, progress, memo)
-    finally:
-        memo.close()
+    with contextlib.ExitStack() as scope:
+        memo = LinearMemo(memo_budget())  # outputs of the linears the method froze, for its later passes and ours
+        scope.callback(memo.close)
+        return _one_block_in(source, specs, method, runner, b, prefix, block, store, fstore, device, stats, progress, memo,
+                             scope)
 
 
 def _one_block_in(source: CheckpointSource, specs: dict[str, LayerSpec], method: BlockMethod, runner: BlockRunner, b: int,
                   prefix: str, block: torch.nn.Module, store: ActivationStore, fstore: ActivationStore | None,
                   device: torch.device, stats, progress: Progress,
-                  memo: LinearMemo) -> tuple[list, ActivationStore, ActivationStore | None, set[str]]:
+                  memo: LinearMemo, scope: contextlib.ExitStack) -> tuple[list, ActivationStore, ActivationStore | None, set[str]]:
     metas = {m.name: m for m in source.tensors()}
     names = runner.linears(prefix, block, specs)  # module inside the block -> tensor name
     block.to(device)
     call = to_device(runner.calls[b], device)
     inputs = BlockInputs(prefix, store, call, device, stats, memo, method.forward_dtype)
+    if method.forward_dtype is not None and len(inputs):  # every forward of this block (memo entries included) alike
+        scope.enter_context(fast_attention(block, inputs.sample(0), call))
     block_specs = {m: _with_scale_dtype(specs[t], metas[t].dtype) for m, t in names.items()}
     targets = None
     if method.wants_targets and (block_specs or fstore is not None):  # the float stream goes on either way

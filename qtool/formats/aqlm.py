@@ -46,6 +46,25 @@ def unpack_codes(stored: torch.Tensor, bits: int) -> torch.Tensor:
     return (stored.to(torch.int32) % (2**bits)).to(torch.int32)
 
 
+def codebook_bits_per_weight(shapes: dict[str, tuple[int, int]], M: int, B: int, g: int) -> float:
+    """What the fp16 codebooks add, in bits per quantized weight over these layers (M x 2^B x g values
+    per layer), on top of the codes' M x B / g."""
+    weights = sum(o * i for o, i in shapes.values())
+    return len(shapes) * M * 2**B * g * 16 / weights if weights else 0.0
+
+
+def codebook_overhead_note(shapes: dict[str, tuple[int, int]], M: int, B: int, g: int) -> str | None:
+    """Said when the codebooks cost more than half the codes' bits (1x16 on a small model: 65,536 x 8
+    fp16 values per layer are ~16.6 bits per weight on SmolLM2-135M's 576-wide layers), else None."""
+    extra, codes = codebook_bits_per_weight(shapes, M, B, g), M * B / g
+    if extra <= codes / 2:
+        return None
+    small = min(shapes.values(), key=lambda s: s[0] * s[1])
+    return (f"the {M}x{B} codebooks ({M} x {2**B:,} x {g} fp16 values per layer) add {extra:.2f} bits per weight to the "
+            f"codes' {codes:.2f} over these layers (smallest {small[0]} x {small[1]}): a scheme for wider layers; "
+            f"2x8 would add {codebook_bits_per_weight(shapes, 2, 8, g):.2f}")
+
+
 @FORMATS.register("aqlm")
 class AQLMWriter(HFQuantizedWriter):
     """AQLM additive codebooks (transformers + the aqlm package; CPU and GPU kernels); from -m aqlm only."""
@@ -75,7 +94,9 @@ class AQLMWriter(HFQuantizedWriter):
             hint = f"--in-group values that divide every width: {', '.join(map(str, common))}" if common else \
                 "no group size divides every width; leave this layer out with --ignore"
             raise UnsupportedError(f"layer {layer}: input width {width} is not a multiple of --in-group {g}; {hint}")
-        return {m: GroupChoice("codebook", g) for m in shapes}
+        params = self._params(recipe)
+        note = codebook_overhead_note(shapes, params["codebooks"], params["codebook_bits"], g)
+        return {m: GroupChoice("codebook", g, note) for m in shapes}
 
     def begin(self, out: Path, source, recipe: QuantRecipe | None) -> None:
         super().begin(out, source, recipe)
