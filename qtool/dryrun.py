@@ -269,7 +269,10 @@ def _sizes(plan_run: RunPlan, source: CheckpointSource, writer: FormatWriter, pl
     for name, spec in plan.specs.items():
         m = metas[name]
         bits = est.layer_bits(m.shape, spec, m.dtype)
-        how = f"{spec.qtype.name} " + (f"g{spec.group_size}" if spec.strategy == "group" else spec.strategy)
+        if spec.codebook is not None:  # as `qtool inspect` names AQLM layers
+            how = f"aqlm {spec.codebook[0]}x{spec.codebook[1]} g{spec.group_size}"
+        else:
+            how = f"{spec.qtype.name} " + (f"g{spec.group_size}" if spec.strategy == "group" else spec.strategy)
         plan_run.layers.append({"name": name, "shape": list(m.shape), "type": how + ("" if spec.symmetric else " asym"), "bits": bits})
         plan_run.params_quantized += m.numel
         plan_run.bits_quantized += bits

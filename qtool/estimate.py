@@ -53,6 +53,10 @@ def scale_bits(spec: LayerSpec, dtype: torch.dtype) -> int:
 def layer_bits(shape: tuple[int, int], spec: LayerSpec, dtype: torch.dtype) -> int:
     """QuantizedWeight.storage_bits of this layer once quantized (what the run report sums)."""
     out, cols = shape
+    if spec.strategy == "codebook" and spec.codebook is not None:  # core/codebook.py: codes, fp16 codebooks and scales
+        M, B = spec.codebook
+        g = spec.group_size or 1
+        return out * (cols // g) * M * B + M * 2**B * g * 16 + out * 16
     n = n_scales(shape, spec)
     bits = out * cols * spec.qtype.bits
     if spec.double_quant:  # 8-bit codes of the scales, blocks of 256 with a float32 absmax, a 256-entry table, an offset
@@ -99,7 +103,15 @@ def format_layer_bytes(fmt: str, shape: tuple[int, int], spec: LayerSpec, dtype:
         return _awq_bytes(shape, spec)
     if fmt == "compressed-tensors":
         return _ct_bytes(shape, spec, dtype)
+    if fmt == "aqlm" and spec.codebook is not None:  # codes stored as int8 (B <= 8) / int16 (formats/aqlm.py)
+        M, B = spec.codebook
+        g = spec.group_size or 1
+        return _aqlm_codes_bytes(shape, g, M, B) + M * 2**B * g * 2 + shape[0] * 2
     return -(-layer_bits(shape, spec, dtype) // 8)
+
+
+def _aqlm_codes_bytes(shape: tuple[int, int], g: int, M: int, B: int) -> int:
+    return shape[0] * (shape[1] // g) * M * (1 if B <= 8 else 2)
 
 
 # -- time ------------------------------------------------------------------------------------------

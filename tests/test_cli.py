@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,6 +64,18 @@ def test_default_output_name_describes_the_recipe(cli, tiny_llama, tmp_path, mon
     r = cli("quantize", tiny_llama, "-b", "4", "-g", "32", "--asym", "-q")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "llama-rtn-int4-g32-asym" / "config.json").is_file()
+
+
+def test_default_output_name_of_aqlm_names_its_scheme():
+    """AQLM ignores --bits / --group-size: its folder is named by codebooks x bits (and a non-default in-group)."""
+    from types import SimpleNamespace
+
+    from qtool.cli.quantize import default_out
+
+    recipe = lambda **p: SimpleNamespace(method="aqlm", method_params=p, qtype="int4", strategy="channel", symmetric=True)  # noqa: E731
+    assert default_out("org/Model", recipe()) == Path("Model-aqlm-2x8")
+    assert default_out("m/", recipe(codebooks=1, codebook_bits=16)) == Path("m-aqlm-1x16")
+    assert default_out("m", recipe(in_group=16)) == Path("m-aqlm-2x8-g16")
 
 
 def test_target_and_ignore_globs(cli, tiny_llama, tmp_path):

@@ -25,6 +25,11 @@ from qtool.pipeline import EvalRequest, RunReport, check_model, run, validate_fo
 
 def default_out(model: str, recipe) -> Path:
     name = Path(model.rstrip("/")).name.removesuffix(".gguf").removesuffix(".safetensors")
+    if recipe.method == "aqlm":  # its scheme, not the unused --bits / --group-size: model-aqlm-2x8
+        from qtool.methods.params import resolve
+
+        p = resolve("aqlm", recipe.method_params)
+        return Path(f"{name}-aqlm-{p['codebooks']}x{p['codebook_bits']}" + (f"-g{p['in_group']}" if p["in_group"] != 8 else ""))
     g = f"g{recipe.group_size}" if recipe.strategy == "group" else recipe.strategy
     return Path(f"{name}-{recipe.method}-{recipe.qtype}-{g}{'' if recipe.symmetric else '-asym'}")
 

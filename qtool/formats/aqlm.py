@@ -98,6 +98,11 @@ class AQLMWriter(HFQuantizedWriter):
         note = codebook_overhead_note(shapes, params["codebooks"], params["codebook_bits"], g)
         return {m: GroupChoice("codebook", g, note) for m in shapes}
 
+    def spec_options(self, recipe: QuantRecipe) -> dict:
+        """The codebook scheme, so that sizes known before the run (--dry-run) count codes and codebooks."""
+        params = self._params(recipe)
+        return {"codebook": (params["codebooks"], params["codebook_bits"])}
+
     def begin(self, out: Path, source, recipe: QuantRecipe | None) -> None:
         super().begin(out, source, recipe)
         self.scheme: tuple[int, int, int] | None = None  # (M, B, in_group) of the layers written

@@ -29,6 +29,7 @@ class LayerSpec:
     # core/peer_rtn.py; "bitsandbytes": its CPU kernel's double-quantization codes, core/lut.py)
     rounding: str | None = None
     kgrid: str | None = None  # GGUF K type of the tensor ("Q4_K"): a method that can tune on its grid does
+    codebook: tuple[int, int] | None = None  # "codebook" strategy (AQLM): (codebooks M, bits per code B); group_size: in-group
 
 
 class QuantMethod(ABC):
