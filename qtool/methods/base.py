@@ -45,8 +45,9 @@ class QuantMethod(ABC):
 
 
 # the help of `--amp`, declared by every method whose block forwards may run under bf16 autocast
-AMP_HELP = ("Run the block forwards under bf16 autocast (weights, sums, solves and losses stay float32): faster on GPUs and "
-            "on CPUs with bf16 instructions (AVX512_BF16, AMX), several times slower on other CPUs.")
+AMP_HELP = ("Run the block forwards under bf16 autocast, attention through sdpa where it matches eager (weights, sums, solves "
+            "and losses stay float32): faster on GPUs and on CPUs with bf16 instructions (AVX512_BF16, AMX), several times "
+            "slower on other CPUs.")
 
 
 # -- method parameters ------------------------------------------------------------------------------
