@@ -106,12 +106,8 @@ def format_layer_bytes(fmt: str, shape: tuple[int, int], spec: LayerSpec, dtype:
     if fmt == "aqlm" and spec.codebook is not None:  # codes stored as int8 (B <= 8) / int16 (formats/aqlm.py)
         M, B = spec.codebook
         g = spec.group_size or 1
-        return _aqlm_codes_bytes(shape, g, M, B) + M * 2**B * g * 2 + shape[0] * 2
+        return shape[0] * (shape[1] // g) * M * (1 if B <= 8 else 2) + M * 2**B * g * 2 + shape[0] * 2
     return -(-layer_bits(shape, spec, dtype) // 8)
-
-
-def _aqlm_codes_bytes(shape: tuple[int, int], g: int, M: int, B: int) -> int:
-    return shape[0] * (shape[1] // g) * M * (1 if B <= 8 else 2)
 
 
 # -- time ------------------------------------------------------------------------------------------

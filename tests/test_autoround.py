@@ -408,7 +408,8 @@ def test_tuning_runs_attention_through_sdpa_where_it_equals_eager():
     """fast_attention: with the engine's causal float mask, sdpa gives the eager outputs (to 1e-4 of
     their largest) and is used; the config is eager again afterwards. With no mask, eager attends
     both ways and sdpa causally: they differ, and the block stays eager."""
-    from qtool.methods.autoround import ATTENTION_TOL, _forward, fast_attention
+    from qtool.engine.attention import ATTENTION_TOL, fast_attention
+    from qtool.engine.attention import block_forward as _forward
 
     model, layer, h, pe, pos, causal = _eager_block()
     call = ((), dict(position_embeddings=pe, attention_mask=causal, position_ids=pos))

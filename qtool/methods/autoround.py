@@ -35,8 +35,8 @@ import torch
 from qtool.core.grouping import to_groups
 from qtool.core.qweight import QuantizedWeight
 from qtool.engine.activations import ActivationStore
-from qtool.engine.attention import ATTENTION_TOL, fast_attention  # noqa: F401 - ATTENTION_TOL: the tests' tolerance
 from qtool.engine.attention import block_forward as _forward
+from qtool.engine.attention import fast_attention
 from qtool.errors import NumericalError, UsageError
 from qtool.methods import METHODS
 from qtool.methods.base import AMP_HELP, BlockInputs, BlockMethod, BlockResult, LayerSpec, MethodParams, MethodProgress
