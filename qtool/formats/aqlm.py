@@ -86,7 +86,8 @@ class AQLMWriter(HFQuantizedWriter):
     def choose_layouts(self, shapes: dict[str, tuple[int, int]], recipe: QuantRecipe) -> dict[str, GroupChoice]:
         """Every layer's width must be a multiple of --in-group (refused, naming the layer and the
         group sizes that would divide every width)."""
-        g = self._params(recipe)["in_group"]
+        params = self._params(recipe)
+        g = params["in_group"]
         bad = {m: s[1] for m, s in shapes.items() if s[1] % g}
         if bad:
             layer, width = next(iter(bad.items()))
@@ -94,7 +95,6 @@ class AQLMWriter(HFQuantizedWriter):
             hint = f"--in-group values that divide every width: {', '.join(map(str, common))}" if common else \
                 "no group size divides every width; leave this layer out with --ignore"
             raise UnsupportedError(f"layer {layer}: input width {width} is not a multiple of --in-group {g}; {hint}")
-        params = self._params(recipe)
         note = codebook_overhead_note(shapes, params["codebooks"], params["codebook_bits"], g)
         return {m: GroupChoice("codebook", g, note) for m in shapes}
 
